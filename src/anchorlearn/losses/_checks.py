@@ -1,0 +1,149 @@
+"""Input validation and reshaping shared by the losses.
+
+Every check raises ``ValueError`` or ``TypeError`` naming the argument, what was expected
+and what was received, before any arithmetic can fail deep inside torch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "check_num_classes",
+    "check_probability",
+    "check_finite",
+    "flatten_features_and_labels",
+]
+
+
+def check_num_classes(num_classes: object, name: str = "num_classes") -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+        raise TypeError(f"{name} must be an int, got {type(num_classes).__name__}")
+    if num_classes < 2:
+        raise ValueError(f"{name} must be >= 2, got {num_classes}")
+    return num_classes
+
+
+def check_positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def check_probability(value: float, name: str, *, closed_low: bool = True) -> float:
+    value = float(value)
+    ok = (0.0 <= value <= 1.0) if closed_low else (0.0 < value <= 1.0)
+    if not ok:
+        interval = "[0, 1]" if closed_low else "(0, 1]"
+        raise ValueError(f"{name} must lie in {interval}, got {value}")
+    return value
+
+
+def check_non_negative(value: float, name: str) -> float:
+    value = float(value)
+    if not value >= 0.0:  # also rejects NaN
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def check_finite(tensor: torch.Tensor, name: str) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        n_bad = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(f"{name} must be finite, got {n_bad} NaN/inf value(s)")
+
+
+def check_float_tensor(tensor: object, name: str) -> torch.Tensor:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
+    return tensor
+
+
+def check_labels_tensor(labels: object, name: str = "labels") -> torch.Tensor:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"{name} must be an integer tensor, got dtype {labels.dtype}")
+    return labels
+
+
+def check_label_range(
+    labels: torch.Tensor, num_classes: int, ignore_index: int | None, name: str = "labels"
+) -> None:
+    """Every label is in ``[0, num_classes)`` or equals ``ignore_index``."""
+    valid = (labels >= 0) & (labels < num_classes)
+    if ignore_index is not None:
+        valid |= labels == ignore_index
+    if not bool(valid.all()):
+        bad = labels[~valid]
+        allowed = f"[0, {num_classes})"
+        if ignore_index is not None:
+            allowed += f" or ignore_index={ignore_index}"
+        raise ValueError(
+            f"{name} must lie in {allowed}, got {bad.numel()} value(s) outside it "
+            f"(e.g. {int(bad[0])})"
+        )
+
+
+def flatten_features_and_labels(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    feat_dim: int,
+    num_classes: int,
+    ignore_index: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate and flatten ``features`` and ``labels`` to ``(M, D)`` and ``(M,)``.
+
+    Accepts ``features`` ``(N, D)`` with ``labels`` ``(N,)``, or ``features`` ``(B, D, H, W)``
+    with ``labels`` ``(B, H', W')``; in the dense case the labels are resized to ``(H, W)``
+    by nearest neighbour. Labels equal to ``ignore_index`` are kept (the caller masks them).
+    """
+    check_float_tensor(features, "features")
+    labels = check_labels_tensor(labels)
+    if features.ndim == 2:
+        if features.shape[1] != feat_dim:
+            raise ValueError(
+                f"features must have feat_dim={feat_dim} channels in dim 1, "
+                f"got shape {tuple(features.shape)}"
+            )
+        if labels.ndim != 1 or labels.shape[0] != features.shape[0]:
+            raise ValueError(
+                f"labels must have shape ({features.shape[0]},) to match features "
+                f"{tuple(features.shape)}, got {tuple(labels.shape)}"
+            )
+        flat_feats, flat_labels = features, labels
+    elif features.ndim == 4:
+        b, d, h, w = features.shape
+        if d != feat_dim:
+            raise ValueError(
+                f"features must have feat_dim={feat_dim} channels in dim 1, "
+                f"got shape {tuple(features.shape)}"
+            )
+        if labels.ndim != 3 or labels.shape[0] != b:
+            raise ValueError(
+                f"labels must have shape ({b}, H, W) to match features "
+                f"{tuple(features.shape)}, got {tuple(labels.shape)}"
+            )
+        if labels.shape[1:] != (h, w):
+            labels = resize_labels(labels, (h, w))
+        flat_feats = features.permute(0, 2, 3, 1).reshape(-1, d)
+        flat_labels = labels.reshape(-1)
+    else:
+        raise ValueError(
+            "features must be 2-D (N, D) or 4-D (B, D, H, W), "
+            f"got {features.ndim}-D shape {tuple(features.shape)}"
+        )
+    check_finite(features, "features")
+    check_label_range(flat_labels, num_classes, ignore_index)
+    return flat_feats, flat_labels.long()
+
+
+def resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest-neighbour resize of integer ``labels`` ``(B, H', W')`` to ``(B, *size)``."""
+    resized = F.interpolate(labels[:, None].double(), size=size, mode="nearest")
+    return resized[:, 0].to(labels.dtype)

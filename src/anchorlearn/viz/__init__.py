@@ -1,0 +1,1 @@
+"""anchorlearn.viz."""
