@@ -14,6 +14,7 @@ __all__ = [
     "check_probability",
     "check_finite",
     "flatten_features_and_labels",
+    "validate_features_and_labels",
 ]
 
 
@@ -89,6 +90,53 @@ def check_label_range(
         )
 
 
+def validate_features_and_labels(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    feat_dim: int,
+    num_classes: int,
+    ignore_index: int | None,
+) -> torch.Tensor:
+    """Validate ``features`` and ``labels``; return the labels as ``long``, resized if dense.
+
+    Accepts ``features`` ``(N, D)`` with ``labels`` ``(N,)``, or ``features`` ``(B, D, H, W)``
+    with ``labels`` ``(B, H', W')``; in the dense case the labels are resized to ``(H, W)``
+    by nearest neighbour. Labels are moved to the features' device.
+    """
+    check_float_tensor(features, "features")
+    labels = check_labels_tensor(labels)
+    if features.ndim not in (2, 4):
+        raise ValueError(
+            "features must be 2-D (N, D) or 4-D (B, D, H, W), "
+            f"got {features.ndim}-D shape {tuple(features.shape)}"
+        )
+    if features.shape[1] != feat_dim:
+        raise ValueError(
+            f"features must have feat_dim={feat_dim} channels in dim 1, "
+            f"got shape {tuple(features.shape)}"
+        )
+    if features.ndim == 2:
+        if labels.ndim != 1 or labels.shape[0] != features.shape[0]:
+            raise ValueError(
+                f"labels must have shape ({features.shape[0]},) to match features "
+                f"{tuple(features.shape)}, got {tuple(labels.shape)}"
+            )
+    else:
+        b, _, h, w = features.shape
+        if labels.ndim != 3 or labels.shape[0] != b:
+            raise ValueError(
+                f"labels must have shape ({b}, H, W) to match features "
+                f"{tuple(features.shape)}, got {tuple(labels.shape)}"
+            )
+        if labels.shape[1:] != (h, w):
+            labels = resize_labels(labels, (h, w))
+    labels = labels.to(device=features.device)
+    check_finite(features, "features")
+    check_label_range(labels, num_classes, ignore_index)
+    return labels.long()
+
+
 def flatten_features_and_labels(
     features: torch.Tensor,
     labels: torch.Tensor,
@@ -99,51 +147,69 @@ def flatten_features_and_labels(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate and flatten ``features`` and ``labels`` to ``(M, D)`` and ``(M,)``.
 
-    Accepts ``features`` ``(N, D)`` with ``labels`` ``(N,)``, or ``features`` ``(B, D, H, W)``
-    with ``labels`` ``(B, H', W')``; in the dense case the labels are resized to ``(H, W)``
-    by nearest neighbour. Labels equal to ``ignore_index`` are kept (the caller masks them).
+    Shapes as in :func:`validate_features_and_labels`. Labels equal to ``ignore_index`` are
+    kept (the caller masks them).
     """
-    check_float_tensor(features, "features")
-    labels = check_labels_tensor(labels)
-    if features.ndim == 2:
-        if features.shape[1] != feat_dim:
-            raise ValueError(
-                f"features must have feat_dim={feat_dim} channels in dim 1, "
-                f"got shape {tuple(features.shape)}"
-            )
-        if labels.ndim != 1 or labels.shape[0] != features.shape[0]:
-            raise ValueError(
-                f"labels must have shape ({features.shape[0]},) to match features "
-                f"{tuple(features.shape)}, got {tuple(labels.shape)}"
-            )
-        flat_feats, flat_labels = features, labels
-    elif features.ndim == 4:
-        b, d, h, w = features.shape
-        if d != feat_dim:
-            raise ValueError(
-                f"features must have feat_dim={feat_dim} channels in dim 1, "
-                f"got shape {tuple(features.shape)}"
-            )
-        if labels.ndim != 3 or labels.shape[0] != b:
-            raise ValueError(
-                f"labels must have shape ({b}, H, W) to match features "
-                f"{tuple(features.shape)}, got {tuple(labels.shape)}"
-            )
-        if labels.shape[1:] != (h, w):
-            labels = resize_labels(labels, (h, w))
-        flat_feats = features.permute(0, 2, 3, 1).reshape(-1, d)
-        flat_labels = labels.reshape(-1)
-    else:
-        raise ValueError(
-            "features must be 2-D (N, D) or 4-D (B, D, H, W), "
-            f"got {features.ndim}-D shape {tuple(features.shape)}"
-        )
-    check_finite(features, "features")
-    check_label_range(flat_labels, num_classes, ignore_index)
-    return flat_feats, flat_labels.long()
+    labels = validate_features_and_labels(
+        features, labels, feat_dim=feat_dim, num_classes=num_classes, ignore_index=ignore_index
+    )
+    if features.ndim == 4:
+        features = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+    return features, labels.reshape(-1)
 
 
 def resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Nearest-neighbour resize of integer ``labels`` ``(B, H', W')`` to ``(B, *size)``."""
     resized = F.interpolate(labels[:, None].double(), size=size, mode="nearest")
     return resized[:, 0].to(labels.dtype)
+
+
+def check_ignore_index(ignore_index: object, name: str = "ignore_index") -> int | None:
+    """``ignore_index`` is an ``int`` or ``None``."""
+    if ignore_index is not None and (
+        isinstance(ignore_index, bool) or not isinstance(ignore_index, int)
+    ):
+        raise TypeError(f"{name} must be an int or None, got {type(ignore_index).__name__}")
+    return ignore_index
+
+
+def valid_label_mask(labels: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
+    """Boolean mask, same shape as ``labels``, of the positions not equal to ``ignore_index``."""
+    if ignore_index is None:
+        return torch.ones_like(labels, dtype=torch.bool)
+    return labels != ignore_index
+
+
+def loss_compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """Dtype to compute a loss in: at least float32 (half inputs under autocast are promoted),
+    float64 kept."""
+    result = torch.float32
+    for dtype in dtypes:
+        result = torch.promote_types(result, dtype)
+    return result
+
+
+def check_matrix(tensor: object, name: str, *, cols: int | None = None) -> torch.Tensor:
+    """A finite floating-point ``(rows, cols)`` tensor; ``cols`` is checked when given."""
+    tensor = check_float_tensor(tensor, name)
+    if tensor.ndim != 2:
+        raise ValueError(f"{name} must be 2-D, got {tensor.ndim}-D shape {tuple(tensor.shape)}")
+    if cols is not None and tensor.shape[1] != cols:
+        raise ValueError(
+            f"{name} must have {cols} columns to match, got shape {tuple(tensor.shape)}"
+        )
+    check_finite(tensor, name)
+    return tensor
+
+
+def check_l2_normalised(tensor: torch.Tensor, name: str, *, atol: float = 1e-3) -> None:
+    """Every row of ``tensor`` ``(N, D)`` has Euclidean norm 1 within ``atol``."""
+    if tensor.numel() == 0:
+        return
+    norms = tensor.detach().float().norm(dim=-1)
+    worst = float((norms - 1.0).abs().max())
+    if worst > atol:
+        raise ValueError(
+            f"{name} must be L2-normalised along the last dim (row norms 1 +- {atol}), "
+            f"got a row norm off by {worst:.3g}; apply torch.nn.functional.normalize first"
+        )

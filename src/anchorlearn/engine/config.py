@@ -1,0 +1,256 @@
+"""Validated experiment configs: YAML in, typed dataclasses out.
+
+Every section is a dataclass. An unknown or mistyped key, or a value of the wrong type, is a
+:class:`ConfigError` naming the key and the allowed ones. ``--set a.b=value`` overrides are
+applied to the raw mapping before validation, so they are checked the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ExperimentConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainerConfig",
+    "apply_overrides",
+    "config_to_dict",
+    "load_config",
+    "parse_config",
+]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message says which key and what to do."""
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how it is split and batched."""
+
+    source: str = "fashion_mnist"
+    imbalance_ratio: float = 1.0
+    profile: str = "exp"
+    val_fraction: float = 0.1
+    batch_size: int = 128
+    num_workers: int = 0
+    max_train_samples: int | None = None
+    augment: bool = True
+    canvas: int = 64
+    num_train_scenes: int = 2000
+    num_val_scenes: int = 500
+    scene_imbalance_ratio: float = 10.0
+
+
+@dataclass
+class ModelConfig:
+    """A model from the factory; ``etf_classifier`` swaps its classifier for a fixed ETF."""
+
+    name: str = "small_cnn"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    etf_classifier: bool = False
+
+
+@dataclass
+class LossConfig:
+    """One term of the training objective: ``name`` and the loss's own keyword arguments."""
+
+    name: str = "ce"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: int = 0
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 10
+    accelerator: str = "cpu"
+    devices: int = 1
+    precision: str = "32-true"
+    log_every_n_steps: int = 20
+    progress: bool = True
+    deterministic: bool = False
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole run. ``task`` is ``classification`` or ``segmentation``."""
+
+    name: str = "run"
+    task: str = "classification"
+    seed: int = 0
+    out_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    losses: list[LossConfig] = field(default_factory=lambda: [LossConfig()])
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+_CHOICES = {
+    "task": ("classification", "segmentation"),
+    "data.profile": ("exp", "step"),
+    "optim.name": ("sgd", "adamw"),
+    "optim.schedule": ("cosine", "constant"),
+    "trainer.accelerator": ("cpu", "gpu", "cuda", "mps", "auto"),
+}
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML file, apply ``key=value`` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with path.open() as fh:
+        raw = yaml.safe_load(fh) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
+    return parse_config(apply_overrides(raw, overrides or []))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` strings (value parsed as YAML) to a nested mapping, in place.
+
+    ``losses.1.params.pull_weight=0.2`` addresses list items by index.
+    """
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        value = yaml.safe_load(text)
+        node: Any = raw
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(
+                        f"--set {key}: {'.'.join(parts[:i])} has {len(node)} item(s); "
+                        f"{part!r} is not an index into it"
+                    )
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            else:
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+                    if not isinstance(node, dict | list):
+                        raise ConfigError(f"--set {key}: {part} is not a section")
+    return raw
+
+
+def parse_config(raw: dict[str, Any]) -> ExperimentConfig:
+    cfg = _build(ExperimentConfig, raw, "")
+    for key, allowed in _CHOICES.items():
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
+    if not cfg.losses:
+        raise ConfigError("losses must list at least one loss")
+    return cfg
+
+
+def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    label = where or "config"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{label} must be a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), fields, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(
+            f"unknown key {_join(where, key)!r}{hint}; allowed keys in {label}: "
+            f"{', '.join(sorted(fields))}"
+        )
+    kwargs = {k: _coerce(hints[k], v, _join(where, k)) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if tp is LossConfig:
+        return _build(LossConfig, _loss_mapping(value, key), key)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {type(value).__name__}")
+        return [_coerce(args[0], v, f"{key}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {type(value).__name__}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _loss_mapping(value: Any, key: str) -> dict[str, Any]:
+    """Losses are written flat (``{name: sar, pull_weight: 0.1}``) or as a bare name."""
+    if isinstance(value, str):
+        return {"name": value}
+    if not isinstance(value, dict) or "name" not in value:
+        raise ConfigError(f"{key} must be a loss name or a mapping with a 'name' key, got {value!r}")
+    if "params" in value:
+        return value
+    return {"name": value["name"], "params": {k: v for k, v in value.items() if k != "name"}}
+
+
+def _join(where: str, key: Any) -> str:
+    return f"{where}.{key}" if where else str(key)

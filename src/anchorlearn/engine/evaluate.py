@@ -1,0 +1,173 @@
+"""Test-split evaluation of a trained module: metrics, feature geometry and pictures."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from anchorlearn.data.long_tail import shot_groups
+from anchorlearn.losses.prototypes import CenterLoss, EMAPrototypeLoss
+from anchorlearn.losses.sar import SemanticAnchorRegularizer
+from anchorlearn.metrics.classification import classification_report, per_class_accuracy
+from anchorlearn.metrics.geometry import class_centers, feature_geometry
+from anchorlearn.metrics.segmentation import SegmentationIoU
+
+from .module import SupervisedModule, upsample_logits
+
+__all__ = ["collect_outputs", "evaluate_module", "reference_points", "write_run_plots"]
+
+# Dense features are subsampled to this many labelled positions for the geometry metrics.
+_MAX_GEOMETRY_POINTS = 20_000
+
+
+@torch.no_grad()
+def collect_outputs(
+    module: SupervisedModule, dm: Any, *, max_points: int = _MAX_GEOMETRY_POINTS, seed: int = 0
+) -> dict[str, Any]:
+    """Run ``module`` in eval mode over the test split of ``dm``.
+
+    Classification: logits, features ``(N, D)`` and labels. Segmentation: an accumulated
+    :class:`SegmentationIoU` plus up to ``max_points`` labelled feature positions.
+    """
+    was_training = module.training
+    module.eval()
+    device = module.device
+    task = module.task
+    generator = torch.Generator().manual_seed(seed)
+    logits_all, feats_all, labels_all = [], [], []
+    iou = SegmentationIoU(module.num_classes, module.ignore_index) if task != "classification" else None
+    loader = dm.test_dataloader()
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        if task == "classification":
+            images = dm.preprocess(images)
+        else:
+            images, labels = dm.preprocess(images, labels)
+        logits, feats = module.model(images)
+        if iou is None:
+            logits_all.append(logits.float().cpu())
+            feats_all.append(feats.float().cpu())
+            labels_all.append(labels.cpu())
+            continue
+        iou.update(upsample_logits(logits, labels).float().cpu(), labels.cpu())
+        small = torch.nn.functional.interpolate(
+            labels[:, None].double(), size=feats.shape[-2:], mode="nearest"
+        )[:, 0].long()
+        flat_feats = feats.float().permute(0, 2, 3, 1).reshape(-1, feats.shape[1]).cpu()
+        flat_labels = small.reshape(-1).cpu()
+        keep = torch.nonzero(flat_labels != module.ignore_index).flatten()
+        per_batch = max(max_points // max(len(loader), 1), 1)
+        if keep.numel() > per_batch:
+            keep = keep[torch.randperm(keep.numel(), generator=generator)[:per_batch]]
+        feats_all.append(flat_feats[keep])
+        labels_all.append(flat_labels[keep])
+    module.train(was_training)
+    out: dict[str, Any] = {"features": torch.cat(feats_all), "labels": torch.cat(labels_all)}
+    if iou is None:
+        out["logits"] = torch.cat(logits_all)
+    else:
+        out["iou"] = iou
+    return out
+
+
+def evaluate_module(module: SupervisedModule, dm: Any, *, task: str) -> dict[str, Any]:
+    """Test metrics: accuracy groups or IoU groups, plus feature geometry and class centres."""
+    outputs = collect_outputs(module, dm)
+    counts = np.asarray(dm.train_class_counts)
+    names = list(dm.class_names)
+    metrics: dict[str, Any] = {}
+    if task == "classification":
+        groups = shot_groups(counts)
+        preds = outputs["logits"].argmax(1)
+        report = classification_report(preds, outputs["labels"], module.num_classes, groups)
+        metrics.update({k.removeprefix("acc_"): v for k, v in report.items()})
+        per_class = per_class_accuracy(preds, outputs["labels"], module.num_classes)
+        metrics["per_class"] = {n: _num(v) for n, v in zip(names, per_class.tolist(), strict=True)}
+        metrics["groups"] = {names[c]: g for c, g in groups.items()}
+    else:
+        groups = segmentation_groups(counts)
+        iou = outputs["iou"]
+        iou.class_to_group = [groups[c] for c in range(module.num_classes)]
+        result = iou.compute()
+        metrics["miou"] = result["miou"]
+        for key, value in result.items():
+            if key.startswith("miou_"):
+                metrics[key.removeprefix("miou_") + "_iou"] = _num(value)
+        metrics["per_class"] = {
+            n: _num(v) for n, v in zip(names, result["iou"].tolist(), strict=True)
+        }
+        metrics["groups"] = {names[c]: g for c, g in groups.items()}
+    geometry = feature_geometry(outputs["features"], outputs["labels"])
+    metrics.update({k: _num(v) for k, v in geometry.items()})
+    centers = class_centers(outputs["features"], outputs["labels"])
+    metrics["class_centers"] = centers.tolist()
+    return metrics
+
+
+def segmentation_groups(pixel_counts: np.ndarray) -> dict[int, str]:
+    """Class 0 is ``background``; item classes split into ``head`` (the more frequent half in
+    training pixels) and ``tail`` (the rest)."""
+    order = np.argsort(-pixel_counts[1:], kind="stable") + 1
+    half = math.ceil(len(order) / 2)
+    groups = {0: "background"}
+    groups.update({int(c): "head" for c in order[:half]})
+    groups.update({int(c): "tail" for c in order[half:]})
+    return groups
+
+
+def reference_points(module: SupervisedModule) -> tuple[str, torch.Tensor] | None:
+    """The class anchors or prototypes of the first regularizer that has them, if any."""
+    for term in module.objective.terms:
+        if isinstance(term, SemanticAnchorRegularizer) and term.gate_ever_opened:
+            return "semantic anchors", term.semantic_anchors.detach().float().cpu()
+        if isinstance(term, EMAPrototypeLoss):
+            return "EMA prototypes", term.prototypes.detach().float().cpu()
+        if isinstance(term, CenterLoss):
+            return "centres", term.centers.detach().float().cpu()
+    return None
+
+
+def write_run_plots(module: SupervisedModule, dm: Any, run_dir: Path, *, task: str) -> None:
+    """t-SNE of test features (anchors marked), anchor similarity, training curves."""
+    from anchorlearn.viz.plots import plot_anchor_similarity, plot_tsne, plot_training_curves
+
+    plots = run_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    outputs = collect_outputs(module, dm, max_points=2000)
+    ref = reference_points(module)
+    plot_tsne(
+        outputs["features"],
+        outputs["labels"],
+        plots / "tsne.png",
+        anchors=None if ref is None else ref[1],
+        max_points=1500,
+        title=f"test features{'' if ref is None else ' and ' + ref[0]} (t-SNE)",
+    )
+    if ref is not None:
+        plot_anchor_similarity(
+            ref[1], plots / "anchor_similarity.png", class_names=list(dm.class_names),
+            title=f"cosine similarity of the {ref[0]}",
+        )
+    csv = run_dir / "logs" / "metrics.csv"
+    if csv.exists():
+        wanted = _curve_columns(csv)
+        if wanted:
+            plot_training_curves(csv, plots / "training_curves.png", metrics=wanted)
+
+
+def _curve_columns(csv: Path) -> list[str]:
+    header = csv.read_text().splitlines()[0].split(",")
+    keep = ("train/loss_epoch", "train/acc_epoch", "val/acc", "val/pixel_acc")
+    found = [c for c in keep if c in header]
+    if not found:
+        found = [c for c in header if c.startswith(("train/loss", "val/"))][:3]
+    return found
+
+
+def _num(value: Any) -> float | None:
+    value = float(value)
+    return None if math.isnan(value) else value

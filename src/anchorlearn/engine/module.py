@@ -1,0 +1,123 @@
+"""Lightning module that trains any ``(logits, features)`` model with a list of losses."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import OptimConfig
+from .objective import Objective
+
+__all__ = ["SupervisedModule", "upsample_logits"]
+
+
+def upsample_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Bilinearly resize dense ``(B, C, h, w)`` logits to the label size ``(B, H, W)``."""
+    if logits.ndim == 4 and logits.shape[-2:] != labels.shape[-2:]:
+        return F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    return logits
+
+
+class SupervisedModule(L.LightningModule):
+    """Classification or segmentation training with a composable objective.
+
+    Args:
+        model: returns ``(logits, features)``; exposes ``classifier`` and ``feat_dim``.
+        objective: the losses (their parameters, e.g. SAR's projector, train with the model).
+        optim: optimiser and schedule settings.
+        task: ``"classification"`` or ``"segmentation"``.
+        seed: reseeds torch at every epoch start (``seed * 1000 + epoch``), so that batch
+            augmentations do not depend on whether the run was resumed.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: Objective,
+        optim: OptimConfig,
+        *,
+        task: str,
+        num_classes: int,
+        ignore_index: int = 255,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.objective = objective
+        self.optim_cfg = optim
+        self.task = task
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.seed = seed
+        self._val_correct = 0
+        self._val_total = 0
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model(x)
+
+    def on_train_epoch_start(self) -> None:
+        torch.manual_seed(self.seed * 1000 + self.current_epoch + 1000 * self.global_rank)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        images, labels = batch
+        logits, features = self.model(images)
+        out = self.objective(logits, features, labels, upsample=upsample_logits)
+        batch_size = images.shape[0]
+        self.log("train/loss", out["loss"].detach(), prog_bar=True, batch_size=batch_size)
+        for key, value in out.items():
+            if key != "loss":
+                self.log(f"train/{key}", value, batch_size=batch_size)
+        if self.task == "classification":
+            acc = (logits.argmax(1) == labels).float().mean()
+            self.log("train/acc", acc, prog_bar=True, batch_size=batch_size)
+        return out["loss"]
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        images, labels = batch
+        logits, _ = self.model(images)
+        logits = upsample_logits(logits, labels)
+        valid = labels != self.ignore_index
+        correct = (logits.argmax(1) == labels) & valid
+        self._val_correct += int(correct.sum())
+        self._val_total += int(valid.sum())
+
+    def on_validation_epoch_end(self) -> None:
+        stats = torch.tensor([self._val_correct, self._val_total], dtype=torch.float64)
+        stats = self.all_gather(stats)
+        if stats.ndim == 2:
+            stats = stats.sum(0)
+        acc = float(stats[0] / stats[1].clamp_min(1))
+        name = "val/acc" if self.task == "classification" else "val/pixel_acc"
+        self.log(name, acc, prog_bar=True, sync_dist=False, rank_zero_only=False)
+        self._val_correct = 0
+        self._val_total = 0
+
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        params = [p for p in self.parameters() if p.requires_grad]
+        if cfg.name == "sgd":
+            opt = torch.optim.SGD(
+                params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            )
+        else:
+            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if cfg.schedule == "constant" and cfg.warmup_epochs == 0:
+            return opt
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        per_epoch = max(total // max(int(self.trainer.max_epochs or 1), 1), 1)
+        warmup = cfg.warmup_epochs * per_epoch
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if cfg.schedule == "constant":
+                return 1.0
+            progress = (step - warmup) / max(total - warmup, 1)
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,255 @@
+"""Run an experiment end to end: data, model, objective, Lightning fit, test metrics, plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger
+
+from anchorlearn.losses.etf import ETFClassifier
+from anchorlearn.models import create_model
+
+from .config import ConfigError, ExperimentConfig, config_to_dict, parse_config
+from .datamodules import ClassificationDataModule, SegmentationDataModule
+from .evaluate import evaluate_module, write_run_plots
+from .module import SupervisedModule
+from .objective import build_objective
+
+__all__ = ["RunError", "build_run", "evaluate_checkpoint", "fit", "load_checkpoint"]
+
+CONFIG_KEY = "anchorlearn_config"
+
+
+class RunError(RuntimeError):
+    """A problem found before training starts; the message says what to do."""
+
+
+def check_devices(accelerator: str, devices: int) -> None:
+    """Fail before training when more devices are asked for than exist."""
+    if devices < 1:
+        raise RunError(f"--devices must be >= 1, got {devices}")
+    if accelerator in ("gpu", "cuda"):
+        available = torch.cuda.device_count()
+        if available == 0:
+            raise RunError(
+                "accelerator gpu asked for but no CUDA device is visible: use --accelerator cpu"
+            )
+        if devices > available:
+            raise RunError(
+                f"--devices {devices} asked for but only {available} GPU(s) are visible: "
+                f"use --devices {available} or fewer"
+            )
+    elif accelerator == "cpu":
+        cores = os.cpu_count() or 1
+        if devices > cores:
+            raise RunError(
+                f"--devices {devices} CPU processes asked for but this machine has {cores} "
+                f"core(s): use --devices {cores} or fewer"
+            )
+
+
+def build_datamodule(cfg: ExperimentConfig):
+    d = cfg.data
+    if cfg.task == "classification":
+        dm = ClassificationDataModule(
+            source=d.source,
+            imbalance_ratio=d.imbalance_ratio,
+            profile=d.profile,
+            val_fraction=d.val_fraction,
+            batch_size=d.batch_size,
+            num_workers=d.num_workers,
+            max_train_samples=d.max_train_samples,
+            augment=d.augment,
+            seed=cfg.seed,
+        )
+    else:
+        dm = SegmentationDataModule(
+            source=d.source,
+            canvas=d.canvas,
+            num_train=d.num_train_scenes,
+            num_val=d.num_val_scenes,
+            imbalance_ratio=d.scene_imbalance_ratio,
+            val_fraction=d.val_fraction,
+            batch_size=d.batch_size,
+            num_workers=d.num_workers,
+            augment=d.augment,
+            seed=cfg.seed,
+        )
+    try:
+        dm.setup("fit")
+    except FileNotFoundError as err:
+        raise RunError(str(err)) from err
+    return dm
+
+
+def build_run(cfg: ExperimentConfig) -> tuple[Any, SupervisedModule]:
+    """The data module and the Lightning module of a config, validated against each other."""
+    dm = build_datamodule(cfg)
+    kwargs = dict(cfg.model.kwargs)
+    for key, value in (("num_classes", dm.num_classes), ("in_channels", dm.in_channels)):
+        if key in kwargs and kwargs[key] != value:
+            raise RunError(
+                f"model.kwargs.{key}={kwargs[key]} but the data set {cfg.data.source!r} has "
+                f"{key}={value}: remove model.kwargs.{key} (it is taken from the data)"
+            )
+        kwargs[key] = value
+    try:
+        model = create_model(cfg.model.name, **kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model {cfg.model.name!r}: {err}") from err
+    if cfg.model.etf_classifier:
+        model.classifier = ETFClassifier(model.feat_dim, dm.num_classes)
+    counts = getattr(dm, "train_class_counts", None)
+    objective = build_objective(
+        cfg.losses, model=model, num_classes=dm.num_classes, class_counts=counts
+    )
+    module = SupervisedModule(
+        model,
+        objective,
+        cfg.optim,
+        task=cfg.task,
+        num_classes=dm.num_classes,
+        ignore_index=getattr(dm, "ignore_index", 255),
+        seed=cfg.seed,
+    )
+    return dm, module
+
+
+class _SaveConfig(L.Callback):
+    """Stores the resolved config in every checkpoint so that it can be checked and rebuilt."""
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        self.cfg = config_to_dict(cfg)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint[CONFIG_KEY] = self.cfg
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint safely (``weights_only=True``: loading never runs code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure is reported the same way
+        raise RunError(f"{path} is not a loadable anchorlearn checkpoint: {err}") from err
+    if not isinstance(ckpt, dict) or CONFIG_KEY not in ckpt or "state_dict" not in ckpt:
+        raise RunError(f"{path} is not an anchorlearn checkpoint (no stored config)")
+    return ckpt
+
+
+def check_compatible(ckpt: dict, cfg: ExperimentConfig, path: Path) -> None:
+    """A checkpoint must come from the same model, task and class count."""
+    stored = ckpt[CONFIG_KEY]
+    for key in ("task",):
+        if stored[key] != getattr(cfg, key):
+            raise RunError(f"{path} was trained for {key}={stored[key]!r}, not {getattr(cfg, key)!r}")
+    if stored["model"]["name"] != cfg.model.name:
+        raise RunError(
+            f"{path} holds a {stored['model']['name']!r} model but the config asks for "
+            f"{cfg.model.name!r}: use another --out or the matching config"
+        )
+
+
+def fit(
+    cfg: ExperimentConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    quiet: bool = False,
+) -> dict[str, Any] | None:
+    """Train ``cfg`` into ``run_dir`` and evaluate it on the test split.
+
+    Returns the test metrics on global rank 0 (``None`` on other ranks). With ``resume``
+    an interrupted run continues from ``run_dir/checkpoints/last.ckpt``; without it, a
+    ``run_dir`` that already holds a checkpoint is an error rather than overwritten.
+    """
+    run_dir = Path(run_dir)
+    t = cfg.trainer
+    check_devices(t.accelerator, t.devices)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    ckpt_path = None
+    if last.exists():
+        if not resume:
+            raise RunError(
+                f"{run_dir} already holds a checkpoint: pass --resume to continue it, or "
+                "choose another --out"
+            )
+        check_compatible(load_checkpoint(last), cfg, last)
+        ckpt_path = str(last)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    dm, module = build_run(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_run_header(cfg, dm, run_dir)
+
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, every_n_epochs=1
+    )
+    callbacks: list[L.Callback] = [checkpoint, _SaveConfig(cfg)]
+    if t.progress and not quiet:
+        callbacks.append(TQDMProgressBar(refresh_rate=10))
+    strategy = "ddp" if t.devices > 1 else "auto"
+    trainer = L.Trainer(
+        max_epochs=t.max_epochs,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=strategy,
+        precision=t.precision,
+        logger=CSVLogger(run_dir, name="logs", version=""),
+        callbacks=callbacks,
+        log_every_n_steps=t.log_every_n_steps,
+        enable_progress_bar=t.progress and not quiet,
+        enable_model_summary=False,
+        deterministic=t.deterministic,
+        default_root_dir=run_dir,
+    )
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    if not trainer.is_global_zero:
+        return None
+    metrics = evaluate_module(module, dm, task=cfg.task)
+    metrics["train_seconds"] = round(time.perf_counter() - start, 1)
+    metrics["epochs"] = int(trainer.current_epoch)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_run_plots(module, dm, run_dir, task=cfg.task)
+    return metrics
+
+
+def evaluate_checkpoint(path: str | Path, *, out: str | Path | None = None) -> dict[str, Any]:
+    """Rebuild the run stored in a checkpoint and evaluate it on the test split."""
+    path = Path(path)
+    ckpt = load_checkpoint(path)
+    cfg = parse_config(ckpt[CONFIG_KEY])
+    dm, module = build_run(cfg)
+    try:
+        module.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as err:
+        raise RunError(f"{path} does not match its own config: {err}") from err
+    metrics = evaluate_module(module, dm, task=cfg.task)
+    if out is not None:
+        Path(out).write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def _write_run_header(cfg: ExperimentConfig, dm: Any, run_dir: Path) -> None:
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    counts = getattr(dm, "train_class_counts", None)
+    if counts is not None:
+        names = list(getattr(dm, "class_names", [str(i) for i in range(len(counts))]))
+        payload = {
+            "train_class_counts": {n: int(c) for n, c in zip(names, counts, strict=True)},
+            "total": int(np.sum(counts)),
+        }
+        (run_dir / "class_counts.json").write_text(json.dumps(payload, indent=2))
+        print(f"class counts (train): {payload['train_class_counts']}", file=sys.stderr)

@@ -1,0 +1,352 @@
+"""Semantic Anchor Regularization (SAR).
+
+Ge et al., "Beyond Prototypes: Semantic Anchor Regularization for Better Representation
+Learning", AAAI 2024 (arXiv 2312.11872). Fixed random anchors are made semantic by a
+projector trained through the task's own classifier, kept as an EMA once every anchor is
+confidently classified, and the learned features are pulled towards them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._checks import (
+    check_non_negative,
+    check_num_classes,
+    check_positive_int,
+    check_probability,
+    loss_compute_dtype,
+    validate_features_and_labels,
+)
+
+__all__ = ["SemanticAnchorRegularizer", "default_projector"]
+
+Classifier = nn.Module | Callable[[torch.Tensor], torch.Tensor]
+
+
+def default_projector(feat_dim: int) -> nn.Sequential:
+    """The release's anchor projector: three ``Linear(D, D)``-``BatchNorm``-``ReLU`` blocks.
+
+    The release writes the third block as a 1x1 convolution on ``(C, D, 1, 1)``, which is the
+    same map as a linear layer on ``(C, D)``. Biases are omitted because BatchNorm follows.
+    """
+    layers: list[nn.Module] = []
+    for _ in range(3):
+        layers += [nn.Linear(feat_dim, feat_dim, bias=False), nn.BatchNorm1d(feat_dim), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+class SemanticAnchorRegularizer(nn.Module):
+    r"""Semantic Anchor Regularization: pull features towards classifier-aware anchors.
+
+    Each training step, with ``C`` classes and ``D`` feature channels:
+
+    1. ``P = g(A0)``: the fixed anchors ``A0`` (``C x D``, drawn once from N(0, 1)) through
+       the trainable projector ``g``.
+    2. Auxiliary CE through the task's own ``classifier``: row ``i`` of ``classifier(P)``
+       has target ``i``. With ``ce_i`` the per-anchor CE and ``p_i = exp(-ce_i)``, anchors
+       with ``p_i > filter_conf`` count as solved and
+       ``aux = sum_i w_i ce_i``, ``w_i = log p_i / (sum_j log p_j + 1e-9)`` over the
+       unsolved anchors (equivalently ``sum ce_i^2 / sum ce_j``; zero once all are solved).
+       Its gradient reaches the projector and the classifier.
+    3. Gate: if every anchor is argmax-correct and every ``p_i > update_conf``, the
+       semantic anchors ``S`` are set to ``P`` the first time and updated as
+       ``S <- m S + (1 - m) P`` afterwards (``m = ema_momentum``; ``P`` detached).
+    4. Pull, on gated steps only, with ``S`` as updated in the same step:
+       ``pull = mean over valid positions of ||f - S[y]||^2 / D``. Its gradient reaches
+       only ``features``.
+
+    ``loss = aux_weight * aux_ce + pull_weight * pull``. The returned ``aux_ce`` and ``pull``
+    are unweighted; both are always present (zero while inactive) so that loss keys agree
+    across steps and DDP ranks. Nothing reaches ``anchors`` or ``semantic_anchors``.
+
+    In ``eval()`` mode no state changes: the auxiliary CE is reported with the projector in
+    eval mode and the pull is measured against ``S`` if the gate has ever opened.
+
+    Args:
+        num_classes: number of classes ``C`` (>= 2).
+        feat_dim: feature channels ``D``.
+        classifier: the model's own final layer: ``nn.Linear(D, C)``, ``nn.Conv2d(D, C, 1)``
+            (applied to the anchors reshaped to ``(C, D, 1, 1)``), or any callable mapping a
+            ``(C, D)`` tensor to ``(C, C)`` logits. It is *not* registered as a submodule:
+            it belongs to (and is saved and moved with) the model.
+        pull_weight: weight of the pull loss (release: 0.1).
+        aux_weight: weight of the auxiliary CE (release: 1.0).
+        filter_conf: own-class probability above which an anchor counts as solved in the
+            hard-anchor weighting (release: 0.9).
+        update_conf: own-class probability every anchor must exceed to open the gate
+            (release: 0.8).
+        ema_momentum: momentum ``m`` of the semantic-anchor EMA (release: 0.999).
+        ignore_index: label value excluded from the pull.
+        projector: module mapping ``(C, D)`` to ``(C, D)``; ``None`` builds
+            :func:`default_projector`.
+        gate_warn_steps: warn once if the gate is still shut after this many training steps.
+        seed: seed of the generator that draws the fixed anchors (``None``: torch's global
+            generator). Under DDP, wrapping the module broadcasts rank 0's anchors.
+
+    Shapes:
+        ``features`` ``(N, D)`` with ``labels`` ``(N,)``, or ``(B, D, H, W)`` with ``labels``
+        ``(B, H', W')``, resized to ``(H, W)`` by nearest neighbour.
+
+    Returns:
+        ``{"loss", "aux_ce", "pull"}`` scalar tensors and ``"gate_open"`` (bool: the pull
+        was active this step).
+    """
+
+    anchors: torch.Tensor
+    semantic_anchors: torch.Tensor
+    step: torch.Tensor
+    gate_open_step: torch.Tensor
+
+    def __init__(
+        self,
+        num_classes: int,
+        feat_dim: int,
+        classifier: Classifier,
+        *,
+        pull_weight: float = 0.1,
+        aux_weight: float = 1.0,
+        filter_conf: float = 0.9,
+        update_conf: float = 0.8,
+        ema_momentum: float = 0.999,
+        ignore_index: int = 255,
+        projector: nn.Module | None = None,
+        gate_warn_steps: int = 1000,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_classes = check_num_classes(num_classes)
+        self.feat_dim = check_positive_int(feat_dim, "feat_dim")
+        if not callable(classifier):
+            raise TypeError(
+                "classifier must be an nn.Linear, an nn.Conv2d or a callable mapping (C, D) "
+                f"to (C, C) logits, got {type(classifier).__name__}"
+            )
+        _check_classifier_layer(classifier, self.num_classes, self.feat_dim)
+        # A plain attribute, deliberately not a submodule: the classifier is the model's.
+        self.__dict__["classifier"] = classifier
+        self.pull_weight = check_non_negative(pull_weight, "pull_weight")
+        self.aux_weight = check_non_negative(aux_weight, "aux_weight")
+        self.filter_conf = check_probability(filter_conf, "filter_conf")
+        self.update_conf = check_probability(update_conf, "update_conf")
+        self.ema_momentum = check_probability(ema_momentum, "ema_momentum")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+        self.ignore_index = ignore_index
+        self.gate_warn_steps = check_positive_int(gate_warn_steps, "gate_warn_steps")
+        if projector is None:
+            projector = default_projector(self.feat_dim)
+        elif not isinstance(projector, nn.Module):
+            raise TypeError(f"projector must be an nn.Module, got {type(projector).__name__}")
+        self.projector = projector
+
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        self.register_buffer(
+            "anchors", torch.randn(self.num_classes, self.feat_dim, generator=generator)
+        )
+        self.register_buffer("semantic_anchors", torch.zeros(self.num_classes, self.feat_dim))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("gate_open_step", torch.full((), -1, dtype=torch.long))
+        self._warned_gate = False
+
+    @property
+    def gate_ever_opened(self) -> bool:
+        """Whether the semantic anchors have been initialised."""
+        return bool(self.gate_open_step >= 0)
+
+    def projected_anchors(self) -> torch.Tensor:
+        """``projector(anchors)``, ``(C, D)``, in the module's current train/eval mode."""
+        projected = self.projector(self.anchors)
+        if projected.shape != self.anchors.shape:
+            raise ValueError(
+                f"projector must map ({self.num_classes}, {self.feat_dim}) to the same shape, "
+                f"got {tuple(projected.shape)}"
+            )
+        return projected
+
+    def anchor_logits(self, projected: torch.Tensor) -> torch.Tensor:
+        """Classify the ``(C, D)`` projected anchors with the task classifier: ``(C, C)``."""
+        classifier = self.classifier
+        weight = getattr(classifier, "weight", None)
+        if isinstance(weight, torch.Tensor) and not torch.is_autocast_enabled():
+            projected = projected.to(weight.dtype)
+        if isinstance(classifier, nn.Conv2d):
+            logits = classifier(projected[:, :, None, None]).flatten(1)
+        else:
+            logits = classifier(projected)
+        expected = (self.num_classes, self.num_classes)
+        if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != expected:
+            got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)
+            raise ValueError(
+                f"classifier must map the ({self.num_classes}, {self.feat_dim}) anchors to "
+                f"{expected} logits, got {got}"
+            )
+        return logits
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> dict:
+        labels = validate_features_and_labels(
+            features,
+            labels,
+            feat_dim=self.feat_dim,
+            num_classes=self.num_classes,
+            ignore_index=self.ignore_index,
+        )
+        if features.device != self.anchors.device:
+            raise ValueError(
+                f"features are on {features.device} but SemanticAnchorRegularizer is on "
+                f"{self.anchors.device}: move it with .to(device)"
+            )
+        projected = self.projected_anchors()
+        logits = self.anchor_logits(projected)
+        logits = logits.to(loss_compute_dtype(logits.dtype))
+        targets = torch.arange(self.num_classes, device=logits.device)
+        ce = F.cross_entropy(logits, targets, reduction="none")
+        aux_ce = _hard_anchor_weighted_ce(ce, self.filter_conf)
+
+        gate_open = False
+        if self.training:
+            gate_open = self._update_semantic_anchors(logits.detach(), ce.detach(), projected)
+        use_pull = gate_open or (not self.training and self.gate_ever_opened)
+        if use_pull:
+            pull = _masked_pull(features, labels, self.semantic_anchors, self.ignore_index)
+        else:
+            pull = features.sum().to(loss_compute_dtype(features.dtype)) * 0.0
+        loss = self.aux_weight * aux_ce + self.pull_weight * pull
+        return {"loss": loss, "aux_ce": aux_ce, "pull": pull, "gate_open": gate_open}
+
+    @torch.no_grad()
+    def _update_semantic_anchors(
+        self, logits: torch.Tensor, ce: torch.Tensor, projected: torch.Tensor
+    ) -> bool:
+        self.step += 1
+        own_prob = torch.exp(-ce)
+        correct = logits.argmax(dim=1) == torch.arange(self.num_classes, device=logits.device)
+        passes = correct & (own_prob > self.update_conf)
+        if not bool(passes.all()):
+            if not self.gate_ever_opened and int(self.step) >= self.gate_warn_steps:
+                self._warn_gate_shut(passes, own_prob)
+            return False
+        new = projected.detach().to(self.semantic_anchors.dtype)
+        if self.gate_ever_opened:
+            self.semantic_anchors.mul_(self.ema_momentum).add_(new, alpha=1 - self.ema_momentum)
+        else:
+            self.semantic_anchors.copy_(new)
+            self.gate_open_step.fill_(int(self.step))
+        return True
+
+    def _warn_gate_shut(self, passes: torch.Tensor, own_prob: torch.Tensor) -> None:
+        if self._warned_gate:
+            return
+        self._warned_gate = True
+        failing = torch.nonzero(~passes).flatten().tolist()
+        shown = ", ".join(f"{i} (p={float(own_prob[i]):.2f})" for i in failing[:10])
+        more = f" and {len(failing) - 10} more" if len(failing) > 10 else ""
+        warnings.warn(
+            f"SemanticAnchorRegularizer: the gate has not opened after {int(self.step)} steps, "
+            f"so the pull loss is inactive. Anchors failing it (need argmax-correct and "
+            f"p > update_conf={self.update_conf}): {shown}{more}. Consider a lower "
+            "update_conf, a higher aux_weight or a longer training.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, feat_dim={self.feat_dim}, "
+            f"pull_weight={self.pull_weight}, aux_weight={self.aux_weight}, "
+            f"filter_conf={self.filter_conf}, update_conf={self.update_conf}, "
+            f"ema_momentum={self.ema_momentum}, ignore_index={self.ignore_index}"
+        )
+
+
+def _check_classifier_layer(classifier: Classifier, num_classes: int, feat_dim: int) -> None:
+    if isinstance(classifier, nn.Linear):
+        got = (classifier.in_features, classifier.out_features)
+        if got != (feat_dim, num_classes):
+            raise ValueError(
+                f"classifier must be nn.Linear({feat_dim}, {num_classes}) "
+                f"(feat_dim, num_classes), got nn.Linear{got}"
+            )
+    elif isinstance(classifier, nn.Conv2d):
+        got = (classifier.in_channels, classifier.out_channels)
+        if got != (feat_dim, num_classes) or classifier.kernel_size != (1, 1):
+            raise ValueError(
+                f"classifier must be nn.Conv2d({feat_dim}, {num_classes}, kernel_size=1), got "
+                f"nn.Conv2d({got[0]}, {got[1]}, kernel_size={classifier.kernel_size})"
+            )
+
+
+def _hard_anchor_weighted_ce(ce: torch.Tensor, filter_conf: float) -> torch.Tensor:
+    """``sum_i w_i ce_i`` with ``w_i = log p_i / (sum_j log p_j + 1e-9)``, ``p_i > filter_conf``
+    counted as 1 (``log p_i = 0``). ``log p_i = -ce_i`` exactly, so no probability underflows.
+    """
+    unsolved = torch.exp(-ce.detach()) <= filter_conf
+    log_p = torch.where(unsolved, -ce, torch.zeros_like(ce))
+    weights = log_p / (log_p.sum() + 1e-9)
+    return (weights * ce).sum()
+
+
+def _masked_pull(
+    features: torch.Tensor, labels: torch.Tensor, anchors: torch.Tensor, ignore_index: int
+) -> torch.Tensor:
+    """Mean over valid positions of ``||f - anchors[y]||^2 / D``, in float32 or wider.
+
+    Per-position gather for ``(N, D)``. For ``(B, D, H, W)`` see :class:`_DenseSquaredDistance`:
+    no one-hot map and no ``(B, D, H, W)`` target is kept alive. ``anchors`` get no gradient.
+    """
+    dtype = torch.promote_types(torch.promote_types(features.dtype, anchors.dtype), torch.float32)
+    with torch.autocast(features.device.type, enabled=False):
+        feats = features.to(dtype)
+        anchors = anchors.detach().to(dtype)
+        valid = labels != ignore_index
+        n_valid = valid.sum()
+        safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
+        d = feats.shape[1]
+        if feats.ndim == 2:
+            per_position = (feats - anchors[safe_labels]).pow(2).sum(dim=1)
+            total = (per_position * valid).sum()
+        else:
+            b, _, h, w = feats.shape
+            total = _DenseSquaredDistance.apply(
+                feats.reshape(b, d, h * w),
+                safe_labels.reshape(b, h * w),
+                valid.reshape(b, h * w).to(dtype),
+                anchors.t().contiguous(),
+            )
+        return total / (n_valid.clamp_min(1) * d)
+
+
+class _DenseSquaredDistance(torch.autograd.Function):
+    """``sum_{b, n} valid[b, n] * ||feats[b, :, n] - anchors_t[:, labels[b, n]]||^2``.
+
+    ``feats`` ``(B, D, HW)``, ``labels`` and ``valid`` ``(B, HW)``, ``anchors_t`` ``(D, C)``.
+    The target columns are gathered one batch item at a time and worked on in place, so the
+    forward holds one ``(D, HW)`` temporary and the backward only its ``(B, D, HW)`` result,
+    ``2 * valid * (f - a_y)``, recomputed rather than saved.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, feats: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, anchors_t: torch.Tensor
+    ) -> torch.Tensor:
+        total = feats.new_zeros(())
+        for i in range(feats.shape[0]):
+            sq = anchors_t.index_select(1, labels[i]).sub_(feats[i]).square_()
+            total += torch.dot(sq.sum(0), valid[i])
+        ctx.save_for_backward(feats, labels, valid, anchors_t)
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        feats, labels, valid, anchors_t = ctx.saved_tensors
+        grad_feats = torch.empty_like(feats)
+        for i in range(feats.shape[0]):
+            torch.sub(feats[i], anchors_t.index_select(1, labels[i]), out=grad_feats[i])
+            grad_feats[i].mul_(valid[i] * (2 * grad))
+        return grad_feats, None, None, None
