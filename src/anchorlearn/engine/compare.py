@@ -129,5 +129,3 @@ def write_results(
             for r in runs:
                 writer.writerow([name, r["seed"], *[r.get(c, "") for c in columns]])
     return table
-
-

@@ -246,7 +246,9 @@ def _loss_mapping(value: Any, key: str) -> dict[str, Any]:
     if isinstance(value, str):
         return {"name": value}
     if not isinstance(value, dict) or "name" not in value:
-        raise ConfigError(f"{key} must be a loss name or a mapping with a 'name' key, got {value!r}")
+        raise ConfigError(
+            f"{key} must be a loss name or a mapping with a 'name' key, got {value!r}"
+        )
     if "params" in value:
         return value
     return {"name": value["name"], "params": {k: v for k, v in value.items() if k != "name"}}

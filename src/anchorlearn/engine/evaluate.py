@@ -16,7 +16,7 @@ from anchorlearn.metrics.classification import classification_report, per_class_
 from anchorlearn.metrics.geometry import class_centers, feature_geometry
 from anchorlearn.metrics.segmentation import SegmentationIoU
 
-from .module import SupervisedModule, upsample_logits
+from .module import SupervisedModule, training_counts, upsample_logits
 
 __all__ = ["collect_outputs", "evaluate_module", "reference_points", "write_run_plots"]
 
@@ -39,7 +39,11 @@ def collect_outputs(
     task = module.task
     generator = torch.Generator().manual_seed(seed)
     logits_all, feats_all, labels_all = [], [], []
-    iou = SegmentationIoU(module.num_classes, module.ignore_index) if task != "classification" else None
+    iou = (
+        SegmentationIoU(module.num_classes, module.ignore_index)
+        if task != "classification"
+        else None
+    )
     loader = dm.test_dataloader()
     for images, labels in loader:
         images, labels = images.to(device), labels.to(device)
@@ -77,7 +81,7 @@ def collect_outputs(
 def evaluate_module(module: SupervisedModule, dm: Any, *, task: str) -> dict[str, Any]:
     """Test metrics: accuracy groups or IoU groups, plus feature geometry and class centres."""
     outputs = collect_outputs(module, dm)
-    counts = np.asarray(dm.train_class_counts)
+    counts = np.asarray(training_counts(dm))
     names = list(dm.class_names)
     metrics: dict[str, Any] = {}
     if task == "classification":
@@ -133,7 +137,7 @@ def reference_points(module: SupervisedModule) -> tuple[str, torch.Tensor] | Non
 
 def write_run_plots(module: SupervisedModule, dm: Any, run_dir: Path, *, task: str) -> None:
     """t-SNE of test features (anchors marked), anchor similarity, training curves."""
-    from anchorlearn.viz.plots import plot_anchor_similarity, plot_tsne, plot_training_curves
+    from anchorlearn.viz.plots import plot_anchor_similarity, plot_training_curves, plot_tsne
 
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
@@ -149,7 +153,9 @@ def write_run_plots(module: SupervisedModule, dm: Any, run_dir: Path, *, task: s
     )
     if ref is not None:
         plot_anchor_similarity(
-            ref[1], plots / "anchor_similarity.png", class_names=list(dm.class_names),
+            ref[1],
+            plots / "anchor_similarity.png",
+            class_names=list(dm.class_names),
             title=f"cosine similarity of the {ref[0]}",
         )
     csv = run_dir / "logs" / "metrics.csv"

@@ -12,7 +12,7 @@ from torch import nn
 from .config import OptimConfig
 from .objective import Objective
 
-__all__ = ["SupervisedModule", "upsample_logits"]
+__all__ = ["SupervisedModule", "training_counts", "upsample_logits"]
 
 
 def upsample_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -20,6 +20,15 @@ def upsample_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if logits.ndim == 4 and logits.shape[-2:] != labels.shape[-2:]:
         return F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
     return logits
+
+
+def training_counts(dm) -> list[int] | None:
+    """Per-class training counts of a data module: images, or pixels for segmentation."""
+    for name in ("train_class_counts", "train_class_pixel_counts"):
+        counts = getattr(dm, name, None)
+        if counts is not None:
+            return [int(c) for c in counts]
+    return None
 
 
 class SupervisedModule(L.LightningModule):

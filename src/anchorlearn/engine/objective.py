@@ -108,8 +108,11 @@ def build_objective(
     """Build the objective for ``model`` (which must expose ``classifier`` and ``feat_dim``)."""
     names, losses, reads = [], [], []
     seen: dict[str, int] = {}
-    if not any(LOSSES[s.name].reads == "logits" or s.name == "dot_regression" for s in specs
-               if s.name in LOSSES):
+    if not any(
+        LOSSES[s.name].reads == "logits" or s.name == "dot_regression"
+        for s in specs
+        if s.name in LOSSES
+    ):
         raise ConfigError(
             "losses must include a task loss (ce, logit_adjusted, balanced_softmax or "
             "dot_regression); regularizers alone do not train the classifier"

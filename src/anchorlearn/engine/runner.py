@@ -22,7 +22,7 @@ from anchorlearn.models import create_model
 from .config import ConfigError, ExperimentConfig, config_to_dict, parse_config
 from .datamodules import ClassificationDataModule, SegmentationDataModule
 from .evaluate import evaluate_module, write_run_plots
-from .module import SupervisedModule
+from .module import SupervisedModule, training_counts
 from .objective import build_objective
 
 __all__ = ["RunError", "build_run", "evaluate_checkpoint", "fit", "load_checkpoint"]
@@ -109,7 +109,7 @@ def build_run(cfg: ExperimentConfig) -> tuple[Any, SupervisedModule]:
         raise ConfigError(f"model {cfg.model.name!r}: {err}") from err
     if cfg.model.etf_classifier:
         model.classifier = ETFClassifier(model.feat_dim, dm.num_classes)
-    counts = getattr(dm, "train_class_counts", None)
+    counts = training_counts(dm)
     objective = build_objective(
         cfg.losses, model=model, num_classes=dm.num_classes, class_counts=counts
     )
@@ -142,7 +142,7 @@ def load_checkpoint(path: str | Path) -> dict:
         raise RunError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure is reported the same way
+    except Exception as err:
         raise RunError(f"{path} is not a loadable anchorlearn checkpoint: {err}") from err
     if not isinstance(ckpt, dict) or CONFIG_KEY not in ckpt or "state_dict" not in ckpt:
         raise RunError(f"{path} is not an anchorlearn checkpoint (no stored config)")
@@ -154,7 +154,9 @@ def check_compatible(ckpt: dict, cfg: ExperimentConfig, path: Path) -> None:
     stored = ckpt[CONFIG_KEY]
     for key in ("task",):
         if stored[key] != getattr(cfg, key):
-            raise RunError(f"{path} was trained for {key}={stored[key]!r}, not {getattr(cfg, key)!r}")
+            raise RunError(
+                f"{path} was trained for {key}={stored[key]!r}, not {getattr(cfg, key)!r}"
+            )
     if stored["model"]["name"] != cfg.model.name:
         raise RunError(
             f"{path} holds a {stored['model']['name']!r} model but the config asks for "
@@ -244,7 +246,7 @@ def evaluate_checkpoint(path: str | Path, *, out: str | Path | None = None) -> d
 
 def _write_run_header(cfg: ExperimentConfig, dm: Any, run_dir: Path) -> None:
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    counts = getattr(dm, "train_class_counts", None)
+    counts = training_counts(dm)
     if counts is not None:
         names = list(getattr(dm, "class_names", [str(i) for i in range(len(counts))]))
         payload = {

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "check_finite",
     "check_num_classes",
     "check_probability",
-    "check_finite",
     "flatten_features_and_labels",
     "validate_features_and_labels",
 ]

@@ -1,0 +1,205 @@
+"""The ``anchorlearn`` command line.
+
+Each command registers its own sub-parser in an ``_add_<command>_parser`` function and
+runs through the ``handler`` default it sets. Errors a user can fix (bad arguments, missing
+files, invalid data) print one line to stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+__all__ = ["build_parser", "main"]
+
+# Errors that describe a problem the user can fix: shown as one line, without a traceback.
+_USER_ERRORS = {"ValueError", "ConfigError", "RunError", "FileNotFoundError"}
+
+
+def _run_data_preview(args: argparse.Namespace) -> int:
+    from anchorlearn.data.preview import preview
+
+    preview(args.spec, args.out, n=args.n, seed=args.seed)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _add_data_parser(subparsers: argparse._SubParsersAction) -> None:
+    data = subparsers.add_parser("data", help="inspect data sources")
+    data_commands = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+    show = data_commands.add_parser(
+        "preview",
+        help="write a PNG grid of samples and print the class counts",
+        description=(
+            "SPEC: fashion_mnist | fashion_mnist_lt:IR | digits | scenes | npz:PATH | "
+            "folder:PATH | segfolder:PATH"
+        ),
+    )
+    show.add_argument("spec", metavar="SPEC", help="the data source")
+    show.add_argument("--out", required=True, metavar="PNG", help="output PNG path")
+    show.add_argument("--n", type=int, default=32, help="number of samples (default 32)")
+    show.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    show.set_defaults(handler=_run_data_preview)
+
+
+def _run_fit(args: argparse.Namespace) -> int:
+    from anchorlearn.engine.config import load_config
+    from anchorlearn.engine.runner import fit
+
+    cfg = load_config(args.config, args.set)
+    _apply_trainer_flags(cfg, args)
+    out = args.out or f"{cfg.out_dir}/{cfg.name}/seed{cfg.seed}"
+    metrics = fit(cfg, out, resume=args.resume)
+    if metrics is not None:
+        _print_metrics(metrics)
+        print(f"run directory: {out}")
+    return 0
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from anchorlearn.engine.runner import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(args.checkpoint, out=args.out)
+    _print_metrics(metrics)
+    return 0
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from anchorlearn.engine.compare import DEFAULT_COLUMNS, run_grid, write_results
+
+    seeds = [int(s) for s in args.seeds.split(",")]
+    overrides = list(args.set)
+    if args.epochs is not None:
+        overrides.append(f"trainer.max_epochs={args.epochs}")
+    results = run_grid(args.configs, seeds, args.out, overrides=overrides)
+    columns = args.columns.split(",") if args.columns else list(DEFAULT_COLUMNS)
+    percent = [c for c in columns if c not in ("nc1", "intra_inter_ratio", "center_drift")]
+    table = write_results(results, args.out, columns, percent=percent)
+    print(table)
+    return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from anchorlearn.engine.demo import run_demo
+
+    seeds = tuple(int(s) for s in args.seeds.split(","))
+    run_demo(args.out, seeds=seeds, epochs=args.epochs)
+    return 0
+
+
+def _apply_trainer_flags(cfg, args: argparse.Namespace) -> None:
+    for flag in ("accelerator", "devices", "precision"):
+        value = getattr(args, flag)
+        if value is not None:
+            setattr(cfg.trainer, flag, value)
+    if args.seed is not None:
+        cfg.seed = args.seed
+
+
+def _print_metrics(metrics: dict) -> None:
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            print(f"{key:>20s}: {value:.4f}")
+
+
+def _add_trainer_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set trainer.max_epochs=5 (repeatable)",
+    )
+    parser.add_argument("--accelerator", choices=["cpu", "gpu", "auto"], default=None)
+    parser.add_argument("--devices", type=int, default=None, help="processes / GPUs (DDP if > 1)")
+    parser.add_argument(
+        "--precision", default=None, help="Lightning precision, e.g. 32-true, bf16-mixed"
+    )
+    parser.add_argument("--seed", type=int, default=None, help="override the config's seed")
+
+
+def _add_fit_parser(subparsers: argparse._SubParsersAction) -> None:
+    fit = subparsers.add_parser(
+        "fit",
+        help="train one config and evaluate it on the test split",
+        description="Train one config; the run directory gets the resolved config, class "
+        "counts, CSV logs, checkpoints, metrics.json and plots.",
+    )
+    fit.add_argument("--config", required=True, help="YAML experiment config")
+    fit.add_argument("--out", default=None, help="run directory (default out_dir/name/seedN)")
+    fit.add_argument(
+        "--resume", action="store_true", help="continue from the run directory's last.ckpt"
+    )
+    _add_trainer_flags(fit)
+    fit.set_defaults(handler=_run_fit)
+
+
+def _add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
+    ev = subparsers.add_parser(
+        "eval", help="evaluate a checkpoint on the test split of the data it was trained for"
+    )
+    ev.add_argument("--checkpoint", required=True, help="a .ckpt written by anchorlearn fit")
+    ev.add_argument("--out", default=None, help="write the metrics JSON here")
+    ev.set_defaults(handler=_run_eval)
+
+
+def _add_compare_parser(subparsers: argparse._SubParsersAction) -> None:
+    cmp_ = subparsers.add_parser(
+        "compare",
+        help="train configs x seeds and tabulate mean and std (resumable)",
+        description="Runs every config with every seed under OUT/<name>/seed<k>, skipping "
+        "runs that already have metrics.json, then writes OUT/results.md and results.csv.",
+    )
+    cmp_.add_argument("configs", nargs="+", help="YAML experiment configs")
+    cmp_.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    cmp_.add_argument("--out", required=True, help="output directory")
+    cmp_.add_argument("--epochs", type=int, default=None, help="override trainer.max_epochs")
+    cmp_.add_argument("--columns", default=None, help="comma-separated metric columns")
+    cmp_.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override for all"
+    )
+    cmp_.set_defaults(handler=_run_compare)
+
+
+def _add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
+    demo = subparsers.add_parser(
+        "demo",
+        help="Fashion-MNIST-LT (IR 100): CE vs EMA prototypes vs CE + SAR, with a report",
+    )
+    demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    demo.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    demo.add_argument("--epochs", type=int, default=None, help="epochs per method (default 8)")
+    demo.set_defaults(handler=_run_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with one sub-parser per command."""
+    parser = argparse.ArgumentParser(
+        prog="anchorlearn",
+        description="Anchor- and prototype-based representation learning.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_fit_parser(subparsers)
+    _add_eval_parser(subparsers)
+    _add_compare_parser(subparsers)
+    _add_demo_parser(subparsers)
+    _add_data_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        if type(err).__name__ not in _USER_ERRORS:
+            raise
+        message = " ".join(str(err).split())
+        print(f"anchorlearn: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

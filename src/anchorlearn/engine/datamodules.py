@@ -1,0 +1,570 @@
+"""Lightning DataModules that keep whole data sets in memory as uint8 tensors.
+
+Loaders yield uint8 images; :meth:`on_after_batch_transfer` (run by Lightning on the
+training device, so on the GPU when there is one) converts them to float, augments them
+when training, and normalises them with the training set's per-channel mean and std. Code
+that iterates a loader outside Lightning calls ``preprocess`` itself.
+
+Shuffling uses a generator seeded with ``seed`` and workers are seeded from it, so a run
+is reproducible for a given ``seed`` and ``num_workers``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from anchorlearn.data.augment import (
+    TwoViewTransform,
+    classification_train_augment,
+    segmentation_train_augment,
+    ssl_augment,
+)
+from anchorlearn.data.long_tail import PROFILES, long_tailed_indices
+from anchorlearn.data.scenes import make_scenes
+from anchorlearn.data.sources import (
+    IGNORE_INDEX,
+    ClassificationData,
+    load_classification_source,
+    load_segmentation_folder,
+)
+from anchorlearn.data.splits import stratified_split
+
+__all__ = ["ClassificationDataModule", "SegmentationDataModule", "TwoViewDataModule"]
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Seed numpy and ``random`` in a loader worker from its torch seed."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)  # noqa: NPY002  (the legacy global state user code may rely on)
+    random.seed(seed)
+
+
+def _to_nchw(images: np.ndarray) -> torch.Tensor:
+    """uint8 ``(N, H, W)`` or ``(N, H, W, C)`` numpy -> contiguous uint8 ``(N, C, H, W)``."""
+    tensor = torch.from_numpy(np.ascontiguousarray(images))
+    if tensor.ndim == 3:
+        return tensor[:, None].contiguous()
+    return tensor.permute(0, 3, 1, 2).contiguous()
+
+
+def _channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of uint8 ``(N, C, H, W)`` images scaled to ``[0, 1]``."""
+    flat = images.transpose(0, 1).reshape(images.shape[1], -1).double() / 255.0
+    mean, std = flat.mean(dim=1), flat.std(dim=1).clamp_min(1e-6)
+    return mean.float(), std.float()
+
+
+def _check_fraction(value: float, name: str, low_open: bool) -> float:
+    value = float(value)
+    ok = (0.0 < value < 1.0) if low_open else (0.0 <= value < 1.0)
+    if not ok:
+        interval = "(0, 1)" if low_open else "[0, 1)"
+        raise ValueError(f"{name} must lie in {interval}, got {value}")
+    return value
+
+
+def _check_optional_count(value: int | None, name: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
+
+
+def _subset(data: ClassificationData, indices: np.ndarray) -> ClassificationData:
+    return ClassificationData(data.images[indices], data.labels[indices], data.class_names)
+
+
+def _cap(data: ClassificationData, max_samples: int | None, seed: int) -> ClassificationData:
+    """A stratified subset of about ``max_samples`` samples (all when ``None`` or more)."""
+    if max_samples is None or max_samples >= len(data.labels):
+        return data
+    kept, _ = stratified_split(data.labels, 1.0 - max_samples / len(data.labels), seed)
+    return _subset(data, kept)
+
+
+class _InMemoryDataModule(L.LightningDataModule):
+    """Loaders over in-memory tensors and float conversion / normalisation of batches."""
+
+    def __init__(self, batch_size: int, num_workers: int, seed: int, augment: bool) -> None:
+        super().__init__()
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = int(seed)
+        self.augment = bool(augment)
+        self._ready = False
+        self.mean = torch.zeros(1)
+        self.std = torch.ones(1)
+
+    def _load(self) -> None:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load everything once (idempotent); properties call it on first use."""
+        if not self._ready:
+            self._load()
+            self._ready = True
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        self.setup()
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            generator=generator,
+            worker_init_fn=_seed_worker,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _training(self) -> bool:
+        trainer = self.trainer
+        return trainer is not None and bool(trainer.training)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Float ``[0, 1]`` images -> ``(x - mean) / std`` per channel."""
+        mean = self.mean.to(images.device, images.dtype)[None, :, None, None]
+        std = self.std.to(images.device, images.dtype)[None, :, None, None]
+        return (images - mean) / std
+
+
+class ClassificationDataModule(_InMemoryDataModule):
+    """Image classification, optionally long-tailed.
+
+    Args:
+        source: ``"fashion_mnist"``, ``"digits"`` (scikit-learn, 8x8), ``"npz:PATH"``
+            or ``"folder:PATH"`` (see :mod:`anchorlearn.data.sources`).
+        imbalance_ratio: long-tail ratio applied to the training split (1 = as loaded);
+            the test split stays as it is.
+        profile: ``"exp"`` or ``"step"``.
+        val_fraction: fraction of every class of the (long-tailed) training data held out
+            for validation, in ``(0, 1)``.
+        test_fraction: for sources without a test split (all but Fashion-MNIST), the
+            stratified fraction held out as the test split (fixed split, seed 0).
+        batch_size: loader batch size.
+        num_workers: loader workers.
+        seed: class order and images of the long tail, the validation split, the
+            subsampling and the shuffling.
+        max_train_samples: keep a stratified subset of about this many training images
+            (before the long tail and the validation split), for fast runs.
+        max_test_samples: the same for the test split.
+        augment: apply :func:`classification_train_augment` to training batches.
+        data_root: Fashion-MNIST directory (see :func:`load_fashion_mnist`).
+
+    Batches after :meth:`on_after_batch_transfer`: float ``(B, C, H, W)`` normalised
+    images and int64 ``(B,)`` labels.
+    """
+
+    def __init__(
+        self,
+        source: str = "fashion_mnist",
+        imbalance_ratio: float = 1.0,
+        profile: str = "exp",
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        seed: int = 0,
+        max_train_samples: int | None = None,
+        max_test_samples: int | None = None,
+        augment: bool = True,
+        data_root: str | os.PathLike[str] | None = None,
+    ) -> None:
+        super().__init__(batch_size, num_workers, seed, augment)
+        if not float(imbalance_ratio) >= 1.0:
+            raise ValueError(f"imbalance_ratio must be >= 1, got {imbalance_ratio!r}")
+        if profile not in PROFILES:
+            raise ValueError(f"profile must be one of {PROFILES}, got {profile!r}")
+        _check_optional_count(max_train_samples, "max_train_samples")
+        _check_optional_count(max_test_samples, "max_test_samples")
+        self.source = source
+        self.imbalance_ratio = float(imbalance_ratio)
+        self.profile = profile
+        self.val_fraction = _check_fraction(val_fraction, "val_fraction", low_open=True)
+        self.test_fraction = _check_fraction(test_fraction, "test_fraction", low_open=True)
+        self.max_train_samples = max_train_samples
+        self.max_test_samples = max_test_samples
+        self.data_root = data_root
+        self.save_hyperparameters()
+
+    def _load(self) -> None:
+        train, test = load_classification_source(self.source, self.data_root)
+        if test is None:
+            kept, held = stratified_split(train.labels, self.test_fraction, seed=0)
+            train, test = _subset(train, kept), _subset(train, held)
+        train = _cap(train, self.max_train_samples, self.seed)
+        test = _cap(test, self.max_test_samples, self.seed)
+        train = _subset(
+            train,
+            long_tailed_indices(train.labels, self.imbalance_ratio, self.profile, self.seed),
+        )
+        kept, held = stratified_split(train.labels, self.val_fraction, self.seed)
+        val, train = _subset(train, held), _subset(train, kept)
+        self._class_names = list(train.class_names)
+        self._splits = {}
+        for name, split in (("train", train), ("val", val), ("test", test)):
+            self._splits[name] = TensorDataset(
+                _to_nchw(split.images), torch.from_numpy(split.labels.astype(np.int64))
+            )
+        train_images = self._splits["train"].tensors[0]
+        self.mean, self.std = _channel_stats(train_images)
+        self._train_augment = classification_train_augment(tuple(train_images.shape[2:]))
+
+    @property
+    def class_names(self) -> list[str]:
+        self.setup()
+        return self._class_names
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def in_channels(self) -> int:
+        self.setup()
+        return int(self._splits["train"].tensors[0].shape[1])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """``(height, width)``."""
+        self.setup()
+        return tuple(self._splits["train"].tensors[0].shape[2:])
+
+    @property
+    def train_class_counts(self) -> list[int]:
+        """Training images per class (after long tail and validation split)."""
+        self.setup()
+        labels = self._splits["train"].tensors[1]
+        return torch.bincount(labels, minlength=self.num_classes).tolist()
+
+    def dataset(self, split: str) -> TensorDataset:
+        """The uint8 images and int64 labels of ``"train"``, ``"val"`` or ``"test"``."""
+        self.setup()
+        if split not in self._splits:
+            raise ValueError(f"split must be one of {sorted(self._splits)}, got {split!r}")
+        return self._splits[split]
+
+    def preprocess(self, images: torch.Tensor, augment: bool = False) -> torch.Tensor:
+        """uint8 ``(B, C, H, W)`` -> normalised float, augmented first when ``augment``."""
+        self.setup()
+        x = images.float() / 255.0
+        if augment:
+            x = self._train_augment(x)
+        return self.normalize(x)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("train"), shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("val"), shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("test"), shuffle=False)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        images, labels = batch
+        return self.preprocess(images, augment=self.augment and self._training()), labels
+
+
+def _holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted train and held-out indices of ``n`` items, ``round(fraction * n)`` (>= 1) held out."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = min(max(1, round(fraction * n)), n - 1)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+class SegmentationDataModule(_InMemoryDataModule):
+    """Semantic segmentation on composited scenes or a user's folder.
+
+    Args:
+        source: ``"scenes"`` (:func:`anchorlearn.data.scenes.make_scenes`; the test scenes
+            use Fashion-MNIST test items, disjoint from the training items) or
+            ``"folder:PATH"`` (:func:`anchorlearn.data.sources.load_segmentation_folder`).
+        num_train: number of training scenes (``val_fraction`` of them held out for
+            validation).
+        num_val: number of test scenes (built from Fashion-MNIST test items).
+        canvas: scene side in pixels.
+        max_items: at most this many items per scene.
+        num_item_classes: Fashion-MNIST item classes used (classes = this + 1).
+        imbalance_ratio: long-tail ratio of the item class frequencies.
+        ignore_border: 1-pixel ignore band (255) at item edges.
+        resize: folder source only: ``None``, an int or ``(height, width)``.
+        val_fraction: fraction of the training scenes (or folder images) held out for
+            validation; a folder has no separate test split, so its validation images are
+            also served as the test split.
+        batch_size: loader batch size.
+        num_workers: loader workers.
+        seed: scenes, split and shuffling.
+        augment: apply :func:`segmentation_train_augment` to training batches.
+        data_root: Fashion-MNIST directory.
+
+    Batches after :meth:`on_after_batch_transfer`: float ``(B, C, H, W)`` normalised
+    images and int64 ``(B, H, W)`` masks with ``ignore_index`` = 255.
+    """
+
+    ignore_index = IGNORE_INDEX
+
+    def __init__(
+        self,
+        source: str = "scenes",
+        num_train: int = 2000,
+        num_val: int = 500,
+        canvas: int = 64,
+        max_items: int = 4,
+        num_item_classes: int = 10,
+        imbalance_ratio: float = 10,
+        ignore_border: bool = True,
+        resize: int | Sequence[int] | None = None,
+        val_fraction: float = 0.2,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        seed: int = 0,
+        augment: bool = True,
+        data_root: str | os.PathLike[str] | None = None,
+    ) -> None:
+        super().__init__(batch_size, num_workers, seed, augment)
+        kind, _, path = source.partition(":")
+        if source != "scenes" and not (kind == "folder" and path):
+            raise ValueError(f"source must be 'scenes' or 'folder:PATH', got {source!r}")
+        self.source = source
+        self.scene_kwargs = {
+            "canvas": canvas,
+            "max_items": max_items,
+            "num_item_classes": num_item_classes,
+            "imbalance_ratio": imbalance_ratio,
+            "ignore_border": ignore_border,
+            "seed": seed,
+            "data_root": data_root,
+        }
+        self.num_train = num_train
+        self.num_val = num_val
+        self.resize = resize
+        self.val_fraction = _check_fraction(val_fraction, "val_fraction", low_open=True)
+        self.save_hyperparameters()
+
+    def _load(self) -> None:
+        if self.source == "scenes":
+            scenes = make_scenes(self.num_train, "train", **self.scene_kwargs)
+            test = make_scenes(self.num_val, "val", **self.scene_kwargs)
+            train_idx, val_idx = _holdout(len(scenes.images), self.val_fraction, self.seed)
+            pairs = {
+                "train": (scenes.images[train_idx], scenes.masks[train_idx]),
+                "val": (scenes.images[val_idx], scenes.masks[val_idx]),
+                "test": (test.images, test.masks),
+            }
+            names = scenes.class_names
+        else:
+            data = load_segmentation_folder(self.source.partition(":")[2], self.resize)
+            if len(data.images) < 2:
+                raise ValueError(
+                    f"{self.source}: need at least 2 images to hold out a validation split, "
+                    f"got {len(data.images)}"
+                )
+            train_idx, val_idx = _holdout(len(data.images), self.val_fraction, self.seed)
+            pairs = {
+                "train": (data.images[train_idx], data.masks[train_idx]),
+                "val": (data.images[val_idx], data.masks[val_idx]),
+                "test": (data.images[val_idx], data.masks[val_idx]),
+            }
+            names = data.class_names
+        self._class_names = list(names)
+        self._splits = {
+            split: TensorDataset(_to_nchw(images), torch.from_numpy(np.ascontiguousarray(masks)))
+            for split, (images, masks) in pairs.items()
+        }
+        train_images = self._splits["train"].tensors[0]
+        self.mean, self.std = _channel_stats(train_images)
+        self._train_augment = segmentation_train_augment(tuple(train_images.shape[2:]))
+
+    @property
+    def class_names(self) -> list[str]:
+        self.setup()
+        return self._class_names
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def in_channels(self) -> int:
+        self.setup()
+        return int(self._splits["train"].tensors[0].shape[1])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """``(height, width)``."""
+        self.setup()
+        return tuple(self._splits["train"].tensors[0].shape[2:])
+
+    @property
+    def train_class_pixel_counts(self) -> list[int]:
+        """Training pixels per class, ignore pixels excluded."""
+        self.setup()
+        masks = self._splits["train"].tensors[1].reshape(-1).long()
+        counts = torch.bincount(masks, minlength=max(self.num_classes, IGNORE_INDEX + 1))
+        return counts[: self.num_classes].tolist()
+
+    def dataset(self, split: str) -> TensorDataset:
+        """uint8 images ``(N, C, H, W)`` and uint8 masks ``(N, H, W)`` of ``"train"`` or
+        ``"val"``."""
+        self.setup()
+        if split not in self._splits:
+            raise ValueError(f"split must be one of {sorted(self._splits)}, got {split!r}")
+        return self._splits[split]
+
+    def preprocess(
+        self, images: torch.Tensor, masks: torch.Tensor, augment: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 images and masks -> normalised float images and int64 masks."""
+        self.setup()
+        x, y = images.float() / 255.0, masks.long()
+        if augment:
+            x, y = self._train_augment(x, y)
+        return self.normalize(x), y
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("train"), shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("val"), shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("test"), shuffle=False)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        images, masks = batch
+        return self.preprocess(images, masks, augment=self.augment and self._training())
+
+
+class TwoViewDataModule(_InMemoryDataModule):
+    """Self-supervised learning: unlabelled training images seen as two augmented views,
+    plus labelled train / test sets for a linear probe or kNN.
+
+    Args:
+        source: as :class:`ClassificationDataModule` (labels are only used by the probe
+            sets).
+        test_fraction: test split of sources without one (fixed, seed 0).
+        batch_size: loader batch size.
+        num_workers: loader workers.
+        seed: subsampling and shuffling.
+        max_train_samples: stratified subset of about this many training images.
+        max_test_samples: the same for the test split.
+        view_transform: the augmentation of each view (default :func:`ssl_augment`).
+        data_root: Fashion-MNIST directory.
+
+    Training batches after :meth:`on_after_batch_transfer`: ``(view1, view2, index)``,
+    two float ``(B, C, H, W)`` views and the int64 ``(B,)`` indices of the images in the
+    training set (for cluster assignments). ``val_dataloader`` returns two labelled loaders:
+    ``dataloader_idx`` 0 = training images (memory bank), 1 = test images; their batches
+    become ``(images, labels)`` with normalised float images.
+    """
+
+    def __init__(
+        self,
+        source: str = "fashion_mnist",
+        test_fraction: float = 0.2,
+        batch_size: int = 256,
+        num_workers: int = 0,
+        seed: int = 0,
+        max_train_samples: int | None = None,
+        max_test_samples: int | None = None,
+        view_transform: nn.Module | None = None,
+        data_root: str | os.PathLike[str] | None = None,
+    ) -> None:
+        super().__init__(batch_size, num_workers, seed, augment=True)
+        _check_optional_count(max_train_samples, "max_train_samples")
+        _check_optional_count(max_test_samples, "max_test_samples")
+        self.source = source
+        self.test_fraction = _check_fraction(test_fraction, "test_fraction", low_open=True)
+        self.max_train_samples = max_train_samples
+        self.max_test_samples = max_test_samples
+        self.view_transform = view_transform
+        self.data_root = data_root
+        self.save_hyperparameters(ignore=["view_transform"])
+
+    def _load(self) -> None:
+        train, test = load_classification_source(self.source, self.data_root)
+        if test is None:
+            kept, held = stratified_split(train.labels, self.test_fraction, seed=0)
+            train, test = _subset(train, kept), _subset(train, held)
+        train = _cap(train, self.max_train_samples, self.seed)
+        test = _cap(test, self.max_test_samples, self.seed)
+        self._class_names = list(train.class_names)
+        self._labelled = {
+            name: TensorDataset(_to_nchw(split.images), torch.from_numpy(split.labels))
+            for name, split in (("train", train), ("test", test))
+        }
+        train_images = self._labelled["train"].tensors[0]
+        self._unlabelled = TensorDataset(train_images, torch.arange(len(train_images)))
+        self.mean, self.std = _channel_stats(train_images)
+        view = self.view_transform or ssl_augment(tuple(train_images.shape[2:]))
+        self.two_views = TwoViewTransform(view)
+
+    @property
+    def class_names(self) -> list[str]:
+        self.setup()
+        return self._class_names
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def in_channels(self) -> int:
+        self.setup()
+        return int(self._unlabelled.tensors[0].shape[1])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """``(height, width)``."""
+        self.setup()
+        return tuple(self._unlabelled.tensors[0].shape[2:])
+
+    def labelled_dataset(self, split: str) -> TensorDataset:
+        """uint8 images and int64 labels of ``"train"`` or ``"test"``."""
+        self.setup()
+        if split not in self._labelled:
+            raise ValueError(f"split must be one of {sorted(self._labelled)}, got {split!r}")
+        return self._labelled[split]
+
+    def labelled_dataloader(self, split: str) -> DataLoader:
+        """An unshuffled loader of :meth:`labelled_dataset` (for probes and kNN)."""
+        return self._loader(self.labelled_dataset(split), shuffle=False)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 ``(B, C, H, W)`` -> normalised float, no augmentation."""
+        self.setup()
+        return self.normalize(images.float() / 255.0)
+
+    def views(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 ``(B, C, H, W)`` -> two independently augmented, normalised views."""
+        self.setup()
+        first, second = self.two_views(images.float() / 255.0)
+        return self.normalize(first), self.normalize(second)
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self._unlabelled, shuffle=True)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self.labelled_dataloader("train"), self.labelled_dataloader("test")]
+
+    def test_dataloader(self) -> DataLoader:
+        return self.labelled_dataloader("test")
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        images, second = batch
+        if self._training():
+            return (*self.views(images), second)
+        return self.preprocess(images), second

@@ -1,0 +1,81 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from anchorlearn.metrics import (
+    alignment,
+    clustering_scores,
+    coagulation,
+    knn_accuracy,
+    knn_predict,
+    uniformity,
+)
+
+
+def test_alignment_hand_values() -> None:
+    z = torch.randn(8, 4)
+    assert alignment(z, 3 * z) == pytest.approx(0.0, abs=1e-12)
+    assert alignment(z, -z) == pytest.approx(4.0)
+    assert alignment(z, -z, alpha=1) == pytest.approx(2.0)
+
+
+def test_uniformity_matches_direct_formula() -> None:
+    z = torch.randn(10, 3, dtype=torch.float64)
+    unit = F.normalize(z, dim=1)
+    sq = torch.cdist(unit, unit).pow(2)
+    mask = torch.triu(torch.ones(10, 10, dtype=torch.bool), 1)
+    expected = torch.log(torch.exp(-2 * sq[mask]).mean())
+    assert uniformity(z) == pytest.approx(float(expected), rel=1e-9)
+    # Two antipodal points: log exp(-2 * 4).
+    assert uniformity(torch.tensor([[1.0, 0.0], [-1.0, 0.0]])) == pytest.approx(-8.0)
+
+
+def test_knn_perfect_on_separable_data_and_chunking() -> None:
+    centres = 10 * torch.eye(4)
+    train_labels = torch.arange(4).repeat(25)
+    train = centres[train_labels] + torch.randn(100, 4)
+    test_labels = torch.arange(4).repeat(7)
+    test = centres[test_labels] + torch.randn(28, 4)
+    assert knn_accuracy(train, train_labels, test, test_labels, 4, k=200, chunk_size=5) == 1.0
+    torch.testing.assert_close(
+        knn_predict(train, train_labels, test, 4, k=10, chunk_size=3),
+        knn_predict(train, train_labels, test, 4, k=10, chunk_size=100),
+    )
+
+
+def test_knn_weights_votes_by_similarity() -> None:
+    # One very close neighbour of class 1 outweighs two distant ones of class 0.
+    train = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    labels = torch.tensor([1, 0, 0])
+    test = torch.tensor([[1.0, 0.05]])
+    assert knn_predict(train, labels, test, 2, k=3, temperature=0.1).tolist() == [1]
+
+
+def test_coagulation_and_clustering_scores() -> None:
+    labels = torch.arange(3).repeat(10)
+    tight = F.one_hot(labels, 3).float() + 0.01 * torch.randn(30, 3)
+    loose = F.one_hot(labels, 3).float() + 1.0 * torch.randn(30, 3)
+    assert coagulation(tight, labels) < coagulation(loose, labels)
+    scores = clustering_scores((labels + 1) % 3, labels)
+    assert scores == pytest.approx({"nmi": 1.0, "ami": 1.0})
+    assert clustering_scores(torch.zeros(30, dtype=torch.long), labels)["nmi"] == pytest.approx(0)
+
+
+def test_bad_inputs() -> None:
+    z = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="z2 must have the shape"):
+        alignment(z, z[:2])
+    with pytest.raises(ValueError, match="t must be > 0"):
+        uniformity(z, t=0)
+    with pytest.raises(ValueError, match="z must be finite"):
+        uniformity(torch.tensor([[math.inf, 0.0], [1.0, 0.0]]))
+    with pytest.raises(ValueError, match="test_features must have D=3"):
+        knn_predict(z, torch.tensor([0, 1, 0, 1]), torch.randn(2, 5), 2)
+    with pytest.raises(ValueError, match="train_labels must lie"):
+        knn_predict(z, torch.tensor([0, 1, 0, 2]), z, 2)
+    with pytest.raises(ValueError, match="temperature"):
+        knn_predict(z, torch.tensor([0, 1, 0, 1]), z, 2, temperature=0.0)
+    with pytest.raises(ValueError, match="cluster_labels and true_labels"):
+        clustering_scores(torch.zeros(3, dtype=torch.long), torch.zeros(4, dtype=torch.long))
