@@ -1,0 +1,293 @@
+"""k-means for the E-step of prototypical contrastive learning: faiss when installed, torch else.
+
+Both backends run Lloyd iterations and return the same :class:`ClusterResult`; the final
+assignments and inertia are always recomputed from the final centroids (one more assignment
+step), so that the two backends and scikit-learn report comparable numbers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from anchorlearn.losses._checks import check_finite, check_positive_int
+
+__all__ = ["ClusterResult", "kmeans"]
+
+Backend = Literal["auto", "faiss", "torch"]
+Init = Literal["k-means++", "random"]
+
+_CHUNK_ELEMENTS = 1 << 22  # rows x centroids per block of the distance matrix
+
+
+@dataclass(frozen=True)
+class ClusterResult:
+    """The outcome of :func:`kmeans`.
+
+    Attributes:
+        centroids: ``(k, D)`` float32, L2-normalised rows (a centroid of norm 0 stays 0).
+        assignments: ``(N,)`` long, index of the nearest (un-normalised) centroid.
+        inertia: sum over points of the squared Euclidean distance to that centroid,
+            measured before the centroids are normalised.
+        counts: ``(k,)`` long, the number of points assigned to each centroid.
+    """
+
+    centroids: torch.Tensor
+    assignments: torch.Tensor
+    inertia: float
+    counts: torch.Tensor
+
+
+def _faiss_available() -> bool:
+    return importlib.util.find_spec("faiss") is not None
+
+
+def nearest_centroids(
+    x: torch.Tensor, centroids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Nearest centroid of each row and its squared distance, in row blocks.
+
+    Uses :math:`\lVert x - c\rVert^2 = \lVert x\rVert^2 - 2\,x\cdot c + \lVert c\rVert^2`
+    (clamped at 0 against round-off), never holding more than ``2**22`` distances at once.
+
+    Shapes:
+        ``x``: ``(N, D)``; ``centroids``: ``(k, D)``. Returns indices ``(N,)`` long and
+        squared distances ``(N,)`` in the dtype of ``x``.
+    """
+    c_sq = (centroids * centroids).sum(dim=1)
+    block = max(1, _CHUNK_ELEMENTS // max(1, centroids.shape[0]))
+    indices, distances = [], []
+    for start in range(0, x.shape[0], block):
+        rows = x[start : start + block]
+        dist = (rows * rows).sum(dim=1, keepdim=True) - 2.0 * (rows @ centroids.t()) + c_sq
+        best, idx = dist.min(dim=1)
+        indices.append(idx)
+        distances.append(best.clamp_min(0.0))
+    return torch.cat(indices), torch.cat(distances)
+
+
+def _init_centroids(
+    x: torch.Tensor, k: int, init: Init, generator: torch.Generator
+) -> torch.Tensor:
+    """``k`` initial centroids: distinct random rows, or k-means++ (D^2 sampling)."""
+    n = x.shape[0]
+    if init == "random":
+        return x[torch.randperm(n, generator=generator)[:k].to(x.device)].clone()
+    x_sq = (x * x).sum(dim=1)
+
+    def sq_dist_to(row: int) -> torch.Tensor:
+        return (x_sq - 2.0 * (x @ x[row]) + x_sq[row]).clamp_min(0.0)
+
+    picks = [int(torch.randint(n, (1,), generator=generator))]
+    min_sq = sq_dist_to(picks[0])
+    for _ in range(1, k):
+        # inverse-CDF draw of a row with probability min_sq / sum(min_sq)
+        cumulative = torch.cumsum(min_sq.double(), dim=0)
+        total = float(cumulative[-1])
+        if total > 0:
+            u = float(torch.rand((), generator=generator, dtype=torch.float64)) * total
+            pick = min(int(torch.searchsorted(cumulative, u, right=True)), n - 1)
+        else:  # fewer distinct points than clusters: any row will do
+            pick = int(torch.randint(n, (1,), generator=generator))
+        picks.append(pick)
+        min_sq = torch.minimum(min_sq, sq_dist_to(pick))
+    return x[torch.tensor(picks, device=x.device)].clone()
+
+
+def _lloyd(
+    x: torch.Tensor, centroids: torch.Tensor, niter: int, spherical: bool, verbose: bool
+) -> torch.Tensor:
+    """``niter`` Lloyd iterations; an empty cluster is re-seeded with the farthest points."""
+    k = centroids.shape[0]
+    for it in range(niter):
+        assign, sq_dist = nearest_centroids(x, centroids)
+        counts = torch.bincount(assign, minlength=k)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        nonempty = counts > 0
+        centroids = torch.where(
+            nonempty[:, None], sums / counts.clamp_min(1)[:, None].to(x.dtype), centroids
+        )
+        empty = (~nonempty).nonzero().flatten()
+        if empty.numel() > 0:
+            farthest = sq_dist.topk(min(empty.numel(), x.shape[0])).indices
+            centroids[empty[: farthest.numel()]] = x[farthest]
+        if spherical:
+            centroids = F.normalize(centroids, dim=1)
+        if verbose:
+            print(
+                f"kmeans iteration {it + 1}/{niter}: inertia {float(sq_dist.sum()):.6g}, "
+                f"{empty.numel()} empty cluster(s) re-seeded"
+            )
+    return centroids
+
+
+def _torch_kmeans(
+    x: torch.Tensor,
+    k: int,
+    niter: int,
+    nredo: int,
+    seed: int,
+    spherical: bool,
+    init: Init,
+    verbose: bool,
+) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    runs = []
+    for _ in range(nredo):
+        centroids = _init_centroids(x, k, init, generator)
+        if spherical:
+            centroids = F.normalize(centroids, dim=1)
+        centroids = _lloyd(x, centroids, niter, spherical, verbose)
+        runs.append((float(nearest_centroids(x, centroids)[1].double().sum()), centroids))
+    return min(runs, key=lambda run: run[0])[1]
+
+
+def _faiss_kmeans(
+    x: torch.Tensor,
+    k: int,
+    niter: int,
+    nredo: int,
+    seed: int,
+    spherical: bool,
+    init: Init,
+    verbose: bool,
+) -> torch.Tensor:
+    import faiss
+
+    data = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+    n, d = data.shape
+
+    def make(restarts: int) -> faiss.Kmeans:
+        return faiss.Kmeans(
+            d,
+            k,
+            niter=niter,
+            nredo=restarts,
+            seed=seed,
+            spherical=spherical,
+            verbose=verbose,
+            min_points_per_centroid=1,
+            max_points_per_centroid=max(256, -(-n // k)),  # no subsampling: use every point
+        )
+
+    if init == "random":  # faiss's own initialisation and restarts
+        clus = make(nredo)
+        clus.train(data)
+        return torch.from_numpy(np.array(clus.centroids, dtype=np.float32).reshape(k, d))
+    generator = torch.Generator().manual_seed(seed)
+    work = torch.from_numpy(data)
+    runs = []
+    for _ in range(nredo):
+        start = _init_centroids(work, k, init, generator)
+        if spherical:
+            start = F.normalize(start, dim=1)
+        clus = make(1)
+        clus.train(data, init_centroids=np.ascontiguousarray(start.numpy()))
+        centroids = torch.from_numpy(np.array(clus.centroids, dtype=np.float32).reshape(k, d))
+        runs.append((float(nearest_centroids(work, centroids)[1].double().sum()), centroids))
+    return min(runs, key=lambda run: run[0])[1]
+
+
+def kmeans(
+    x: torch.Tensor | np.ndarray,
+    k: int,
+    *,
+    niter: int = 20,
+    nredo: int = 1,
+    seed: int = 0,
+    backend: Backend = "auto",
+    spherical: bool = False,
+    init: Init | None = None,
+    verbose: bool = False,
+) -> ClusterResult:
+    r"""Cluster the rows of ``x`` into ``k`` groups with Lloyd's k-means.
+
+    Minimises the inertia :math:`\sum_i \min_j \lVert x_i - c_j\rVert^2` by ``niter``
+    alternations of assignment and mean update, restarted ``nredo`` times (the restart of
+    lowest inertia is kept).
+
+    Backends:
+        - ``"faiss"``: ``faiss.Kmeans``, imported lazily, on the CPU in float32, trained on
+          every point (no subsampling). An empty cluster is repaired by splitting a large
+          one. Default initialisation ``"random"``: faiss's own, seeded with ``seed``, and
+          its own ``nredo`` restarts; with ``init="k-means++"`` each restart starts from a
+          k-means++ seeding computed here.
+        - ``"torch"``: default initialisation ``"k-means++"``. Distances are computed in
+          row blocks through :math:`\lVert x\rVert^2 - 2x\cdot c + \lVert c\rVert^2`; a
+          cluster left empty by an assignment step is re-seeded with the point farthest
+          from its centroid (the next farthest for the next empty one). Runs on the device
+          of ``x``, in float64 for float64 input and float32 otherwise.
+        - ``"auto"``: faiss when installed and ``x`` is on the CPU, torch otherwise.
+
+    Initialisations, drawn from a ``torch.Generator`` seeded with ``seed`` (except faiss's
+    own): ``"random"`` picks ``k`` distinct rows; ``"k-means++"`` is D² sampling, ``k``
+    sequential passes over the data, which costs more than Lloyd itself when ``k`` is in
+    the tens of thousands (use ``"random"`` there, as PCL does with faiss).
+
+    ``spherical=True`` L2-normalises the centroids after every update (assignment by inner
+    product when ``x`` is normalised). The returned centroids are L2-normalised in every
+    case; the assignments and inertia refer to the centroids before that normalisation.
+    A centroid may still end empty after the last update (``counts`` 0).
+
+    Args:
+        x: ``(N, D)`` finite floating-point tensor (or array).
+        k: number of clusters, ``1 <= k <= N``.
+        niter: Lloyd iterations per restart (PCL: 20).
+        nredo: restarts.
+        seed: seeds the initialisation (both backends).
+        backend: ``"auto"``, ``"faiss"`` or ``"torch"``.
+        spherical: normalise the centroids during the iterations.
+        init: ``"k-means++"``, ``"random"`` or ``None`` (the backend's default).
+        verbose: print progress.
+
+    Returns:
+        :class:`ClusterResult`, tensors on the device of ``x``.
+    """
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor or numpy array, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if x.ndim != 2:
+        raise ValueError(f"x must be 2-D (N, D), got {x.ndim}-D shape {tuple(x.shape)}")
+    k = check_positive_int(k, "k")
+    niter = check_positive_int(niter, "niter")
+    nredo = check_positive_int(nredo, "nredo")
+    if k > x.shape[0]:
+        raise ValueError(f"k must be <= the number of points N={x.shape[0]}, got k={k}")
+    if backend not in ("auto", "faiss", "torch"):
+        raise ValueError(f"backend must be one of ('auto', 'faiss', 'torch'), got {backend!r}")
+    if init not in (None, "k-means++", "random"):
+        raise ValueError(f"init must be one of (None, 'k-means++', 'random'), got {init!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    check_finite(x, "x")
+
+    if backend == "auto":
+        backend = "faiss" if _faiss_available() and x.device.type == "cpu" else "torch"
+    if backend == "faiss" and not _faiss_available():
+        raise ImportError(
+            "backend='faiss' needs faiss: pip install 'anchorlearn[faiss]' (or faiss-cpu)"
+        )
+
+    work = x.detach().to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    if backend == "faiss":
+        init = "random" if init is None else init
+        centroids = _faiss_kmeans(work, k, niter, nredo, seed, spherical, init, verbose)
+        centroids = centroids.to(device=work.device, dtype=work.dtype)
+    else:
+        init = "k-means++" if init is None else init
+        centroids = _torch_kmeans(work, k, niter, nredo, seed, spherical, init, verbose)
+    assignments, sq_dist = nearest_centroids(work, centroids)
+    return ClusterResult(
+        centroids=F.normalize(centroids, dim=1).float(),
+        assignments=assignments,
+        inertia=float(sq_dist.double().sum()),
+        counts=torch.bincount(assignments, minlength=k),
+    )

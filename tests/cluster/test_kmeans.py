@@ -1,0 +1,133 @@
+"""kmeans on both backends: planted clusters, agreement with scikit-learn, errors."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+from sklearn.cluster import KMeans
+from sklearn.metrics import adjusted_rand_score
+
+from anchorlearn.cluster import ClusterResult, kmeans
+
+KMEANS_MODULE = importlib.import_module("anchorlearn.cluster.kmeans")
+needs_faiss = pytest.mark.skipif(
+    importlib.util.find_spec("faiss") is None, reason="faiss not installed"
+)
+BACKENDS = ["torch", pytest.param("faiss", marks=needs_faiss)]
+K, D, PER = 6, 16, 80
+
+
+def planted(seed: int = 0, spread: float = 0.3) -> tuple[torch.Tensor, np.ndarray]:
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(K, D, generator=g) * 3.0
+    labels = torch.arange(K).repeat_interleave(PER)
+    x = centres[labels] + spread * torch.randn(K * PER, D, generator=g)
+    return x, labels.numpy()
+
+
+@pytest.mark.parametrize(
+    ("backend", "init", "nredo"),
+    [
+        ("torch", "k-means++", 1),
+        ("torch", "random", 10),
+        pytest.param("faiss", "k-means++", 1, marks=needs_faiss),
+        pytest.param("faiss", "random", 10, marks=needs_faiss),
+    ],
+)
+def test_recovers_planted_clusters_and_matches_sklearn(backend: str, init: str, nredo: int) -> None:
+    x, truth = planted()
+    result = kmeans(x, K, backend=backend, init=init, nredo=nredo, seed=1)  # type: ignore[arg-type]
+    assert isinstance(result, ClusterResult)
+    assert adjusted_rand_score(truth, result.assignments.numpy()) > 0.99
+    reference = KMeans(K, n_init=3, random_state=0).fit(x.numpy())
+    assert result.inertia == pytest.approx(reference.inertia_, rel=1e-3)
+    means = torch.stack([x[result.assignments == c].mean(0) for c in range(K)])
+    recomputed = ((x - means[result.assignments]) ** 2).sum()
+    assert float(recomputed) == pytest.approx(result.inertia, rel=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_result_shapes_and_types(backend: str) -> None:
+    x, _ = planted()
+    result = kmeans(x.double(), K, backend=backend, niter=5)
+    assert result.centroids.shape == (K, D) and result.centroids.dtype == torch.float32
+    torch.testing.assert_close(result.centroids.norm(dim=1), torch.ones(K))
+    assert result.assignments.shape == (K * PER,) and result.assignments.dtype == torch.long
+    assert result.counts.dtype == torch.long and int(result.counts.sum()) == K * PER
+    assert torch.equal(result.counts, torch.bincount(result.assignments, minlength=K))
+    assert isinstance(result.inertia, float) and result.inertia > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_same_seed_same_result(backend: str) -> None:
+    x, _ = planted(spread=2.0)
+    a = kmeans(x, 10, backend=backend, niter=5, seed=3)
+    b = kmeans(x, 10, backend=backend, niter=5, seed=3)
+    assert torch.equal(a.assignments, b.assignments)
+    assert a.inertia == b.inertia
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_spherical_on_normalised_data(backend: str) -> None:
+    x, truth = planted()
+    x = torch.nn.functional.normalize(x, dim=1)
+    result = kmeans(x, K, backend=backend, spherical=True, init="k-means++")
+    assert adjusted_rand_score(truth, result.assignments.numpy()) > 0.99
+
+
+def test_more_restarts_never_worse() -> None:
+    x, _ = planted(spread=2.5)
+    one = kmeans(x, 12, backend="torch", niter=5, nredo=1, seed=4, init="random")
+    three = kmeans(x, 12, backend="torch", niter=5, nredo=3, seed=4, init="random")
+    assert three.inertia <= one.inertia
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_torch_reseeds_empty_clusters(seed: int) -> None:
+    distinct = torch.randn(8, 3) * 5
+    x = distinct.repeat_interleave(30, dim=0)  # random init often picks duplicate rows
+    result = kmeans(x, 8, backend="torch", init="random", niter=10, seed=seed)
+    assert result.inertia < 1e-2  # float32 round-off of the distance expansion
+    assert bool((result.counts == 30).all())
+
+
+def test_k_equal_n_and_numpy_input() -> None:
+    x = np.random.default_rng(0).normal(size=(7, 4)).astype(np.float32)
+    result = kmeans(x, 7, backend="torch")
+    assert result.inertia == pytest.approx(0.0, abs=1e-5)
+    assert sorted(result.assignments.tolist()) == list(range(7))
+
+
+def test_auto_backend_without_faiss_uses_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    x, truth = planted()
+    monkeypatch.setattr(KMEANS_MODULE, "_faiss_available", lambda: False)
+    result = kmeans(x, K)
+    assert adjusted_rand_score(truth, result.assignments.numpy()) > 0.99
+    with pytest.raises(ImportError, match="backend='faiss' needs faiss"):
+        kmeans(x, K, backend="faiss")
+
+
+def test_bad_input_raises() -> None:
+    x, _ = planted()
+    with pytest.raises(ValueError, match="k must be <= the number of points N=480, got k=481"):
+        kmeans(x, 481)
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        kmeans(x, 0)
+    with pytest.raises(TypeError, match="k must be an int"):
+        kmeans(x, 2.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        kmeans(x[None], 3)
+    bad = x.clone()
+    bad[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="x must be finite"):
+        kmeans(bad, 3)
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        kmeans(x.long(), 3)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        kmeans(x, 3, backend="sklearn")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="niter must be >= 1"):
+        kmeans(x, 3, niter=0)
