@@ -28,7 +28,7 @@ def run_grid(
     out: str | Path,
     *,
     overrides: Sequence[str] = (),
-    quiet: bool = True,
+    quiet: bool = False,
 ) -> dict[str, list[dict[str, Any]]]:
     """Train every config with every seed under ``out/<name>/seed<k>``, skipping finished runs.
 
@@ -62,7 +62,7 @@ def _resolve(item: str | Path | tuple[str, dict], seed: int, overrides: Sequence
     if isinstance(item, tuple):
         name, raw = item
         raw = json.loads(json.dumps(raw))
-        raw.setdefault("name", name)
+        raw["name"] = name
         apply_overrides(raw, list(overrides))
         cfg = parse_config(raw)
     else:

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 from anchorlearn.data.augment import (
     TwoViewTransform,
@@ -46,6 +46,30 @@ def _seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)  # noqa: NPY002  (the legacy global state user code may rely on)
     random.seed(seed)
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A random permutation that depends only on ``(seed, epoch)``.
+
+    Lightning calls :meth:`set_epoch` at every epoch start, so a run resumed from a
+    checkpoint sees the same batches as an uninterrupted one (a loader's own generator
+    would restart its sequence on resume).
+    """
+
+    def __init__(self, num_samples: int, seed: int) -> None:
+        self.num_samples = num_samples
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
 
 
 def _to_nchw(images: np.ndarray) -> torch.Tensor:
@@ -121,7 +145,7 @@ class _InMemoryDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffleSampler(len(dataset), self.seed) if shuffle else None,
             num_workers=self.num_workers,
             generator=generator,
             worker_init_fn=_seed_worker,

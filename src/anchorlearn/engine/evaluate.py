@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import math
 from pathlib import Path
 from typing import Any
@@ -158,19 +159,29 @@ def write_run_plots(module: SupervisedModule, dm: Any, run_dir: Path, *, task: s
             class_names=list(dm.class_names),
             title=f"cosine similarity of the {ref[0]}",
         )
-    csv = run_dir / "logs" / "metrics.csv"
-    if csv.exists():
-        wanted = _curve_columns(csv)
+    history = _training_history(run_dir / "logs")
+    if history:
+        wanted = _curve_columns(history)
         if wanted:
-            plot_training_curves(csv, plots / "training_curves.png", metrics=wanted)
+            plot_training_curves(history, plots / "training_curves.png", metrics=wanted)
 
 
-def _curve_columns(csv: Path) -> list[str]:
-    header = csv.read_text().splitlines()[0].split(",")
+def _training_history(logs: Path) -> list[dict[str, float]]:
+    """Rows of every attempt's ``metrics.csv`` (a resumed run logs into a new version)."""
+    rows: list[dict[str, float]] = []
+    for path in sorted(logs.glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:])):
+        with path.open() as fh:
+            for row in csv.DictReader(fh):
+                rows.append({k: float(v) for k, v in row.items() if v not in ("", None)})
+    return rows
+
+
+def _curve_columns(history: list[dict[str, float]]) -> list[str]:
+    header = set().union(*history)
     keep = ("train/loss_epoch", "train/acc_epoch", "val/acc", "val/pixel_acc")
     found = [c for c in keep if c in header]
     if not found:
-        found = [c for c in header if c.startswith(("train/loss", "val/"))][:3]
+        found = sorted(c for c in header if c.startswith(("train/loss", "val/")))[:3]
     return found
 
 

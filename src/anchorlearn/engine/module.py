@@ -64,6 +64,8 @@ class SupervisedModule(L.LightningModule):
         self.seed = seed
         self._val_correct = 0
         self._val_total = 0
+        self.rank_state_divergence = 0.0
+        self.most_divergent_buffer = ""
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model(x)
@@ -76,13 +78,15 @@ class SupervisedModule(L.LightningModule):
         logits, features = self.model(images)
         out = self.objective(logits, features, labels, upsample=upsample_logits)
         batch_size = images.shape[0]
-        self.log("train/loss", out["loss"].detach(), prog_bar=True, batch_size=batch_size)
+        self.log(
+            "train/loss", out["loss"].detach(), prog_bar=True, on_epoch=True, batch_size=batch_size
+        )
         for key, value in out.items():
             if key != "loss":
                 self.log(f"train/{key}", value, batch_size=batch_size)
         if self.task == "classification":
             acc = (logits.argmax(1) == labels).float().mean()
-            self.log("train/acc", acc, prog_bar=True, batch_size=batch_size)
+            self.log("train/acc", acc, prog_bar=True, on_epoch=True, batch_size=batch_size)
         return out["loss"]
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
@@ -104,6 +108,19 @@ class SupervisedModule(L.LightningModule):
         self.log(name, acc, prog_bar=True, sync_dist=False, rank_zero_only=False)
         self._val_correct = 0
         self._val_total = 0
+
+    def on_train_end(self) -> None:
+        """Under DDP, record how far the objective's state (SAR anchors, EMA prototypes,
+        step counters) differs between ranks: 0 when the ranks agree exactly."""
+        self.rank_state_divergence = 0.0
+        if self.trainer.world_size <= 1:
+            return
+        for name, buffer in self.objective.named_buffers():
+            gathered = self.all_gather(buffer.detach().double())
+            diff = float((gathered - gathered[0]).abs().max())
+            if diff > self.rank_state_divergence:
+                self.rank_state_divergence = diff
+                self.most_divergent_buffer = name
 
     def configure_optimizers(self):
         cfg = self.optim_cfg

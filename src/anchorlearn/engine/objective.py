@@ -108,20 +108,17 @@ def build_objective(
     """Build the objective for ``model`` (which must expose ``classifier`` and ``feat_dim``)."""
     names, losses, reads = [], [], []
     seen: dict[str, int] = {}
-    if not any(
-        LOSSES[s.name].reads == "logits" or s.name == "dot_regression"
-        for s in specs
-        if s.name in LOSSES
-    ):
-        raise ConfigError(
-            "losses must include a task loss (ce, logit_adjusted, balanced_softmax or "
-            "dot_regression); regularizers alone do not train the classifier"
-        )
     for spec in specs:
         if spec.name not in LOSSES:
             raise ConfigError(
                 f"unknown loss {spec.name!r}; known losses: {', '.join(sorted(LOSSES))}"
             )
+    if not any(LOSSES[s.name].reads == "logits" or s.name == "dot_regression" for s in specs):
+        raise ConfigError(
+            "losses must include a task loss (ce, logit_adjusted, balanced_softmax or "
+            "dot_regression); regularizers alone do not train the classifier"
+        )
+    for spec in specs:
         entry = LOSSES[spec.name]
         available: dict[str, Any] = {
             "num_classes": num_classes,

@@ -170,12 +170,16 @@ def fit(
     *,
     resume: bool = False,
     quiet: bool = False,
+    plots: bool = True,
+    callbacks: list[L.Callback] | None = None,
 ) -> dict[str, Any] | None:
     """Train ``cfg`` into ``run_dir`` and evaluate it on the test split.
 
     Returns the test metrics on global rank 0 (``None`` on other ranks). With ``resume``
     an interrupted run continues from ``run_dir/checkpoints/last.ckpt``; without it, a
     ``run_dir`` that already holds a checkpoint is an error rather than overwritten.
+    ``plots=False`` skips the pictures (t-SNE takes a while on a CPU); ``callbacks`` are
+    added to the Lightning trainer.
     """
     run_dir = Path(run_dir)
     t = cfg.trainer
@@ -198,9 +202,9 @@ def fit(
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, every_n_epochs=1
     )
-    callbacks: list[L.Callback] = [checkpoint, _SaveConfig(cfg)]
+    all_callbacks: list[L.Callback] = [checkpoint, _SaveConfig(cfg), *(callbacks or [])]
     if t.progress and not quiet:
-        callbacks.append(TQDMProgressBar(refresh_rate=10))
+        all_callbacks.append(TQDMProgressBar(refresh_rate=10))
     strategy = "ddp" if t.devices > 1 else "auto"
     trainer = L.Trainer(
         max_epochs=t.max_epochs,
@@ -208,8 +212,10 @@ def fit(
         devices=t.devices,
         strategy=strategy,
         precision=t.precision,
-        logger=CSVLogger(run_dir, name="logs", version=""),
-        callbacks=callbacks,
+        # One log folder per attempt (version_0, version_1 after a resume, ...): a resumed
+        # run never deletes the logs of the attempt it continues.
+        logger=CSVLogger(run_dir, name="logs"),
+        callbacks=all_callbacks,
         log_every_n_steps=t.log_every_n_steps,
         enable_progress_bar=t.progress and not quiet,
         enable_model_summary=False,
@@ -223,8 +229,12 @@ def fit(
     metrics = evaluate_module(module, dm, task=cfg.task)
     metrics["train_seconds"] = round(time.perf_counter() - start, 1)
     metrics["epochs"] = int(trainer.current_epoch)
+    if t.devices > 1:
+        metrics["ddp_world_size"] = int(trainer.world_size)
+        metrics["ddp_max_state_diff"] = module.rank_state_divergence
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    write_run_plots(module, dm, run_dir, task=cfg.task)
+    if plots:
+        write_run_plots(module, dm, run_dir, task=cfg.task)
     return metrics
 
 

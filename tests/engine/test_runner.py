@@ -1,0 +1,186 @@
+"""End-to-end runs of the engine on scikit-learn digits (seconds on a CPU)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+from anchorlearn.cli import main
+from anchorlearn.engine.config import ConfigError, parse_config
+from anchorlearn.engine.runner import RunError, evaluate_checkpoint, fit, load_checkpoint
+
+
+def digits_config(**changes) -> dict:
+    raw = {
+        "name": "digits",
+        "task": "classification",
+        "data": {"source": "digits", "imbalance_ratio": 10, "batch_size": 64},
+        "model": {"name": "small_cnn", "kwargs": {"width": 8, "feat_dim": 16}},
+        "losses": ["ce", {"name": "sar", "update_conf": 0.5}],
+        "optim": {"lr": 0.05},
+        "trainer": {"max_epochs": 2, "progress": False},
+    }
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        if field:
+            raw[section][field] = value
+        else:
+            raw[section] = value
+    return raw
+
+
+def test_fit_writes_the_run_directory(tmp_path: Path) -> None:
+    cfg = parse_config(digits_config())
+    metrics = fit(cfg, tmp_path / "run", quiet=True)
+    run = tmp_path / "run"
+    for name in ("config.yaml", "class_counts.json", "metrics.json", "checkpoints/last.ckpt"):
+        assert (run / name).exists(), name
+    assert (run / "logs" / "version_0" / "metrics.csv").exists()
+    assert (run / "plots" / "training_curves.png").exists()
+    assert (run / "plots" / "tsne.png").stat().st_size > 0
+    stored = json.loads((run / "metrics.json").read_text())
+    assert stored["top1"] == pytest.approx(metrics["top1"])
+    for key in ("top1", "balanced_acc", "many", "medium", "few", "nc1"):
+        assert key in stored
+    assert 0.0 <= stored["top1"] <= 1.0
+    counts = json.loads((run / "class_counts.json").read_text())["train_class_counts"]
+    assert max(counts.values()) / min(counts.values()) == pytest.approx(10, rel=0.2)
+    assert yaml.safe_load((run / "config.yaml").read_text())["losses"][1]["name"] == "sar"
+
+
+class _StopAfter(L.Callback):
+    """Ends training cleanly after ``epochs`` epochs, as an interruption would."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True
+
+
+def test_resume_reaches_the_same_result_as_an_uninterrupted_run(tmp_path: Path) -> None:
+    cfg = parse_config(digits_config(trainer={"max_epochs": 3, "progress": False}))
+    full = fit(cfg, tmp_path / "full", quiet=True, plots=False)
+    fit(cfg, tmp_path / "resumed", quiet=True, plots=False, callbacks=[_StopAfter(2)])
+    resumed = fit(cfg, tmp_path / "resumed", resume=True, quiet=True, plots=False)
+    assert resumed["epochs"] == full["epochs"] == 3
+    assert resumed["top1"] == pytest.approx(full["top1"], abs=1e-6)
+    assert resumed["nc1"] == pytest.approx(full["nc1"], rel=1e-4)
+
+
+def test_existing_checkpoint_is_not_overwritten_without_resume(tmp_path: Path) -> None:
+    cfg = parse_config(digits_config(trainer={"max_epochs": 1, "progress": False}))
+    fit(cfg, tmp_path, quiet=True, plots=False)
+    with pytest.raises(RunError, match="--resume"):
+        fit(cfg, tmp_path, quiet=True, plots=False)
+
+
+def test_resume_with_another_model_is_refused(tmp_path: Path) -> None:
+    cfg = parse_config(digits_config(trainer={"max_epochs": 1, "progress": False}))
+    fit(cfg, tmp_path, quiet=True, plots=False)
+    other = parse_config(
+        digits_config(model={"name": "resnet20"}, trainer={"max_epochs": 1, "progress": False})
+    )
+    with pytest.raises(RunError, match="small_cnn"):
+        fit(other, tmp_path, resume=True, quiet=True, plots=False)
+
+
+def test_eval_checkpoint_matches_fit_metrics(tmp_path: Path) -> None:
+    cfg = parse_config(digits_config(trainer={"max_epochs": 1, "progress": False}))
+    metrics = fit(cfg, tmp_path, quiet=True, plots=False)
+    again = evaluate_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert again["top1"] == pytest.approx(metrics["top1"])
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert ckpt["anchorlearn_config"]["model"]["name"] == "small_cnn"
+
+
+def test_load_checkpoint_rejects_foreign_files(tmp_path: Path) -> None:
+    path = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {}}, path)
+    with pytest.raises(RunError, match="not an anchorlearn checkpoint"):
+        load_checkpoint(path)
+    with pytest.raises(RunError, match="not found"):
+        load_checkpoint(tmp_path / "missing.ckpt")
+
+
+def test_class_count_mismatch_and_devices_are_checked_before_training(tmp_path: Path) -> None:
+    cfg = parse_config(digits_config(model={"name": "small_cnn", "kwargs": {"num_classes": 5}}))
+    with pytest.raises(RunError, match="num_classes=5"):
+        fit(cfg, tmp_path / "a", quiet=True, plots=False)
+    cfg = parse_config(digits_config(trainer={"devices": 4096}))
+    with pytest.raises(RunError, match="--devices 4096"):
+        fit(cfg, tmp_path / "b", quiet=True, plots=False)
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(
+    ("losses", "message"),
+    [
+        (["ce", {"name": "sar", "pull_wieght": 0.1}], "pull_wieght"),
+        (["sar"], "task loss"),
+        (["nonsense"], "unknown loss"),
+        (["dot_regression"], "etf_classifier"),
+    ],
+)
+def test_bad_objectives_are_config_errors(tmp_path: Path, losses, message: str) -> None:
+    cfg = parse_config(digits_config(losses=losses))
+    with pytest.raises(ConfigError, match=message):
+        fit(cfg, tmp_path, quiet=True, plots=False)
+
+
+def test_cli_fit_and_eval(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump(digits_config(trainer={"max_epochs": 1})))
+    out = tmp_path / "run"
+    assert main(["fit", "--config", str(config), "--out", str(out), "--set", "seed=3"]) == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["seed"] == 3
+    assert main(["eval", "--checkpoint", str(out / "checkpoints" / "last.ckpt")]) == 0
+    assert "top1" in capsys.readouterr().out
+
+
+def test_cli_config_typo_is_one_line(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "cfg.yaml"
+    raw = digits_config()
+    raw["trainer"]["max_epoch"] = 3
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["fit", "--config", str(config), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "trainer.max_epoch" in err and "max_epochs" in err
+
+
+@pytest.mark.parametrize("command", ["fit", "eval", "compare", "demo", "data"])
+def test_every_command_has_help(command: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "anchorlearn.cli", command, "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0
+    assert "usage: anchorlearn" in result.stdout
+
+
+def test_compare_keeps_finished_runs(tmp_path: Path, capsys) -> None:
+    from anchorlearn.engine.compare import run_grid, write_results
+
+    configs = [
+        ("ce", digits_config(losses=["ce"], trainer={"max_epochs": 1, "progress": False})),
+        ("ce_sar", digits_config(trainer={"max_epochs": 1, "progress": False})),
+    ]
+    results = run_grid(configs, [0, 1], tmp_path)
+    table = write_results(results, tmp_path, ["top1", "nc1"], percent=["top1"])
+    assert table.count("\n") == 3 and "| ce_sar | 2 |" in table
+    assert (tmp_path / "results.csv").read_text().count("\n") == 5
+    capsys.readouterr()
+    again = run_grid(configs, [0, 1], tmp_path)
+    assert capsys.readouterr().out.count("already done") == 4
+    assert again["ce"][1]["top1"] == results["ce"][1]["top1"]
