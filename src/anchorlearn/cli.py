@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 __all__ = ["build_parser", "main"]
 
@@ -66,16 +67,33 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from anchorlearn.engine.compare import DEFAULT_COLUMNS, run_grid, write_results
+    from anchorlearn.engine.compare import (
+        DEFAULT_COLUMNS,
+        SEGMENTATION_COLUMNS,
+        plot_comparison,
+        run_grid,
+        write_results,
+    )
 
     seeds = [int(s) for s in args.seeds.split(",")]
     overrides = list(args.set)
     if args.epochs is not None:
         overrides.append(f"trainer.max_epochs={args.epochs}")
     results = run_grid(args.configs, seeds, args.out, overrides=overrides)
-    columns = args.columns.split(",") if args.columns else list(DEFAULT_COLUMNS)
-    percent = [c for c in columns if c not in ("nc1", "intra_inter_ratio", "center_drift")]
+    if not results:
+        return 0
+    segmentation = "miou" in next(iter(results.values()))[0]
+    default = SEGMENTATION_COLUMNS if segmentation else DEFAULT_COLUMNS
+    columns = args.columns.split(",") if args.columns else list(default)
+    unitless = ("nc1", "intra_inter_ratio", "center_drift")
+    percent = [c for c in columns if c not in unitless]
     table = write_results(results, args.out, columns, percent=percent)
+    plot_comparison(
+        results,
+        Path(args.out) / ("per_class_iou.png" if segmentation else "per_class_accuracy.png"),
+        ylabel="IoU" if segmentation else "accuracy",
+        title="test " + ("IoU" if segmentation else "accuracy") + " per class (first seed)",
+    )
     print(table)
     return 0
 

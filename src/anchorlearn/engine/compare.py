@@ -14,12 +14,30 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from .config import apply_overrides, load_config, parse_config
 
-__all__ = ["DEFAULT_COLUMNS", "aggregate", "markdown_table", "run_grid", "write_results"]
+__all__ = [
+    "DEFAULT_COLUMNS",
+    "aggregate",
+    "markdown_table",
+    "plot_comparison",
+    "run_grid",
+    "write_results",
+]
 
-DEFAULT_COLUMNS = ("top1", "balanced_acc", "many", "medium", "few", "nc1")
+DEFAULT_COLUMNS = (
+    "top1",
+    "balanced_acc",
+    "many",
+    "medium",
+    "few",
+    "nc1",
+    "intra_inter_ratio",
+    "center_drift",
+)
+SEGMENTATION_COLUMNS = ("miou", "head_iou", "tail_iou", "nc1", "intra_inter_ratio", "center_drift")
 
 
 def run_grid(
@@ -31,6 +49,8 @@ def run_grid(
     quiet: bool = False,
 ) -> dict[str, list[dict[str, Any]]]:
     """Train every config with every seed under ``out/<name>/seed<k>``, skipping finished runs.
+
+    Plots are written for the first seed of each config only.
 
     A config is a YAML path or a ``(name, raw mapping)`` pair. Returns ``{name: [metrics per
     seed]}`` in config order.
@@ -50,7 +70,9 @@ def run_grid(
             else:
                 print(f"[compare] {cfg.name} seed {seed}: training -> {run_dir}")
                 resume = (run_dir / "checkpoints" / "last.ckpt").exists()
-                metrics = fit(cfg, run_dir, resume=resume, quiet=quiet)
+                # Pictures (t-SNE is slow on a CPU) for the first seed only.
+                plots = seed == seeds[0]
+                metrics = fit(cfg, run_dir, resume=resume, quiet=quiet, plots=plots)
                 if metrics is None:  # a non-zero DDP rank
                     continue
                 print(f"[compare] {cfg.name} seed {seed}: {_short(metrics)}")
@@ -77,17 +99,48 @@ def _short(metrics: dict[str, Any]) -> str:
 
 
 def aggregate(results: dict[str, list[dict[str, Any]]], columns: Sequence[str]) -> list[dict]:
-    """One row per method: mean and std over seeds of each scalar column."""
+    """One row per method: mean and std over seeds of each scalar column.
+
+    The column ``center_drift`` is a property of a method across seeds, not of one run:
+    :func:`anchorlearn.metrics.geometry.center_drift` of the seeds' test class centres
+    (NaN with a single seed).
+    """
     rows = []
     for name, runs in results.items():
         row: dict[str, Any] = {"method": name, "seeds": len(runs)}
+        if "center_drift" in columns:
+            row["center_drift"], row["center_drift_std"] = _drift(runs), 0.0
         for col in columns:
+            if col == "center_drift":
+                continue
             values = [r[col] for r in runs if isinstance(r.get(col), int | float)]
             values = [v for v in values if not math.isnan(v)]
             row[col] = float(np.mean(values)) if values else float("nan")
             row[f"{col}_std"] = float(np.std(values)) if len(values) > 1 else 0.0
         rows.append(row)
     return rows
+
+
+def _drift(runs: list[dict[str, Any]]) -> float:
+    from anchorlearn.metrics.geometry import center_drift
+
+    centers = [torch.tensor(r["class_centers"]) for r in runs if "class_centers" in r]
+    return center_drift(centers) if len(centers) > 1 else float("nan")
+
+
+def plot_comparison(
+    results: dict[str, list[dict[str, Any]]], path: str | Path, *, ylabel: str, title: str
+) -> Path:
+    """Per-class values (accuracy or IoU) of every method side by side, first seed."""
+    from anchorlearn.viz.plots import plot_per_class
+
+    first = {name: runs[0] for name, runs in results.items()}
+    class_names = list(next(iter(first.values()))["per_class"])
+    values = {
+        name: [np.nan if m["per_class"][c] is None else m["per_class"][c] for c in class_names]
+        for name, m in first.items()
+    }
+    return plot_per_class(values, path, class_names=class_names, ylabel=ylabel, title=title)
 
 
 def markdown_table(rows: list[dict], columns: Sequence[str], *, percent: Sequence[str] = ()) -> str:
@@ -124,8 +177,10 @@ def write_results(
     (out / "results.md").write_text(table + "\n")
     with (out / "results.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["method", "seed", *columns])
+        writer.writerow(["method", "seed", *[c for c in columns if c != "center_drift"]])
         for name, runs in results.items():
             for r in runs:
-                writer.writerow([name, r["seed"], *[r.get(c, "") for c in columns]])
+                writer.writerow(
+                    [name, r["seed"], *[r.get(c, "") for c in columns if c != "center_drift"]]
+                )
     return table

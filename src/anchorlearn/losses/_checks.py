@@ -51,6 +51,10 @@ def check_non_negative(value: float, name: str) -> float:
 
 
 def check_finite(tensor: torch.Tensor, name: str) -> None:
+    # One reduction first: a finite sum proves every element finite (NaN and inf propagate);
+    # only a non-finite sum, which overflow can also cause, needs the element-wise check.
+    if bool(torch.isfinite(tensor.sum())):
+        return
     if not bool(torch.isfinite(tensor).all()):
         n_bad = int((~torch.isfinite(tensor)).sum())
         raise ValueError(f"{name} must be finite, got {n_bad} NaN/inf value(s)")

@@ -1,0 +1,230 @@
+"""Validated configs of self-supervised pretraining runs (MoCo, PCL, PAUC).
+
+The same rules as :mod:`anchorlearn.engine.config`: YAML in, typed dataclasses out; an
+unknown or mistyped key is a :class:`~anchorlearn.engine.config.ConfigError` naming the key
+and the allowed ones; ``--set a.b=value`` overrides are applied before validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import ConfigError, OptimConfig, TrainerConfig, _build, apply_overrides
+
+__all__ = [
+    "ClusterConfig",
+    "EvalConfig",
+    "PretrainConfig",
+    "PretrainDataConfig",
+    "PretrainLossConfig",
+    "PretrainModelConfig",
+    "load_pretrain_config",
+    "parse_pretrain_config",
+    "pretrain_config_to_dict",
+]
+
+METHODS = ("moco", "pcl", "pauc")
+PAUC_TERMS = ("align_weight", "uniform_weight", "corr_weight")
+
+
+@dataclass
+class PretrainDataConfig:
+    """Unlabelled training images (two views each) plus labelled train / test probe sets."""
+
+    source: str = "fashion_mnist"
+    batch_size: int = 256
+    num_workers: int = 0
+    max_train_samples: int | None = None
+    max_test_samples: int | None = None
+
+
+@dataclass
+class PretrainModelConfig:
+    """A backbone from the factory inside MoCo (momentum encoder, queue, MLP head)."""
+
+    name: str = "small_cnn"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    dim: int = 128
+    hidden_dim: int | None = None
+    mlp: bool = True
+    queue_size: int = 4096
+    momentum: float = 0.999
+    temperature: float = 0.2
+
+
+@dataclass
+class ClusterConfig:
+    """The E-step: k-means of the momentum embeddings at every granularity.
+
+    ``num_clusters`` also sets ``k`` of the test-set clustering in the evaluation (its
+    first entry), for every method including ``moco``.
+    """
+
+    num_clusters: list[int] = field(default_factory=lambda: [20, 50])
+    warmup_epochs: int = 2
+    niter: int = 20
+    nredo: int = 1
+    backend: str = "auto"
+
+
+@dataclass
+class PretrainLossConfig:
+    """Weights of the objective ``w_i InfoNCE + w_p ProtoNCE + w_a align + w_u unif + w_c corr``.
+
+    ``None`` takes the method's default: ``moco`` uses InfoNCE only; ``pcl`` adds ProtoNCE
+    (weight 1); ``pauc`` adds ProtoNCE and the three PAUC terms (weight 1 each, any of them
+    may be set to 0). The PAUC terms and their options are those of
+    :class:`anchorlearn.losses.pauc.PAUCLoss`.
+    """
+
+    infonce_weight: float = 1.0
+    protonce_weight: float | None = None
+    align_weight: float | None = None
+    uniform_weight: float | None = None
+    corr_weight: float | None = None
+    num_negatives: int = 16000
+    align_alpha: float = 2.0
+    align_view_weight: float = 0.0
+    uniform_t: float = 2.0
+    uniform_mode: str = "batch_means"
+    corr_mode: str = "barlow"
+    corr_lambda: float = 5e-3
+    corr_features: str = "assignment"
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation after pretraining, on frozen features.
+
+    ``probe_steps`` LBFGS iterations of a full-batch logistic regression on standardised
+    backbone features (L2 penalty ``probe_weight_decay``); weighted kNN with ``knn_k`` and
+    ``knn_temperature``; uniformity on at most ``uniformity_points`` test embeddings; a
+    t-SNE picture of at most ``tsne_points`` test embeddings when ``tsne``.
+    """
+
+    probe_steps: int = 100
+    probe_weight_decay: float = 1e-4
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    uniformity_points: int = 2000
+    tsne: bool = True
+    tsne_points: int = 2000
+
+
+@dataclass
+class PretrainConfig:
+    """A whole pretraining run; ``method`` is ``moco``, ``pcl`` or ``pauc``."""
+
+    name: str = "ssl"
+    method: str = "pcl"
+    seed: int = 0
+    out_dir: str = "runs/ssl"
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
+    model: PretrainModelConfig = field(default_factory=PretrainModelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    loss: PretrainLossConfig = field(default_factory=PretrainLossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+_CHOICES = {
+    "method": METHODS,
+    "cluster.backend": ("auto", "faiss", "torch"),
+    "loss.uniform_mode": ("batch_means", "assignment"),
+    "loss.corr_mode": ("barlow", "vicreg"),
+    "loss.corr_features": ("batch_means", "assignment"),
+    "optim.name": ("sgd", "adamw"),
+    "optim.schedule": ("cosine", "constant"),
+    "trainer.accelerator": ("cpu", "gpu", "cuda", "mps", "auto"),
+}
+
+_POSITIVE_INTS = (
+    "data.batch_size",
+    "model.dim",
+    "model.queue_size",
+    "cluster.niter",
+    "cluster.nredo",
+    "loss.num_negatives",
+    "eval.probe_steps",
+    "eval.knn_k",
+    "trainer.max_epochs",
+)
+
+
+def _get(cfg: Any, key: str) -> Any:
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def load_pretrain_config(path: str | Path, overrides: list[str] | None = None) -> PretrainConfig:
+    """Read a YAML file, apply ``key=value`` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with path.open() as fh:
+        raw = yaml.safe_load(fh) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
+    return parse_pretrain_config(apply_overrides(raw, overrides or []))
+
+
+def parse_pretrain_config(raw: dict[str, Any]) -> PretrainConfig:
+    """Validate a raw mapping and fill in the method's default loss weights."""
+    cfg = _build(PretrainConfig, raw, "")
+    for key, allowed in _CHOICES.items():
+        if _get(cfg, key) not in allowed:
+            raise ConfigError(f"{key} must be one of {list(allowed)}, got {_get(cfg, key)!r}")
+    for key in _POSITIVE_INTS:
+        if _get(cfg, key) < 1:
+            raise ConfigError(f"{key} must be >= 1, got {_get(cfg, key)}")
+    ks = cfg.cluster.num_clusters
+    if not ks or any(k < 2 for k in ks):
+        raise ConfigError(f"cluster.num_clusters must list cluster counts >= 2, got {ks}")
+    if cfg.cluster.warmup_epochs < 0:
+        raise ConfigError(f"cluster.warmup_epochs must be >= 0, got {cfg.cluster.warmup_epochs}")
+    if cfg.method != "moco" and cfg.cluster.warmup_epochs >= cfg.trainer.max_epochs:
+        raise ConfigError(
+            f"cluster.warmup_epochs={cfg.cluster.warmup_epochs} leaves no epoch with an E-step "
+            f"in trainer.max_epochs={cfg.trainer.max_epochs}: lower the warm-up or train longer"
+        )
+    _resolve_loss_weights(cfg)
+    return cfg
+
+
+def _resolve_loss_weights(cfg: PretrainConfig) -> None:
+    loss = cfg.loss
+    if cfg.method == "moco" and loss.protonce_weight not in (None, 0.0):
+        raise ConfigError(
+            f"loss.protonce_weight={loss.protonce_weight} needs prototypes: use method pcl or "
+            "pauc, or remove the key"
+        )
+    if cfg.method != "pauc":
+        for key in PAUC_TERMS:
+            if getattr(loss, key) not in (None, 0.0):
+                raise ConfigError(
+                    f"loss.{key}={getattr(loss, key)} is a PAUC term: use method pauc (set the "
+                    "other terms to 0 for one term alone), or remove the key"
+                )
+    default_proto = 0.0 if cfg.method == "moco" else 1.0
+    default_pauc = 1.0 if cfg.method == "pauc" else 0.0
+    if loss.protonce_weight is None:
+        loss.protonce_weight = default_proto
+    for key in PAUC_TERMS:
+        if getattr(loss, key) is None:
+            setattr(loss, key, default_pauc)
+    for key in ("infonce_weight", "protonce_weight", *PAUC_TERMS):
+        if getattr(loss, key) < 0:
+            raise ConfigError(f"loss.{key} must be >= 0, got {getattr(loss, key)}")
+
+
+def pretrain_config_to_dict(cfg: PretrainConfig) -> dict[str, Any]:
+    """The config as plain Python types (YAML- and checkpoint-safe)."""
+    return dataclasses.asdict(cfg)
