@@ -127,6 +127,9 @@ class _InMemoryDataModule(L.LightningDataModule):
         self.seed = int(seed)
         self.augment = bool(augment)
         self._ready = False
+        self._class_names: list[str] = []
+        self._splits: dict[str, TensorDataset] = {}
+        self._train_images = torch.zeros(0, 1, 1, 1, dtype=torch.uint8)
         self.mean = torch.zeros(1)
         self.std = torch.ones(1)
 
@@ -151,6 +154,42 @@ class _InMemoryDataModule(L.LightningDataModule):
             worker_init_fn=_seed_worker,
             persistent_workers=self.num_workers > 0,
         )
+
+    @property
+    def class_names(self) -> list[str]:
+        self.setup()
+        return self._class_names
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def in_channels(self) -> int:
+        self.setup()
+        return int(self._train_images.shape[1])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """``(height, width)``."""
+        self.setup()
+        return tuple(self._train_images.shape[2:])
+
+    def dataset(self, split: str) -> TensorDataset:
+        """uint8 images ``(N, C, H, W)`` and their int64 labels or uint8 masks of a split."""
+        self.setup()
+        if split not in self._splits:
+            raise ValueError(f"split must be one of {sorted(self._splits)}, got {split!r}")
+        return self._splits[split]
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("train"), shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("val"), shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("test"), shuffle=False)
 
     def _training(self) -> bool:
         trainer = self.trainer
@@ -241,29 +280,9 @@ class ClassificationDataModule(_InMemoryDataModule):
             self._splits[name] = TensorDataset(
                 _to_nchw(split.images), torch.from_numpy(split.labels.astype(np.int64))
             )
-        train_images = self._splits["train"].tensors[0]
+        train_images = self._train_images = self._splits["train"].tensors[0]
         self.mean, self.std = _channel_stats(train_images)
         self._train_augment = classification_train_augment(tuple(train_images.shape[2:]))
-
-    @property
-    def class_names(self) -> list[str]:
-        self.setup()
-        return self._class_names
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def in_channels(self) -> int:
-        self.setup()
-        return int(self._splits["train"].tensors[0].shape[1])
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        """``(height, width)``."""
-        self.setup()
-        return tuple(self._splits["train"].tensors[0].shape[2:])
 
     @property
     def train_class_counts(self) -> list[int]:
@@ -272,13 +291,6 @@ class ClassificationDataModule(_InMemoryDataModule):
         labels = self._splits["train"].tensors[1]
         return torch.bincount(labels, minlength=self.num_classes).tolist()
 
-    def dataset(self, split: str) -> TensorDataset:
-        """The uint8 images and int64 labels of ``"train"``, ``"val"`` or ``"test"``."""
-        self.setup()
-        if split not in self._splits:
-            raise ValueError(f"split must be one of {sorted(self._splits)}, got {split!r}")
-        return self._splits[split]
-
     def preprocess(self, images: torch.Tensor, augment: bool = False) -> torch.Tensor:
         """uint8 ``(B, C, H, W)`` -> normalised float, augmented first when ``augment``."""
         self.setup()
@@ -286,15 +298,6 @@ class ClassificationDataModule(_InMemoryDataModule):
         if augment:
             x = self._train_augment(x)
         return self.normalize(x)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("train"), shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("val"), shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("test"), shuffle=False)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         images, labels = batch
@@ -407,29 +410,9 @@ class SegmentationDataModule(_InMemoryDataModule):
             split: TensorDataset(_to_nchw(images), torch.from_numpy(np.ascontiguousarray(masks)))
             for split, (images, masks) in pairs.items()
         }
-        train_images = self._splits["train"].tensors[0]
+        train_images = self._train_images = self._splits["train"].tensors[0]
         self.mean, self.std = _channel_stats(train_images)
         self._train_augment = segmentation_train_augment(tuple(train_images.shape[2:]))
-
-    @property
-    def class_names(self) -> list[str]:
-        self.setup()
-        return self._class_names
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def in_channels(self) -> int:
-        self.setup()
-        return int(self._splits["train"].tensors[0].shape[1])
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        """``(height, width)``."""
-        self.setup()
-        return tuple(self._splits["train"].tensors[0].shape[2:])
 
     @property
     def train_class_pixel_counts(self) -> list[int]:
@@ -438,14 +421,6 @@ class SegmentationDataModule(_InMemoryDataModule):
         masks = self._splits["train"].tensors[1].reshape(-1).long()
         counts = torch.bincount(masks, minlength=max(self.num_classes, IGNORE_INDEX + 1))
         return counts[: self.num_classes].tolist()
-
-    def dataset(self, split: str) -> TensorDataset:
-        """uint8 images ``(N, C, H, W)`` and uint8 masks ``(N, H, W)`` of ``"train"`` or
-        ``"val"``."""
-        self.setup()
-        if split not in self._splits:
-            raise ValueError(f"split must be one of {sorted(self._splits)}, got {split!r}")
-        return self._splits[split]
 
     def preprocess(
         self, images: torch.Tensor, masks: torch.Tensor, augment: bool = False
@@ -456,15 +431,6 @@ class SegmentationDataModule(_InMemoryDataModule):
         if augment:
             x, y = self._train_augment(x, y)
         return self.normalize(x), y
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("train"), shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("val"), shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("test"), shuffle=False)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         images, masks = batch
@@ -529,31 +495,11 @@ class TwoViewDataModule(_InMemoryDataModule):
             name: TensorDataset(_to_nchw(split.images), torch.from_numpy(split.labels))
             for name, split in (("train", train), ("test", test))
         }
-        train_images = self._labelled["train"].tensors[0]
+        train_images = self._train_images = self._labelled["train"].tensors[0]
         self._unlabelled = TensorDataset(train_images, torch.arange(len(train_images)))
         self.mean, self.std = _channel_stats(train_images)
         view = self.view_transform or ssl_augment(tuple(train_images.shape[2:]))
         self.two_views = TwoViewTransform(view)
-
-    @property
-    def class_names(self) -> list[str]:
-        self.setup()
-        return self._class_names
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def in_channels(self) -> int:
-        self.setup()
-        return int(self._unlabelled.tensors[0].shape[1])
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        """``(height, width)``."""
-        self.setup()
-        return tuple(self._unlabelled.tensors[0].shape[2:])
 
     def labelled_dataset(self, split: str) -> TensorDataset:
         """uint8 images and int64 labels of ``"train"`` or ``"test"``."""
