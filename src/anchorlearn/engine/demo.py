@@ -21,7 +21,7 @@ DEMO_BASE: dict[str, Any] = {
     },
     "model": {"name": "small_cnn"},
     "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
-    "trainer": {"max_epochs": 8, "log_every_n_steps": 20},
+    "trainer": {"max_epochs": 6, "log_every_n_steps": 20},
 }
 
 DEMO_METHODS: dict[str, list[dict[str, Any]]] = {

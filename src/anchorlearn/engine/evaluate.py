@@ -108,6 +108,11 @@ def evaluate_module(module: SupervisedModule, dm: Any, *, task: str) -> dict[str
         metrics["groups"] = {names[c]: g for c, g in groups.items()}
     geometry = feature_geometry(outputs["features"], outputs["labels"])
     metrics.update({k: _num(v) for k, v in geometry.items()})
+    for name, term in zip(module.objective.names, module.objective.terms, strict=True):
+        if isinstance(term, SemanticAnchorRegularizer):
+            # -1: the gate never opened, so the pull was never active.
+            metrics[f"{name}_gate_open_step"] = int(term.gate_open_step)
+            metrics[f"{name}_steps"] = int(term.step)
     centers = class_centers(outputs["features"], outputs["labels"])
     metrics["class_centers"] = centers.tolist()
     return metrics

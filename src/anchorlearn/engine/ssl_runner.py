@@ -1,0 +1,422 @@
+"""Self-supervised pretraining runs end to end: data, MoCo, E-step, Lightning fit, evaluation.
+
+The evaluation (:func:`evaluate_pretrained`) works on frozen networks: a linear probe and a
+weighted kNN on the backbone features, alignment and uniformity of the 128-d embedding,
+a k-means of the test embedding scored by coagulation, NMI and AMI, and a t-SNE picture.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+
+from anchorlearn.cluster import kmeans
+from anchorlearn.metrics.ssl import alignment, clustering_scores, coagulation, knn_accuracy
+from anchorlearn.metrics.ssl import uniformity as uniformity_metric
+from anchorlearn.models import create_model
+from anchorlearn.models.moco import MoCo
+
+from .config import ConfigError
+from .datamodules import TwoViewDataModule
+from .runner import CONFIG_KEY, RunError, check_devices
+from .ssl_config import PretrainConfig, parse_pretrain_config, pretrain_config_to_dict
+from .ssl_module import ContrastivePretrainModule, EStepCallback
+
+__all__ = [
+    "PRETRAIN_CONFIG_KEY",
+    "build_pretrain_run",
+    "evaluate_pretrained",
+    "linear_probe_accuracy",
+    "load_pretrain_checkpoint",
+    "pretrain",
+    "probe_checkpoint",
+]
+
+PRETRAIN_CONFIG_KEY = "anchorlearn_pretrain_config"
+_EMBED_BATCH = 1024
+
+
+def build_pretrain_run(cfg: PretrainConfig) -> tuple[TwoViewDataModule, ContrastivePretrainModule]:
+    """The data module and the Lightning module of a config, checked against each other.
+
+    Raises :class:`RunError` before any training when a cluster count exceeds the number of
+    training (E-step) or test (evaluation) samples.
+    """
+    d = cfg.data
+    try:
+        dm = TwoViewDataModule(
+            source=d.source,
+            batch_size=d.batch_size,
+            num_workers=d.num_workers,
+            seed=cfg.seed,
+            max_train_samples=d.max_train_samples,
+            max_test_samples=d.max_test_samples,
+        )
+        dm.setup("fit")
+    except FileNotFoundError as err:
+        raise RunError(str(err)) from err
+    except ValueError as err:
+        raise ConfigError(f"data: {err}") from err
+    num_train = len(dm.labelled_dataset("train"))
+    num_test = len(dm.labelled_dataset("test"))
+    largest = max(cfg.cluster.num_clusters)
+    if cfg.method != "moco" and largest > num_train:
+        raise RunError(
+            f"cluster.num_clusters asks for k={largest} clusters but the training set has "
+            f"only {num_train} images: lower cluster.num_clusters or raise "
+            "data.max_train_samples"
+        )
+    if cfg.cluster.num_clusters[0] > num_test:
+        raise RunError(
+            f"the evaluation clusters the test set into cluster.num_clusters[0]="
+            f"{cfg.cluster.num_clusters[0]} groups but it has only {num_test} images: lower "
+            "it or raise data.max_test_samples"
+        )
+    kwargs = dict(cfg.model.kwargs)
+    for key, value in (("num_classes", dm.num_classes), ("in_channels", dm.in_channels)):
+        if key in kwargs and kwargs[key] != value:
+            raise RunError(
+                f"model.kwargs.{key}={kwargs[key]} but the data set {d.source!r} has "
+                f"{key}={value}: remove model.kwargs.{key} (it is taken from the data)"
+            )
+        kwargs[key] = value
+    try:
+        backbone = create_model(cfg.model.name, **kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model {cfg.model.name!r}: {err}") from err
+    if not hasattr(backbone, "feat_dim"):
+        raise ConfigError(f"model {cfg.model.name!r} has no feat_dim: it cannot be pretrained")
+    # The classifier gets no gradient in pretraining; DDP requires every parameter to get one.
+    if isinstance(getattr(backbone, "classifier", None), nn.Module):
+        backbone.classifier = nn.Identity()
+    m = cfg.model
+    try:
+        moco = MoCo(
+            backbone,
+            int(backbone.feat_dim),
+            dim=m.dim,
+            hidden_dim=m.hidden_dim,
+            queue_size=m.queue_size,
+            momentum=m.momentum,
+            temperature=m.temperature,
+            mlp=m.mlp,
+        )
+        module = ContrastivePretrainModule(
+            moco,
+            cfg.loss,
+            cfg.optim,
+            method=cfg.method,
+            num_clusters=cfg.cluster.num_clusters,
+            num_samples=num_train,
+            seed=cfg.seed,
+        )
+    except ValueError as err:
+        raise ConfigError(f"model/loss: {err}") from err
+    return dm, module
+
+
+class _SavePretrainConfig(L.Callback):
+    """Stores the resolved config in every checkpoint, so that it can be rebuilt and probed."""
+
+    def __init__(self, cfg: PretrainConfig) -> None:
+        self.cfg = pretrain_config_to_dict(cfg)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint[PRETRAIN_CONFIG_KEY] = self.cfg
+
+
+def load_pretrain_checkpoint(path: str | Path) -> dict:
+    """Load a pretraining checkpoint safely (``weights_only=True``: loading never runs code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise RunError(f"{path} is not a loadable anchorlearn checkpoint: {err}") from err
+    if isinstance(ckpt, dict) and CONFIG_KEY in ckpt:
+        raise RunError(f"{path} was written by `anchorlearn fit`: use `anchorlearn eval` on it")
+    if not isinstance(ckpt, dict) or PRETRAIN_CONFIG_KEY not in ckpt or "state_dict" not in ckpt:
+        raise RunError(f"{path} is not an anchorlearn pretraining checkpoint (no stored config)")
+    return ckpt
+
+
+def _check_compatible(ckpt: dict, cfg: PretrainConfig, path: Path) -> None:
+    stored = ckpt[PRETRAIN_CONFIG_KEY]
+    for what, old, new in (
+        ("method", stored["method"], cfg.method),
+        ("model.name", stored["model"]["name"], cfg.model.name),
+        ("cluster.num_clusters", stored["cluster"]["num_clusters"], cfg.cluster.num_clusters),
+    ):
+        if old != new:
+            raise RunError(
+                f"{path} was trained with {what}={old!r}, not {new!r}: use another --out or the "
+                "matching config"
+            )
+
+
+def pretrain(
+    cfg: PretrainConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    quiet: bool = False,
+    plots: bool = True,
+) -> dict[str, Any] | None:
+    """Pretrain ``cfg`` into ``run_dir``, then evaluate it (global rank 0).
+
+    Writes ``config.yaml``, CSV logs (``logs/version_*/metrics.csv``, one folder per
+    attempt), ``checkpoints/last.ckpt`` (with the config stored under
+    ``"anchorlearn_pretrain_config"``), ``metrics.json`` and ``plots/tsne.png``. With
+    ``resume`` an interrupted run continues from its ``last.ckpt``; without it, a run
+    directory that already holds a checkpoint is an error. Returns the metrics on rank 0,
+    ``None`` elsewhere.
+    """
+    run_dir = Path(run_dir)
+    t = cfg.trainer
+    check_devices(t.accelerator, t.devices)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    ckpt_path = None
+    if last.exists():
+        if not resume:
+            raise RunError(
+                f"{run_dir} already holds a checkpoint: pass --resume to continue it, or "
+                "choose another --out"
+            )
+        _check_compatible(load_pretrain_checkpoint(last), cfg, last)
+        ckpt_path = str(last)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    dm, module = build_pretrain_run(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_text = yaml.safe_dump(pretrain_config_to_dict(cfg), sort_keys=False)
+    (run_dir / "config.yaml").write_text(config_text)
+
+    estep = EStepCallback(
+        cfg.cluster.warmup_epochs,
+        niter=cfg.cluster.niter,
+        nredo=cfg.cluster.nredo,
+        backend=cfg.cluster.backend,
+        seed=cfg.seed,
+        verbose=not quiet,
+    )
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, every_n_epochs=1
+    )
+    callbacks: list[L.Callback] = [estep, checkpoint, _SavePretrainConfig(cfg)]
+    if t.progress and not quiet:
+        callbacks.append(TQDMProgressBar(refresh_rate=10))
+    trainer = L.Trainer(
+        max_epochs=t.max_epochs,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy="ddp" if t.devices > 1 else "auto",
+        precision=t.precision,
+        logger=CSVLogger(run_dir, name="logs"),
+        callbacks=callbacks,
+        log_every_n_steps=t.log_every_n_steps,
+        enable_progress_bar=t.progress and not quiet,
+        enable_model_summary=False,
+        deterministic=t.deterministic,
+        default_root_dir=run_dir,
+        limit_val_batches=0,
+    )
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    if not trainer.is_global_zero:
+        return None
+    train_seconds = time.perf_counter() - start
+    metrics = evaluate_pretrained(module, dm, cfg, plot_dir=run_dir / "plots" if plots else None)
+    estep_total = sum(row["estep_s"] for row in estep.timings)
+    epoch_total = sum(row["train_epoch_s"] for row in estep.timings)
+    with_estep = [row for row in estep.timings if row["estep_s"] > 0]
+    metrics.update(
+        {
+            "train_seconds": round(train_seconds, 1),
+            "epochs": int(trainer.current_epoch),
+            "estep_seconds_mean": (round(estep_total / len(with_estep), 2) if with_estep else 0.0),
+            "train_epoch_seconds_mean": (
+                round(epoch_total / len(estep.timings), 2) if estep.timings else 0.0
+            ),
+            "estep_share": (
+                round(estep_total / (estep_total + epoch_total), 4) if estep.timings else 0.0
+            ),
+        }
+    )
+    if t.devices > 1:
+        metrics["ddp_world_size"] = int(trainer.world_size)
+        metrics["ddp_max_state_diff"] = module.rank_state_divergence
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def linear_probe_accuracy(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    num_classes: int,
+    *,
+    steps: int = 100,
+    weight_decay: float = 1e-4,
+) -> float:
+    """Top-1 test accuracy of a multinomial logistic regression on frozen features.
+
+    The features ``(N, D)`` / ``(M, D)`` are standardised with the training mean and std;
+    the weights start at zero and are fitted full-batch with LBFGS (strong Wolfe line
+    search, at most ``steps`` iterations) on cross-entropy plus ``weight_decay * ||W||^2``.
+    Deterministic for given inputs.
+    """
+    mean = train_features.mean(dim=0)
+    std = train_features.std(dim=0).clamp_min(1e-6)
+    x_train = ((train_features - mean) / std).double()
+    x_test = ((test_features - mean) / std).double()
+    linear = nn.Linear(x_train.shape[1], num_classes).double()
+    nn.init.zeros_(linear.weight)
+    nn.init.zeros_(linear.bias)
+    optimizer = torch.optim.LBFGS(
+        linear.parameters(), lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe"
+    )
+    targets = train_labels.long()
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(linear(x_train), targets) + weight_decay * linear.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    with torch.no_grad():
+        predictions = linear(x_test).argmax(dim=1)
+    return float((predictions == test_labels.long()).double().mean())
+
+
+@torch.no_grad()
+def _frozen_outputs(
+    module: ContrastivePretrainModule, dm: TwoViewDataModule, split: str, views: bool
+) -> dict[str, torch.Tensor]:
+    """Backbone features, normalised embeddings (and of two augmented views) of a split."""
+    encoder = module.moco.encoder_q
+    dataset = dm.labelled_dataset(split)
+    images, labels = dataset.tensors
+    out: dict[str, list[torch.Tensor]] = {"features": [], "embedding": [], "view1": [], "view2": []}
+    for start in range(0, images.shape[0], _EMBED_BATCH):
+        batch = images[start : start + _EMBED_BATCH].to(module.device)
+        x = dm.preprocess(batch)
+        out["features"].append(encoder.features(x).float().cpu())
+        out["embedding"].append(module.moco.embed(x, momentum=False).float().cpu())
+        if views:
+            first, second = dm.views(batch)
+            out["view1"].append(module.moco.embed(first, momentum=False).float().cpu())
+            out["view2"].append(module.moco.embed(second, momentum=False).float().cpu())
+    result = {key: torch.cat(value) for key, value in out.items() if value}
+    result["labels"] = labels.long()
+    return result
+
+
+def evaluate_pretrained(
+    module: ContrastivePretrainModule,
+    dm: TwoViewDataModule,
+    cfg: PretrainConfig,
+    *,
+    plot_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Frozen-network evaluation of a pretrained module; torch is seeded with ``cfg.seed``.
+
+    Metrics (test split unless said otherwise):
+
+    - ``linear_probe``: :func:`linear_probe_accuracy` on backbone features (train -> test);
+    - ``knn``: weighted kNN (``eval.knn_k``, ``eval.knn_temperature``, cosine) on backbone
+      features of the labelled training split;
+    - ``alignment``: of the normalised embeddings of two augmented views;
+    - ``uniformity``: of one augmented view's embeddings (at most ``eval.uniformity_points``,
+      drawn with the seed);
+    - ``coagulation``, ``nmi``, ``ami``: of a k-means (``k = cluster.num_clusters[0]``) of
+      the embeddings of the un-augmented test images.
+
+    With ``plot_dir``, writes ``tsne.png``: the un-augmented test embedding coloured by label,
+    with the first granularity's E-step prototypes as stars (the test k-means centroids for
+    ``moco``, or before any E-step).
+    """
+    torch.manual_seed(cfg.seed)
+    was_training = module.training
+    module.eval()
+    try:
+        train = _frozen_outputs(module, dm, "train", views=False)
+        test = _frozen_outputs(module, dm, "test", views=True)
+    finally:
+        module.train(was_training)
+    ev = cfg.eval
+    num_classes = dm.num_classes
+    metrics: dict[str, Any] = {"method": cfg.method, "name": cfg.name, "seed": cfg.seed}
+    metrics["linear_probe"] = linear_probe_accuracy(
+        train["features"],
+        train["labels"],
+        test["features"],
+        test["labels"],
+        num_classes,
+        steps=ev.probe_steps,
+        weight_decay=ev.probe_weight_decay,
+    )
+    metrics["knn"] = knn_accuracy(
+        train["features"],
+        train["labels"],
+        test["features"],
+        test["labels"],
+        num_classes,
+        k=ev.knn_k,
+        temperature=ev.knn_temperature,
+    )
+    metrics["alignment"] = alignment(test["view1"], test["view2"])
+    generator = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(test["view1"].shape[0], generator=generator)
+    metrics["uniformity"] = uniformity_metric(test["view1"][order[: ev.uniformity_points]])
+    k = cfg.cluster.num_clusters[0]
+    clusters = kmeans(test["embedding"], k, niter=cfg.cluster.niter, seed=cfg.seed)
+    metrics["coagulation"] = coagulation(test["embedding"], clusters.assignments)
+    metrics.update(clustering_scores(clusters.assignments, test["labels"]))
+    metrics["num_train"] = int(train["labels"].shape[0])
+    metrics["num_test"] = int(test["labels"].shape[0])
+    if plot_dir is not None and ev.tsne:
+        from anchorlearn.viz.plots import plot_tsne
+
+        have_prototypes = module.uses_prototypes and int(module.estep_epoch) >= 0
+        stars = module.prototypes[0].cpu() if have_prototypes else clusters.centroids
+        kind = "E-step prototypes" if have_prototypes else "test k-means centroids"
+        plot_tsne(
+            test["embedding"],
+            test["labels"],
+            Path(plot_dir) / "tsne.png",
+            anchors=stars,
+            max_points=ev.tsne_points,
+            seed=cfg.seed,
+            title=f"{cfg.name}: test embedding, stars = {kind} (k={k})",
+        )
+    return metrics
+
+
+def probe_checkpoint(path: str | Path, *, out: str | Path | None = None) -> dict[str, Any]:
+    """Rebuild a pretraining run from its checkpoint and re-run :func:`evaluate_pretrained`
+    (without plots); with ``out``, write the metrics there as JSON."""
+    path = Path(path)
+    ckpt = load_pretrain_checkpoint(path)
+    cfg = parse_pretrain_config(ckpt[PRETRAIN_CONFIG_KEY])
+    dm, module = build_pretrain_run(cfg)
+    try:
+        module.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as err:
+        raise RunError(f"{path} does not match its own config: {err}") from err
+    metrics = evaluate_pretrained(module, dm, cfg)
+    if out is not None:
+        Path(out).write_text(json.dumps(metrics, indent=2))
+    return metrics
