@@ -1,0 +1,292 @@
+"""Self-supervised pretraining (MoCo, PCL, PAUC): tiny end-to-end runs on scikit-learn digits,
+the E-step, its DDP gather / broadcast on two gloo processes, configs and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+import yaml
+
+from anchorlearn.cli import main
+from anchorlearn.engine.config import ConfigError
+from anchorlearn.engine.runner import RunError
+from anchorlearn.engine.ssl_config import load_pretrain_config, parse_pretrain_config
+from anchorlearn.engine.ssl_module import gather_and_cluster
+from anchorlearn.engine.ssl_runner import (
+    linear_probe_accuracy,
+    load_pretrain_checkpoint,
+    pretrain,
+)
+
+NUM_TRAIN = 256
+KS = [6, 12]
+
+
+def tiny_config(method: str, **sections) -> dict:
+    """A run of a few seconds: 256 digits, one epoch, a small network and queue."""
+    raw = {
+        "name": f"tiny_{method}",
+        "method": method,
+        "data": {
+            "source": "digits",
+            "batch_size": 64,
+            "max_train_samples": NUM_TRAIN,
+            "max_test_samples": 128,
+        },
+        "model": {"kwargs": {"width": 8, "feat_dim": 16}, "queue_size": 256},
+        "cluster": {"num_clusters": KS, "warmup_epochs": 0, "niter": 5},
+        "optim": {"lr": 0.05},
+        "trainer": {"max_epochs": 1, "progress": False, "log_every_n_steps": 1},
+        "eval": {"tsne": False, "probe_steps": 30},
+    }
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    return raw
+
+
+@pytest.fixture(scope="module")
+def pcl_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    run_dir = tmp_path_factory.mktemp("ssl") / "pcl"
+    cfg = parse_pretrain_config(tiny_config("pcl", eval={"tsne": True, "tsne_points": 100}))
+    metrics = pretrain(cfg, run_dir, quiet=True)
+    return run_dir, metrics
+
+
+@pytest.mark.parametrize("method", ["moco", "pauc"])
+def test_one_epoch_run_of_each_method_writes_metrics(tmp_path: Path, method: str) -> None:
+    run_dir = tmp_path / method
+    metrics = pretrain(parse_pretrain_config(tiny_config(method)), run_dir, quiet=True)
+    stored = json.loads((run_dir / "metrics.json").read_text())
+    assert stored["method"] == method
+    for key in ("linear_probe", "knn", "nmi", "ami"):
+        assert 0.0 <= stored[key] <= 1.0, key
+    assert stored["knn"] == pytest.approx(metrics["knn"])
+    assert 0.0 <= stored["alignment"] <= 4.0
+    assert stored["uniformity"] <= 0.0
+    assert stored["coagulation"] > 0.0
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    assert (run_dir / "logs" / "version_0" / "metrics.csv").exists()
+    if method == "moco":
+        assert stored["estep_share"] == 0.0
+    else:
+        assert 0.0 < stored["estep_share"] < 1.0
+
+
+def test_pcl_run_writes_the_run_directory(pcl_run: tuple[Path, dict]) -> None:
+    run_dir, metrics = pcl_run
+    for name in ("config.yaml", "metrics.json", "checkpoints/last.ckpt", "plots/tsne.png"):
+        assert (run_dir / name).exists(), name
+    assert 0.0 <= metrics["linear_probe"] <= 1.0
+    assert 0.0 <= metrics["knn"] <= 1.0
+    assert metrics["estep_seconds_mean"] > 0.0
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["loss"]["protonce_weight"] == 1.0
+    assert config["loss"]["align_weight"] == 0.0
+    header = (run_dir / "logs" / "version_0" / "metrics.csv").read_text().splitlines()[0]
+    for column in ("train/protonce_epoch", "time/estep_s", "time/train_epoch_s"):
+        assert column in header, column
+
+
+def test_estep_buffers_have_the_right_shapes_and_index_their_prototypes(
+    pcl_run: tuple[Path, dict],
+) -> None:
+    run_dir, _ = pcl_run
+    ckpt = load_pretrain_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    state = ckpt["state_dict"]
+    assert int(state["estep_epoch"]) == 0
+    for g, k in enumerate(KS):
+        prototypes = state[f"prototypes_{g}"]
+        phi = state[f"concentrations_{g}"]
+        assignments = state[f"assignments_{g}"]
+        assert prototypes.shape == (k, 128)
+        torch.testing.assert_close(prototypes.norm(dim=1), torch.ones(k))
+        assert phi.shape == (k,) and bool((phi > 0).all())
+        assert float(phi.mean()) == pytest.approx(0.2, rel=1e-4)
+        assert assignments.shape == (NUM_TRAIN,) and assignments.dtype == torch.long
+        assert int(assignments.min()) >= 0 and int(assignments.max()) < k
+
+
+def test_probe_from_the_checkpoint_reproduces_the_run(
+    pcl_run: tuple[Path, dict], tmp_path: Path
+) -> None:
+    run_dir, metrics = pcl_run
+    out = tmp_path / "probe.json"
+    assert (
+        main(["probe", "--checkpoint", str(run_dir / "checkpoints/last.ckpt"), "--out", str(out)])
+        == 0
+    )
+    probed = json.loads(out.read_text())
+    for key in ("knn", "linear_probe", "alignment", "nmi"):
+        assert probed[key] == pytest.approx(metrics[key]), key
+
+
+def test_existing_checkpoint_needs_resume_and_resume_continues(
+    pcl_run: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir, _ = pcl_run
+    config = tmp_path / "pcl.yaml"
+    config.write_text(yaml.safe_dump(tiny_config("pcl")))
+    args = ["pretrain", "--config", str(config), "--out", str(run_dir)]
+    assert main(args) == 2
+    assert "--resume" in capsys.readouterr().err
+    resumed = tmp_path / "resumed"
+    assert main([*args[:-1], str(resumed)]) == 0
+    assert main([*args[:-1], str(resumed), "--resume", "--set", "trainer.max_epochs=2"]) == 0
+    assert json.loads((resumed / "metrics.json").read_text())["epochs"] == 2
+    assert (resumed / "logs" / "version_1").is_dir()
+
+
+def test_more_clusters_than_samples_fails_before_training(tmp_path: Path) -> None:
+    cfg = parse_pretrain_config(tiny_config("pcl", cluster={"num_clusters": [8, 300]}))
+    with pytest.raises(RunError, match=r"k=300 .* only 256 images"):
+        pretrain(cfg, tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"cluster": {"num_cluster": [5]}}, r"cluster\.num_cluster.*num_clusters"),
+        ({"loss": {"protonce_wieght": 1.0}}, r"loss\.protonce_wieght.*protonce_weight"),
+        ({"metod": "pcl"}, r"'metod'.*method"),
+        ({"method": "simclr"}, r"method must be one of"),
+        ({"loss": {"align_weight": 1.0}}, r"loss\.align_weight.*use method pauc"),
+        ({"cluster": {"num_clusters": [1]}}, r"cluster\.num_clusters"),
+        ({"cluster": {"warmup_epochs": 3}}, r"warmup_epochs=3 leaves no epoch"),
+    ],
+)
+def test_config_errors_name_the_key(changes: dict, message: str) -> None:
+    raw = tiny_config("pcl")
+    for key, value in changes.items():
+        raw[key] = {**raw[key], **value} if isinstance(value, dict) and key in raw else value
+    with pytest.raises(ConfigError, match=message):
+        parse_pretrain_config(raw)
+
+
+def test_method_defaults_and_shipped_configs() -> None:
+    pauc = parse_pretrain_config(tiny_config("pauc", loss={"corr_weight": 0.0}))
+    assert (pauc.loss.align_weight, pauc.loss.uniform_weight, pauc.loss.corr_weight) == (
+        1.0,
+        1.0,
+        0.0,
+    )
+    moco = parse_pretrain_config(tiny_config("moco"))
+    assert moco.loss.protonce_weight == 0.0
+    configs = sorted((Path(__file__).resolve().parents[2] / "configs" / "ssl").glob("*.yaml"))
+    assert {c.stem for c in configs} >= {"moco", "pcl", "pauc", "pcl_align", "pcl_uniform"}
+    shared = {
+        (c.data.max_train_samples, c.data.batch_size, c.trainer.max_epochs, c.model.name)
+        for c in map(load_pretrain_config, configs)
+    }
+    assert len(shared) == 1
+
+
+def test_linear_probe_separates_separable_features() -> None:
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(200) % 4
+    centres = torch.randn(4, 8, generator=generator) * 4
+    features = centres[labels] + torch.randn(200, 8, generator=generator)
+    acc = linear_probe_accuracy(features[:150], labels[:150], features[150:], labels[150:], 4)
+    assert acc > 0.95
+
+
+def test_single_process_estep_matches_its_parts() -> None:
+    x = F.normalize(torch.randn(60, 8), dim=1)
+    order = torch.randperm(60)
+    result = gather_and_cluster(x[order], order, 60, [3, 5], niter=5)
+    again = gather_and_cluster(x, torch.arange(60), 60, [3, 5], niter=5)
+    for a, b in zip(result.assignments, again.assignments, strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="cover 59 of 60"):
+        gather_and_cluster(x[:59], torch.arange(59), 60, [3])
+
+
+def test_pretrain_and_probe_help(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("pretrain", "probe"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        assert f"usage: anchorlearn {command}" in capsys.readouterr().out
+
+
+def test_probe_rejects_a_file_that_is_not_a_pretraining_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bogus = tmp_path / "x.ckpt"
+    torch.save({"state_dict": {}}, bogus)
+    assert main(["probe", "--checkpoint", str(bogus)]) == 2
+    assert "not an anchorlearn pretraining checkpoint" in capsys.readouterr().err
+
+
+# DDP: two gloo processes each embed half of the data; both must end with the same E-step.
+
+DDP_N, DDP_D, DDP_KS = 90, 8, [4, 7]
+
+
+def ddp_features() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(3)
+    centres = torch.randn(5, DDP_D, generator=generator) * 3
+    x = centres[torch.arange(DDP_N) % 5] + torch.randn(DDP_N, DDP_D, generator=generator)
+    return F.normalize(x, dim=1)
+
+
+def ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        x = ddp_features()
+        # uneven shards: rank 0 gets every third sample, rank 1 the rest
+        mine = torch.arange(DDP_N)
+        mine = mine[(mine % 3 == 0) == (rank == 0)]
+        if rank == 1:
+            torch.manual_seed(123)  # a different global RNG state must not matter
+        result = gather_and_cluster(x[mine], mine, DDP_N, DDP_KS, niter=10, seed=5)
+        torch.save(
+            {
+                "prototypes": result.prototypes,
+                "concentrations": result.concentrations,
+                "assignments": result.assignments,
+            },
+            Path(out_dir) / f"rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_gather_and_cluster_gives_every_rank_the_same_estep(tmp_path: Path) -> None:
+    package_depth = len(ddp_worker.__module__.split("."))
+    import_root = Path(__file__).resolve().parents[package_depth - 1]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(import_root))
+        mp.spawn(ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    single = gather_and_cluster(
+        ddp_features(), torch.arange(DDP_N), DDP_N, DDP_KS, niter=10, seed=5
+    )
+    for g, k in enumerate(DDP_KS):
+        assert rank0["prototypes"][g].shape == (k, DDP_D)
+        assert rank0["assignments"][g].shape == (DDP_N,)
+        for key in ("prototypes", "concentrations", "assignments"):
+            assert torch.equal(rank0[key][g], rank1[key][g]), (key, g)
+            torch.testing.assert_close(rank0[key][g], getattr(single, key)[g])
+
+
+@pytest.mark.slow
+def test_two_process_ddp_pretraining_keeps_the_ranks_in_step(tmp_path: Path) -> None:
+    config = tmp_path / "ddp.yaml"
+    raw = tiny_config("pauc", cluster={"warmup_epochs": 1}, trainer={"max_epochs": 2})
+    config.write_text(yaml.safe_dump(raw))
+    command = [sys.executable, "-m", "anchorlearn.cli", "pretrain", "--config", str(config)]
+    run_dir = tmp_path / "run"
+    subprocess.run([*command, "--out", str(run_dir), "--devices", "2"], check=True, timeout=300)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["ddp_world_size"] == 2
+    assert metrics["ddp_max_state_diff"] == 0.0
