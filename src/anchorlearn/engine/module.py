@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import lightning as L
 import torch
@@ -12,7 +13,59 @@ from torch import nn
 from .config import OptimConfig
 from .objective import Objective
 
-__all__ = ["SupervisedModule", "training_counts", "upsample_logits"]
+__all__ = [
+    "SupervisedModule",
+    "build_optimizer",
+    "rank_divergence",
+    "training_counts",
+    "upsample_logits",
+]
+
+
+def build_optimizer(module: L.LightningModule, cfg: OptimConfig):
+    """SGD or AdamW over the trainable parameters of ``module``, with an optional linear
+    warm-up (``cfg.warmup_epochs``) and a per-step cosine or constant schedule after it."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    if cfg.name == "sgd":
+        opt = torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    else:
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.schedule == "constant" and cfg.warmup_epochs == 0:
+        return opt
+    trainer = module.trainer
+    total = max(int(trainer.estimated_stepping_batches), 1)
+    per_epoch = max(total // max(int(trainer.max_epochs or 1), 1), 1)
+    warmup = cfg.warmup_epochs * per_epoch
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def rank_divergence(
+    module: L.LightningModule, named_tensors: Iterable[tuple[str, torch.Tensor]]
+) -> tuple[float, str]:
+    """The largest absolute difference of any of ``named_tensors`` between DDP ranks, and
+    the name of the tensor where it occurs; ``(0.0, "")`` on a single process. Every rank
+    must call it with the same tensors (it all-gathers)."""
+    worst, worst_name = 0.0, ""
+    if module.trainer.world_size <= 1:
+        return worst, worst_name
+    for name, tensor in named_tensors:
+        gathered = module.all_gather(tensor.detach().double())
+        diff = float((gathered - gathered[0]).abs().max())
+        if diff > worst:
+            worst, worst_name = diff, name
+    return worst, worst_name
 
 
 def upsample_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -112,38 +165,9 @@ class SupervisedModule(L.LightningModule):
     def on_train_end(self) -> None:
         """Under DDP, record how far the objective's state (SAR anchors, EMA prototypes,
         step counters) differs between ranks: 0 when the ranks agree exactly."""
-        self.rank_state_divergence = 0.0
-        if self.trainer.world_size <= 1:
-            return
-        for name, buffer in self.objective.named_buffers():
-            gathered = self.all_gather(buffer.detach().double())
-            diff = float((gathered - gathered[0]).abs().max())
-            if diff > self.rank_state_divergence:
-                self.rank_state_divergence = diff
-                self.most_divergent_buffer = name
+        self.rank_state_divergence, self.most_divergent_buffer = rank_divergence(
+            self, self.objective.named_buffers()
+        )
 
     def configure_optimizers(self):
-        cfg = self.optim_cfg
-        params = [p for p in self.parameters() if p.requires_grad]
-        if cfg.name == "sgd":
-            opt = torch.optim.SGD(
-                params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-            )
-        else:
-            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        if cfg.schedule == "constant" and cfg.warmup_epochs == 0:
-            return opt
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        per_epoch = max(total // max(int(self.trainer.max_epochs or 1), 1), 1)
-        warmup = cfg.warmup_epochs * per_epoch
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            if cfg.schedule == "constant":
-                return 1.0
-            progress = (step - warmup) / max(total - warmup, 1)
-            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return build_optimizer(self, self.optim_cfg)

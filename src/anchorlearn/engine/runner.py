@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,17 +16,30 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
+from torch import nn
 
 from anchorlearn.losses.etf import ETFClassifier
 from anchorlearn.models import create_model
 
-from .config import ConfigError, ExperimentConfig, config_to_dict, parse_config
+from .config import ConfigError, ExperimentConfig, TrainerConfig, config_to_dict, parse_config
 from .datamodules import ClassificationDataModule, SegmentationDataModule
 from .evaluate import evaluate_module, write_run_plots
 from .module import SupervisedModule, training_counts
 from .objective import build_objective
 
-__all__ = ["RunError", "build_run", "evaluate_checkpoint", "fit", "load_checkpoint"]
+__all__ = [
+    "RunError",
+    "StoreConfig",
+    "build_run",
+    "check_devices",
+    "create_model_for_data",
+    "evaluate_checkpoint",
+    "fit",
+    "load_checkpoint",
+    "make_trainer",
+    "read_checkpoint",
+    "resume_from",
+]
 
 CONFIG_KEY = "anchorlearn_config"
 
@@ -95,18 +109,7 @@ def build_datamodule(cfg: ExperimentConfig):
 def build_run(cfg: ExperimentConfig) -> tuple[Any, SupervisedModule]:
     """The data module and the Lightning module of a config, validated against each other."""
     dm = build_datamodule(cfg)
-    kwargs = dict(cfg.model.kwargs)
-    for key, value in (("num_classes", dm.num_classes), ("in_channels", dm.in_channels)):
-        if key in kwargs and kwargs[key] != value:
-            raise RunError(
-                f"model.kwargs.{key}={kwargs[key]} but the data set {cfg.data.source!r} has "
-                f"{key}={value}: remove model.kwargs.{key} (it is taken from the data)"
-            )
-        kwargs[key] = value
-    try:
-        model = create_model(cfg.model.name, **kwargs)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"model {cfg.model.name!r}: {err}") from err
+    model = create_model_for_data(cfg.model.name, cfg.model.kwargs, dm, cfg.data.source)
     if cfg.model.etf_classifier:
         model.classifier = ETFClassifier(model.feat_dim, dm.num_classes)
     counts = training_counts(dm)
@@ -125,18 +128,37 @@ def build_run(cfg: ExperimentConfig) -> tuple[Any, SupervisedModule]:
     return dm, module
 
 
-class _SaveConfig(L.Callback):
-    """Stores the resolved config in every checkpoint so that it can be checked and rebuilt."""
+def create_model_for_data(name: str, kwargs: dict, dm: Any, source: str) -> nn.Module:
+    """``create_model(name, **kwargs)`` with the class and channel counts taken from the
+    data module; a config that states them differently is an error."""
+    kwargs = dict(kwargs)
+    for key, value in (("num_classes", dm.num_classes), ("in_channels", dm.in_channels)):
+        if key in kwargs and kwargs[key] != value:
+            raise RunError(
+                f"model.kwargs.{key}={kwargs[key]} but the data set {source!r} has "
+                f"{key}={value}: remove model.kwargs.{key} (it is taken from the data)"
+            )
+        kwargs[key] = value
+    try:
+        return create_model(name, **kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model {name!r}: {err}") from err
 
-    def __init__(self, cfg: ExperimentConfig) -> None:
-        self.cfg = config_to_dict(cfg)
+
+class StoreConfig(L.Callback):
+    """Stores ``payload`` (a resolved config as a dict) under ``key`` in every checkpoint,
+    so that the run can be checked on resume and rebuilt from the checkpoint alone."""
+
+    def __init__(self, key: str, payload: dict) -> None:
+        self.key = key
+        self.payload = payload
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        checkpoint[CONFIG_KEY] = self.cfg
+        checkpoint[self.key] = self.payload
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint safely (``weights_only=True``: loading never runs code)."""
+def read_checkpoint(path: str | Path) -> dict:
+    """Load any checkpoint safely (``weights_only=True``: loading never runs code)."""
     path = Path(path)
     if not path.is_file():
         raise RunError(f"checkpoint not found: {path}")
@@ -144,9 +166,68 @@ def load_checkpoint(path: str | Path) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise RunError(f"{path} is not a loadable anchorlearn checkpoint: {err}") from err
-    if not isinstance(ckpt, dict) or CONFIG_KEY not in ckpt or "state_dict" not in ckpt:
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise RunError(f"{path} is not an anchorlearn checkpoint (no state_dict)")
+    return ckpt
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint written by :func:`fit`, loaded safely."""
+    ckpt = read_checkpoint(path)
+    if CONFIG_KEY not in ckpt:
         raise RunError(f"{path} is not an anchorlearn checkpoint (no stored config)")
     return ckpt
+
+
+def resume_from(run_dir: Path, resume: bool, check: Callable[[Path], None]) -> str | None:
+    """The checkpoint to continue from: ``None`` for a fresh run directory; with ``resume``
+    its ``last.ckpt`` after ``check(path)``; an error when it holds one and ``resume`` is
+    off (a finished or interrupted run is never overwritten)."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not last.exists():
+        return None
+    if not resume:
+        raise RunError(
+            f"{run_dir} already holds a checkpoint: pass --resume to continue it, or "
+            "choose another --out"
+        )
+    check(last)
+    return str(last)
+
+
+def make_trainer(
+    t: TrainerConfig,
+    run_dir: Path,
+    callbacks: list[L.Callback],
+    *,
+    quiet: bool,
+    **extra: Any,
+) -> L.Trainer:
+    """A Lightning trainer writing ``run_dir/checkpoints/last.ckpt`` every epoch and CSV logs
+    under ``run_dir/logs``; DDP when ``t.devices > 1``. ``extra`` goes to ``L.Trainer``."""
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, every_n_epochs=1
+    )
+    callbacks = [checkpoint, *callbacks]
+    if t.progress and not quiet:
+        callbacks.append(TQDMProgressBar(refresh_rate=10))
+    return L.Trainer(
+        max_epochs=t.max_epochs,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy="ddp" if t.devices > 1 else "auto",
+        precision=t.precision,
+        # One log folder per attempt (version_0, version_1 after a resume, ...): a resumed
+        # run never deletes the logs of the attempt it continues.
+        logger=CSVLogger(run_dir, name="logs"),
+        callbacks=callbacks,
+        log_every_n_steps=t.log_every_n_steps,
+        enable_progress_bar=t.progress and not quiet,
+        enable_model_summary=False,
+        deterministic=t.deterministic,
+        default_root_dir=run_dir,
+        **extra,
+    )
 
 
 def check_compatible(ckpt: dict, cfg: ExperimentConfig, path: Path) -> None:
@@ -184,43 +265,19 @@ def fit(
     run_dir = Path(run_dir)
     t = cfg.trainer
     check_devices(t.accelerator, t.devices)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    ckpt_path = None
-    if last.exists():
-        if not resume:
-            raise RunError(
-                f"{run_dir} already holds a checkpoint: pass --resume to continue it, or "
-                "choose another --out"
-            )
-        check_compatible(load_checkpoint(last), cfg, last)
-        ckpt_path = str(last)
+    ckpt_path = resume_from(
+        run_dir, resume, lambda last: check_compatible(load_checkpoint(last), cfg, last)
+    )
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     dm, module = build_run(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_run_header(cfg, dm, run_dir)
 
-    checkpoint = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, every_n_epochs=1
-    )
-    all_callbacks: list[L.Callback] = [checkpoint, _SaveConfig(cfg), *(callbacks or [])]
-    if t.progress and not quiet:
-        all_callbacks.append(TQDMProgressBar(refresh_rate=10))
-    strategy = "ddp" if t.devices > 1 else "auto"
-    trainer = L.Trainer(
-        max_epochs=t.max_epochs,
-        accelerator=t.accelerator,
-        devices=t.devices,
-        strategy=strategy,
-        precision=t.precision,
-        # One log folder per attempt (version_0, version_1 after a resume, ...): a resumed
-        # run never deletes the logs of the attempt it continues.
-        logger=CSVLogger(run_dir, name="logs"),
-        callbacks=all_callbacks,
-        log_every_n_steps=t.log_every_n_steps,
-        enable_progress_bar=t.progress and not quiet,
-        enable_model_summary=False,
-        deterministic=t.deterministic,
-        default_root_dir=run_dir,
+    trainer = make_trainer(
+        t,
+        run_dir,
+        [StoreConfig(CONFIG_KEY, config_to_dict(cfg)), *(callbacks or [])],
+        quiet=quiet,
     )
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)

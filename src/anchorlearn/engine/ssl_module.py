@@ -10,7 +10,6 @@ module's buffers.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ from anchorlearn.losses.pauc import PAUCLoss
 from anchorlearn.models.moco import MoCo
 
 from .config import OptimConfig
+from .module import build_optimizer, rank_divergence
 from .ssl_config import PretrainLossConfig
 
 __all__ = ["ContrastivePretrainModule", "EStepCallback", "EStepResult", "gather_and_cluster"]
@@ -301,38 +301,13 @@ class ContrastivePretrainModule(L.LightningModule):
     def on_train_end(self) -> None:
         """Under DDP, record in :attr:`rank_state_divergence` the largest difference between
         ranks of the E-step buffers and the queue: 0 when the ranks agree exactly."""
-        self.rank_state_divergence = 0.0
-        if self.trainer.world_size <= 1:
-            return
-        for buffer in [*self.prototypes, *self.concentrations, *self.assignments, self.moco.queue]:
-            gathered = self.all_gather(buffer.detach().double())
-            diff = float((gathered - gathered[0]).abs().max())
-            self.rank_state_divergence = max(self.rank_state_divergence, diff)
+        buffers = [*self.prototypes, *self.concentrations, *self.assignments, self.moco.queue]
+        self.rank_state_divergence, _ = rank_divergence(
+            self, ((str(i), b) for i, b in enumerate(buffers))
+        )
 
     def configure_optimizers(self):
-        cfg = self.optim_cfg
-        params = [p for p in self.parameters() if p.requires_grad]
-        if cfg.name == "sgd":
-            opt = torch.optim.SGD(
-                params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-            )
-        else:
-            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        if cfg.schedule == "constant" and cfg.warmup_epochs == 0:
-            return opt
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = cfg.warmup_epochs * max(total // max(int(self.trainer.max_epochs or 1), 1), 1)
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            if cfg.schedule == "constant":
-                return 1.0
-            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return build_optimizer(self, self.optim_cfg)
 
 
 class EStepCallback(L.Callback):

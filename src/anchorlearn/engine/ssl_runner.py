@@ -16,19 +16,25 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 import yaml
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from anchorlearn.cluster import kmeans
 from anchorlearn.metrics.ssl import alignment, clustering_scores, coagulation, knn_accuracy
 from anchorlearn.metrics.ssl import uniformity as uniformity_metric
-from anchorlearn.models import create_model
 from anchorlearn.models.moco import MoCo
 
 from .config import ConfigError
 from .datamodules import TwoViewDataModule
-from .runner import CONFIG_KEY, RunError, check_devices
+from .runner import (
+    CONFIG_KEY,
+    RunError,
+    StoreConfig,
+    check_devices,
+    create_model_for_data,
+    make_trainer,
+    read_checkpoint,
+    resume_from,
+)
 from .ssl_config import PretrainConfig, parse_pretrain_config, pretrain_config_to_dict
 from .ssl_module import ContrastivePretrainModule, EStepCallback
 
@@ -82,18 +88,7 @@ def build_pretrain_run(cfg: PretrainConfig) -> tuple[TwoViewDataModule, Contrast
             f"{cfg.cluster.num_clusters[0]} groups but it has only {num_test} images: lower "
             "it or raise data.max_test_samples"
         )
-    kwargs = dict(cfg.model.kwargs)
-    for key, value in (("num_classes", dm.num_classes), ("in_channels", dm.in_channels)):
-        if key in kwargs and kwargs[key] != value:
-            raise RunError(
-                f"model.kwargs.{key}={kwargs[key]} but the data set {d.source!r} has "
-                f"{key}={value}: remove model.kwargs.{key} (it is taken from the data)"
-            )
-        kwargs[key] = value
-    try:
-        backbone = create_model(cfg.model.name, **kwargs)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"model {cfg.model.name!r}: {err}") from err
+    backbone = create_model_for_data(cfg.model.name, cfg.model.kwargs, dm, d.source)
     if not hasattr(backbone, "feat_dim"):
         raise ConfigError(f"model {cfg.model.name!r} has no feat_dim: it cannot be pretrained")
     # The classifier gets no gradient in pretraining; DDP requires every parameter to get one.
@@ -125,28 +120,12 @@ def build_pretrain_run(cfg: PretrainConfig) -> tuple[TwoViewDataModule, Contrast
     return dm, module
 
 
-class _SavePretrainConfig(L.Callback):
-    """Stores the resolved config in every checkpoint, so that it can be rebuilt and probed."""
-
-    def __init__(self, cfg: PretrainConfig) -> None:
-        self.cfg = pretrain_config_to_dict(cfg)
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        checkpoint[PRETRAIN_CONFIG_KEY] = self.cfg
-
-
 def load_pretrain_checkpoint(path: str | Path) -> dict:
     """Load a pretraining checkpoint safely (``weights_only=True``: loading never runs code)."""
-    path = Path(path)
-    if not path.is_file():
-        raise RunError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise RunError(f"{path} is not a loadable anchorlearn checkpoint: {err}") from err
-    if isinstance(ckpt, dict) and CONFIG_KEY in ckpt:
+    ckpt = read_checkpoint(path)
+    if CONFIG_KEY in ckpt:
         raise RunError(f"{path} was written by `anchorlearn fit`: use `anchorlearn eval` on it")
-    if not isinstance(ckpt, dict) or PRETRAIN_CONFIG_KEY not in ckpt or "state_dict" not in ckpt:
+    if PRETRAIN_CONFIG_KEY not in ckpt:
         raise RunError(f"{path} is not an anchorlearn pretraining checkpoint (no stored config)")
     return ckpt
 
@@ -185,16 +164,9 @@ def pretrain(
     run_dir = Path(run_dir)
     t = cfg.trainer
     check_devices(t.accelerator, t.devices)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    ckpt_path = None
-    if last.exists():
-        if not resume:
-            raise RunError(
-                f"{run_dir} already holds a checkpoint: pass --resume to continue it, or "
-                "choose another --out"
-            )
-        _check_compatible(load_pretrain_checkpoint(last), cfg, last)
-        ckpt_path = str(last)
+    ckpt_path = resume_from(
+        run_dir, resume, lambda last: _check_compatible(load_pretrain_checkpoint(last), cfg, last)
+    )
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     dm, module = build_pretrain_run(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -209,27 +181,8 @@ def pretrain(
         seed=cfg.seed,
         verbose=not quiet,
     )
-    checkpoint = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, every_n_epochs=1
-    )
-    callbacks: list[L.Callback] = [estep, checkpoint, _SavePretrainConfig(cfg)]
-    if t.progress and not quiet:
-        callbacks.append(TQDMProgressBar(refresh_rate=10))
-    trainer = L.Trainer(
-        max_epochs=t.max_epochs,
-        accelerator=t.accelerator,
-        devices=t.devices,
-        strategy="ddp" if t.devices > 1 else "auto",
-        precision=t.precision,
-        logger=CSVLogger(run_dir, name="logs"),
-        callbacks=callbacks,
-        log_every_n_steps=t.log_every_n_steps,
-        enable_progress_bar=t.progress and not quiet,
-        enable_model_summary=False,
-        deterministic=t.deterministic,
-        default_root_dir=run_dir,
-        limit_val_batches=0,
-    )
+    config_callback = StoreConfig(PRETRAIN_CONFIG_KEY, pretrain_config_to_dict(cfg))
+    trainer = make_trainer(t, run_dir, [estep, config_callback], quiet=quiet, limit_val_batches=0)
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     if not trainer.is_global_zero:
