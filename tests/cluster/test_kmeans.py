@@ -131,3 +131,34 @@ def test_bad_input_raises() -> None:
         kmeans(x, 3, backend="sklearn")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="niter must be >= 1"):
         kmeans(x, 3, niter=0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_greedy_kmeanspp_seeds_one_point_per_planted_cluster(seed: int) -> None:
+    # 24 clusters of 100 points: N = 2400 > 40 k = 960, so the seeding works on a subset.
+    g = torch.Generator().manual_seed(100 + seed)
+    k, per = 24, 100
+    centres = torch.randn(k, D, generator=g) * 4.0
+    labels = torch.arange(k).repeat_interleave(per)
+    x = centres[labels] + 0.2 * torch.randn(k * per, D, generator=g)
+    seeds = KMEANS_MODULE._init_centroids(x, k, "k-means++", torch.Generator().manual_seed(seed))
+    nearest_centre = torch.cdist(seeds, centres).argmin(dim=1)
+    assert sorted(nearest_centre.tolist()) == list(range(k))
+    # the rows are data points, not averages
+    assert bool((seeds[:, None, :] == x[None, :, :]).all(dim=2).any(dim=1).all())
+
+
+def test_default_seeding_switches_to_random_rows_for_large_k(monkeypatch) -> None:
+    seen: list[str] = []
+    original = KMEANS_MODULE._init_centroids
+
+    def spy(x, k, init, generator):
+        seen.append(init)
+        return original(x, k, init, generator)
+
+    monkeypatch.setattr(KMEANS_MODULE, "_init_centroids", spy)
+    monkeypatch.setattr(KMEANS_MODULE, "_KMEANS_PP_MAX_K", 5)
+    x, _ = planted()
+    kmeans(x, 5, backend="torch", niter=1)
+    kmeans(x, 6, backend="torch", niter=1)
+    assert seen == ["k-means++", "random"]

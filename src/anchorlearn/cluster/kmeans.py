@@ -8,6 +8,7 @@ step), so that the two backends and scikit-learn report comparable numbers.
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,6 +24,8 @@ Backend = Literal["auto", "faiss", "torch"]
 Init = Literal["k-means++", "random"]
 
 _CHUNK_ELEMENTS = 1 << 22  # rows x centroids per block of the distance matrix
+_KMEANS_PP_MAX_K = 1000  # default seeding: k-means++ up to this k, random rows above
+_SEEDING_POINTS_PER_CLUSTER = 40  # k-means++ seeds from at most 40 k random rows
 
 
 @dataclass(frozen=True)
@@ -74,28 +77,44 @@ def nearest_centroids(
 def _init_centroids(
     x: torch.Tensor, k: int, init: Init, generator: torch.Generator
 ) -> torch.Tensor:
-    """``k`` initial centroids: distinct random rows, or k-means++ (D^2 sampling)."""
+    """``k`` initial centroids: distinct random rows, or greedy k-means++.
+
+    Greedy k-means++ (Arthur and Vassilvitskii 2007, with the greedy trials of their
+    section 6): each new centroid is the best, by the resulting inertia, of
+    ``2 + floor(ln k)`` rows drawn with probability proportional to their squared distance
+    to the nearest centroid chosen so far. The trials are scored together in one matrix
+    product. When ``N > 40 k`` the seeding draws from ``40 k`` random rows only.
+    """
     n = x.shape[0]
     if init == "random":
         return x[torch.randperm(n, generator=generator)[:k].to(x.device)].clone()
+    if n > _SEEDING_POINTS_PER_CLUSTER * k:
+        # seeding looks at a random subset: it only has to place k starting points
+        subset = torch.randperm(n, generator=generator)[: _SEEDING_POINTS_PER_CLUSTER * k]
+        x, n = x[subset.to(x.device)], _SEEDING_POINTS_PER_CLUSTER * k
+    trials = 2 + int(math.log(k))
     x_sq = (x * x).sum(dim=1)
 
-    def sq_dist_to(row: int) -> torch.Tensor:
-        return (x_sq - 2.0 * (x @ x[row]) + x_sq[row]).clamp_min(0.0)
+    def sq_dist_to(rows: torch.Tensor) -> torch.Tensor:  # (len(rows), N)
+        cand = x[rows]
+        return (x_sq[None, :] - 2.0 * (cand @ x.t()) + x_sq[rows][:, None]).clamp_min(0.0)
 
-    picks = [int(torch.randint(n, (1,), generator=generator))]
-    min_sq = sq_dist_to(picks[0])
+    first = torch.randint(n, (1,), generator=generator).to(x.device)
+    picks = [int(first)]
+    min_sq = sq_dist_to(first)[0]
     for _ in range(1, k):
-        # inverse-CDF draw of a row with probability min_sq / sum(min_sq)
+        # inverse-CDF draws of rows with probability min_sq / sum(min_sq)
         cumulative = torch.cumsum(min_sq.double(), dim=0)
         total = float(cumulative[-1])
         if total > 0:
-            u = float(torch.rand((), generator=generator, dtype=torch.float64)) * total
-            pick = min(int(torch.searchsorted(cumulative, u, right=True)), n - 1)
+            u = torch.rand(trials, generator=generator, dtype=torch.float64) * total
+            cand = torch.searchsorted(cumulative, u.to(x.device), right=True).clamp_max(n - 1)
         else:  # fewer distinct points than clusters: any row will do
-            pick = int(torch.randint(n, (1,), generator=generator))
-        picks.append(pick)
-        min_sq = torch.minimum(min_sq, sq_dist_to(pick))
+            cand = torch.randint(n, (1,), generator=generator).to(x.device)
+        candidate_min = torch.minimum(min_sq[None, :], sq_dist_to(cand))
+        best = int(candidate_min.double().sum(dim=1).argmin())
+        picks.append(int(cand[best]))
+        min_sq = candidate_min[best]
     return x[torch.tensor(picks, device=x.device)].clone()
 
 
@@ -213,21 +232,22 @@ def kmeans(
 
     Backends:
         - ``"faiss"``: ``faiss.Kmeans``, imported lazily, on the CPU in float32, trained on
-          every point (no subsampling). An empty cluster is repaired by splitting a large
-          one. Default initialisation ``"random"``: faiss's own, seeded with ``seed``, and
-          its own ``nredo`` restarts; with ``init="k-means++"`` each restart starts from a
-          k-means++ seeding computed here.
-        - ``"torch"``: default initialisation ``"k-means++"``. Distances are computed in
-          row blocks through :math:`\lVert x\rVert^2 - 2x\cdot c + \lVert c\rVert^2`; a
-          cluster left empty by an assignment step is re-seeded with the point farthest
-          from its centroid (the next farthest for the next empty one). Runs on the device
-          of ``x``, in float64 for float64 input and float32 otherwise.
+          every point (no subsampling), started from the centroids of the initialisation
+          below (``init="random"`` leaves the seeding to faiss, seeded with ``seed``). An
+          empty cluster is repaired by splitting a large one.
+        - ``"torch"``: distances are computed in row blocks through
+          :math:`\lVert x\rVert^2 - 2x\cdot c + \lVert c\rVert^2`; a cluster left empty
+          by an assignment step is re-seeded with the point farthest from its centroid
+          (the next farthest for the next empty one). Runs on the device of ``x``, in
+          float64 for float64 input and float32 otherwise.
         - ``"auto"``: faiss when installed and ``x`` is on the CPU, torch otherwise.
 
-    Initialisations, drawn from a ``torch.Generator`` seeded with ``seed`` (except faiss's
-    own): ``"random"`` picks ``k`` distinct rows; ``"k-means++"`` is D² sampling, ``k``
-    sequential passes over the data, which costs more than Lloyd itself when ``k`` is in
-    the tens of thousands (use ``"random"`` there, as PCL does with faiss).
+    Initialisations, drawn from a ``torch.Generator`` seeded with ``seed``: ``"random"``
+    picks ``k`` distinct rows; ``"k-means++"`` is greedy D² sampling (see
+    :func:`_init_centroids`), ``k`` sequential steps over at most ``40 k`` rows. The
+    default (``init=None``) is k-means++ up to ``k = 1000`` and random rows above, where
+    the sequential seeding would cost more than Lloyd itself (PCL's faiss runs with
+    k in the tens of thousands start from random rows too).
 
     ``spherical=True`` L2-normalises the centroids after every update (assignment by inner
     product when ``x`` is normalised). The returned centroids are L2-normalised in every
@@ -242,7 +262,7 @@ def kmeans(
         seed: seeds the initialisation (both backends).
         backend: ``"auto"``, ``"faiss"`` or ``"torch"``.
         spherical: normalise the centroids during the iterations.
-        init: ``"k-means++"``, ``"random"`` or ``None`` (the backend's default).
+        init: ``"k-means++"``, ``"random"`` or ``None`` (k-means++ for ``k <= 1000``).
         verbose: print progress.
 
     Returns:
@@ -277,12 +297,12 @@ def kmeans(
         )
 
     work = x.detach().to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    if init is None:
+        init = "k-means++" if k <= _KMEANS_PP_MAX_K else "random"
     if backend == "faiss":
-        init = "random" if init is None else init
         centroids = _faiss_kmeans(work, k, niter, nredo, seed, spherical, init, verbose)
         centroids = centroids.to(device=work.device, dtype=work.dtype)
     else:
-        init = "k-means++" if init is None else init
         centroids = _torch_kmeans(work, k, niter, nredo, seed, spherical, init, verbose)
     assignments, sq_dist = nearest_centroids(work, centroids)
     return ClusterResult(

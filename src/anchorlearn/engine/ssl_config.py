@@ -70,6 +70,7 @@ class ClusterConfig:
     niter: int = 20
     nredo: int = 1
     backend: str = "auto"
+    init: str = "auto"  # k-means seeding: auto (k-means++ up to k = 1000), k-means++, random
 
 
 @dataclass
@@ -136,6 +137,7 @@ class PretrainConfig:
 _CHOICES = {
     "method": METHODS,
     "cluster.backend": ("auto", "faiss", "torch"),
+    "cluster.init": ("auto", "k-means++", "random"),
     "loss.uniform_mode": ("batch_means", "assignment"),
     "loss.corr_mode": ("barlow", "vicreg"),
     "loss.corr_features": ("batch_means", "assignment"),

@@ -93,6 +93,7 @@ def gather_and_cluster(
     nredo: int = 1,
     seed: int = 0,
     backend: str = "auto",
+    init: str = "auto",
 ) -> EStepResult:
     """The E-step of PCL on embeddings that may be spread over DDP ranks.
 
@@ -104,7 +105,9 @@ def gather_and_cluster(
     the same :class:`EStepResult`; without one, ``features`` must hold every sample.
 
     Per granularity ``k`` in ``num_clusters``: :func:`~anchorlearn.cluster.kmeans` (``niter``
-    iterations, ``nredo`` restarts, seeded with ``seed``; centroids L2-normalised) and
+    iterations, ``nredo`` restarts, seeded with ``seed``, initialised by ``init``:
+    ``"k-means++"``, ``"random"`` or ``"auto"``, the library default; centroids
+    L2-normalised) and
     :func:`~anchorlearn.cluster.estimate_concentration` rescaled to mean ``temperature``.
     Collective calls are made on the device of ``features`` (a CUDA tensor under NCCL).
     """
@@ -134,7 +137,15 @@ def gather_and_cluster(
                 "clusters"
             )
         if is_root:
-            clusters = kmeans(full, k, niter=niter, nredo=nredo, seed=seed + g, backend=backend)
+            clusters = kmeans(
+                full,
+                k,
+                niter=niter,
+                nredo=nredo,
+                seed=seed + g,
+                backend=backend,
+                init=None if init == "auto" else init,
+            )
             prototypes = clusters.centroids.to(device)
             assignments = clusters.assignments.to(device)
             phi = estimate_concentration(full, prototypes, assignments, temperature).float()
@@ -330,6 +341,7 @@ class EStepCallback(L.Callback):
         niter: int = 20,
         nredo: int = 1,
         backend: str = "auto",
+        init: str = "auto",
         seed: int = 0,
         batch_size: int = 1024,
         verbose: bool = True,
@@ -338,6 +350,7 @@ class EStepCallback(L.Callback):
         self.niter = niter
         self.nredo = nredo
         self.backend = backend
+        self.init = init
         self.seed = seed
         self.batch_size = batch_size
         self.verbose = verbose
@@ -368,6 +381,7 @@ class EStepCallback(L.Callback):
             nredo=self.nredo,
             seed=self.seed * 1000 + trainer.current_epoch,
             backend=self.backend,
+            init=self.init,
         )
         module.set_estep(result, trainer.current_epoch)
         return result

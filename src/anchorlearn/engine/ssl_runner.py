@@ -178,6 +178,7 @@ def pretrain(
         niter=cfg.cluster.niter,
         nredo=cfg.cluster.nredo,
         backend=cfg.cluster.backend,
+        init=cfg.cluster.init,
         seed=cfg.seed,
         verbose=not quiet,
     )
