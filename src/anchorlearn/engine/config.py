@@ -56,7 +56,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """A model from the factory; ``etf_classifier`` swaps its classifier for a fixed ETF."""
+    """A model from the factory; ``etf_classifier`` classifies with a fixed simplex ETF
+    behind a batch normalisation of the features (:class:`~anchorlearn.models.FixedETFModel`)."""
 
     name: str = "small_cnn"
     kwargs: dict[str, Any] = field(default_factory=dict)

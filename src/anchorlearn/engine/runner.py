@@ -18,8 +18,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from anchorlearn.losses.etf import ETFClassifier
 from anchorlearn.models import create_model
+from anchorlearn.models.etf import FixedETFModel
 
 from .config import ConfigError, ExperimentConfig, TrainerConfig, config_to_dict, parse_config
 from .datamodules import ClassificationDataModule, SegmentationDataModule
@@ -111,7 +111,7 @@ def build_run(cfg: ExperimentConfig) -> tuple[Any, SupervisedModule]:
     dm = build_datamodule(cfg)
     model = create_model_for_data(cfg.model.name, cfg.model.kwargs, dm, cfg.data.source)
     if cfg.model.etf_classifier:
-        model.classifier = ETFClassifier(model.feat_dim, dm.num_classes)
+        model = FixedETFModel(model, dm.num_classes, dense=cfg.task == "segmentation")
     counts = training_counts(dm)
     objective = build_objective(
         cfg.losses, model=model, num_classes=dm.num_classes, class_counts=counts

@@ -6,6 +6,7 @@ Every model exposes ``classifier`` (its final ``nn.Linear`` or 1x1 ``nn.Conv2d``
 """
 
 from anchorlearn.models.cnn import SmallCNN, small_cnn
+from anchorlearn.models.etf import FixedETFModel
 from anchorlearn.models.moco import MoCo
 from anchorlearn.models.registry import create_model, list_models, register_model
 from anchorlearn.models.resnet_cifar import CifarResNet, resnet20, resnet32
@@ -13,6 +14,7 @@ from anchorlearn.models.segmentation import SmallUNet, seg_net
 
 __all__ = [
     "CifarResNet",
+    "FixedETFModel",
     "MoCo",
     "SmallCNN",
     "SmallUNet",
