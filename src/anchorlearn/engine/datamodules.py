@@ -72,9 +72,15 @@ class EpochShuffleSampler(Sampler[int]):
         return self.num_samples
 
 
+def _writable_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor of ``array``, copied when it is read-only (a memory map of cached data)."""
+    array = np.ascontiguousarray(array)
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
 def _to_nchw(images: np.ndarray) -> torch.Tensor:
     """uint8 ``(N, H, W)`` or ``(N, H, W, C)`` numpy -> contiguous uint8 ``(N, C, H, W)``."""
-    tensor = torch.from_numpy(np.ascontiguousarray(images))
+    tensor = _writable_tensor(images)
     if tensor.ndim == 3:
         return tensor[:, None].contiguous()
     return tensor.permute(0, 3, 1, 2).contiguous()
@@ -407,7 +413,7 @@ class SegmentationDataModule(_InMemoryDataModule):
             names = data.class_names
         self._class_names = list(names)
         self._splits = {
-            split: TensorDataset(_to_nchw(images), torch.from_numpy(np.ascontiguousarray(masks)))
+            split: TensorDataset(_to_nchw(images), _writable_tensor(masks))
             for split, (images, masks) in pairs.items()
         }
         train_images = self._train_images = self._splits["train"].tensors[0]
