@@ -70,8 +70,11 @@ def test_resume_reaches_the_same_result_as_an_uninterrupted_run(tmp_path: Path) 
     cfg = parse_config(digits_config(trainer={"max_epochs": 3, "progress": False}))
     full = fit(cfg, tmp_path / "full", quiet=True, plots=False)
     fit(cfg, tmp_path / "resumed", quiet=True, plots=False, callbacks=[_StopAfter(2)])
+    first = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
     resumed = fit(cfg, tmp_path / "resumed", resume=True, quiet=True, plots=False)
     assert resumed["epochs"] == full["epochs"] == 3
+    # the training time adds up over the two attempts (kept in the checkpoint)
+    assert resumed["train_seconds"] > first["train_seconds"] > 0
     assert resumed["top1"] == pytest.approx(full["top1"], abs=1e-6)
     assert resumed["nc1"] == pytest.approx(full["nc1"], rel=1e-4)
 
@@ -91,6 +94,20 @@ def test_resume_with_another_model_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(RunError, match="small_cnn"):
         fit(other, tmp_path, resume=True, quiet=True, plots=False)
+
+
+def test_resume_refuses_changed_settings_and_names_them(tmp_path: Path) -> None:
+    cfg = parse_config(digits_config(trainer={"max_epochs": 1, "progress": False}))
+    fit(cfg, tmp_path, quiet=True, plots=False)
+    changed = parse_config(
+        digits_config(optim={"lr": 0.1}, trainer={"max_epochs": 2, "progress": False})
+    )
+    with pytest.raises(RunError, match=r"optim\.lr: 0\.05 -> 0\.1") as info:
+        fit(changed, tmp_path, resume=True, quiet=True, plots=False)
+    assert "max_epochs" not in str(info.value).split("may change)")[1]
+    # a longer schedule alone is allowed
+    longer = parse_config(digits_config(trainer={"max_epochs": 2, "progress": False}))
+    assert fit(longer, tmp_path, resume=True, quiet=True, plots=False)["epochs"] == 2
 
 
 def test_eval_checkpoint_matches_fit_metrics(tmp_path: Path) -> None:

@@ -139,8 +139,14 @@ def test_existing_checkpoint_needs_resume_and_resume_continues(
     assert "--resume" in capsys.readouterr().err
     resumed = tmp_path / "resumed"
     assert main([*args[:-1], str(resumed)]) == 0
+    first = json.loads((resumed / "metrics.json").read_text())
+    changed = ["--resume", "--set", "trainer.max_epochs=2", "--set", "loss.protonce_weight=2"]
+    assert main([*args[:-1], str(resumed), *changed]) == 2
+    assert "loss.protonce_weight: 1.0 -> 2.0" in capsys.readouterr().err
     assert main([*args[:-1], str(resumed), "--resume", "--set", "trainer.max_epochs=2"]) == 0
-    assert json.loads((resumed / "metrics.json").read_text())["epochs"] == 2
+    metrics = json.loads((resumed / "metrics.json").read_text())
+    assert metrics["epochs"] == 2
+    assert metrics["train_seconds"] > first["train_seconds"]
     assert (resumed / "logs" / "version_1").is_dir()
 
 

@@ -42,3 +42,17 @@ def test_model_without_feat_dim_or_classifier_is_a_type_error() -> None:
     bare.feat_dim = 8
     with pytest.raises(TypeError, match="classifier"):
         FixedETFModel(bare, 2)
+
+
+def test_a_training_batch_of_one_uses_the_running_statistics() -> None:
+    # the last batch of an epoch may hold a single image; plain BatchNorm1d raises there
+    model = FixedETFModel(create_model("small_cnn", num_classes=10), 10).train()
+    model(torch.randn(8, 1, 28, 28))
+    running = model.norm.running_mean.clone()
+    logits, features = model(torch.randn(1, 1, 28, 28))
+    assert logits.shape == (1, 10) and bool(torch.isfinite(features).all())
+    torch.testing.assert_close(model.norm.running_mean, running)
+    row = torch.randn(1, model.feat_dim)
+    norm = model.norm
+    expected = (row - norm.running_mean) / torch.sqrt(norm.running_var + norm.eps)
+    torch.testing.assert_close(norm(row), expected * norm.weight + norm.bias)

@@ -92,8 +92,9 @@ class SupervisedModule(L.LightningModule):
         objective: the losses (their parameters, e.g. SAR's projector, train with the model).
         optim: optimiser and schedule settings.
         task: ``"classification"`` or ``"segmentation"``.
-        seed: reseeds torch at every epoch start (``seed * 1000 + epoch``), so that batch
-            augmentations do not depend on whether the run was resumed.
+        seed: reseeds torch at every epoch start (``seed * 1000 + epoch``, plus
+            ``rank << 32`` on DDP rank ``rank``), so that batch augmentations do not depend
+            on whether the run was resumed.
     """
 
     def __init__(
@@ -124,7 +125,8 @@ class SupervisedModule(L.LightningModule):
         return self.model(x)
 
     def on_train_epoch_start(self) -> None:
-        torch.manual_seed(self.seed * 1000 + self.current_epoch + 1000 * self.global_rank)
+        # rank r > 0 draws from a stream no other (seed, epoch, rank) uses
+        torch.manual_seed(self.seed * 1000 + self.current_epoch + (self.global_rank << 32))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
         images, labels = batch

@@ -16,6 +16,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
 from anchorlearn.models import create_model
@@ -30,8 +31,10 @@ from .objective import build_objective
 __all__ = [
     "RunError",
     "StoreConfig",
+    "TrainClock",
     "build_run",
     "check_devices",
+    "config_differences",
     "create_model_for_data",
     "evaluate_checkpoint",
     "fit",
@@ -157,6 +160,26 @@ class StoreConfig(L.Callback):
         checkpoint[self.key] = self.payload
 
 
+class TrainClock(L.Callback):
+    """Training wall time summed over epochs and over resumed attempts (kept in checkpoints)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._start = 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.seconds += time.perf_counter() - self._start
+
+    def state_dict(self) -> dict:
+        return {"seconds": self.seconds}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.seconds = float(state_dict.get("seconds", 0.0))
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """Load any checkpoint safely (``weights_only=True``: loading never runs code)."""
     path = Path(path)
@@ -175,6 +198,10 @@ def load_checkpoint(path: str | Path) -> dict:
     """A checkpoint written by :func:`fit`, loaded safely."""
     ckpt = read_checkpoint(path)
     if CONFIG_KEY not in ckpt:
+        if any(key.startswith("anchorlearn_pretrain") for key in ckpt):
+            raise RunError(
+                f"{path} was written by `anchorlearn pretrain`: use `anchorlearn probe` on it"
+            )
         raise RunError(f"{path} is not an anchorlearn checkpoint (no stored config)")
     return ckpt
 
@@ -206,7 +233,12 @@ def make_trainer(
     """A Lightning trainer writing ``run_dir/checkpoints/last.ckpt`` every epoch and CSV logs
     under ``run_dir/logs``; DDP when ``t.devices > 1``. ``extra`` goes to ``L.Trainer``."""
     checkpoint = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, every_n_epochs=1
+        dirpath=run_dir / "checkpoints",
+        save_last=True,
+        save_top_k=0,
+        every_n_epochs=1,
+        # a moved run directory must keep writing last.ckpt, never last-v1.ckpt
+        enable_version_counter=False,
     )
     callbacks = [checkpoint, *callbacks]
     if t.progress and not quiet:
@@ -215,7 +247,10 @@ def make_trainer(
         max_epochs=t.max_epochs,
         accelerator=t.accelerator,
         devices=t.devices,
-        strategy="ddp" if t.devices > 1 else "auto",
+        # No buffer broadcast from rank 0: the objectives keep their own state identical
+        # across ranks (all-reduced EMA statistics, the E-step's broadcast), which
+        # ddp_max_state_diff then really checks.
+        strategy=DDPStrategy(broadcast_buffers=False) if t.devices > 1 else "auto",
         precision=t.precision,
         # One log folder per attempt (version_0, version_1 after a resume, ...): a resumed
         # run never deletes the logs of the attempt it continues.
@@ -230,19 +265,62 @@ def make_trainer(
     )
 
 
-def check_compatible(ckpt: dict, cfg: ExperimentConfig, path: Path) -> None:
-    """A checkpoint must come from the same model, task and class count."""
-    stored = ckpt[CONFIG_KEY]
-    for key in ("task",):
-        if stored[key] != getattr(cfg, key):
-            raise RunError(
-                f"{path} was trained for {key}={stored[key]!r}, not {getattr(cfg, key)!r}"
-            )
-    if stored["model"]["name"] != cfg.model.name:
+# Settings that may change when a run is resumed: how long it trains, how it reports, where
+# it computes (the batches and the schedule do not depend on them).
+RESUMABLE_CHANGES = frozenset(
+    {
+        "name",
+        "out_dir",
+        "trainer.max_epochs",
+        "trainer.progress",
+        "trainer.log_every_n_steps",
+        "trainer.accelerator",
+    }
+)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        flat: dict[str, Any] = {}
+        for key, value in tree.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: tree}
+
+
+def config_differences(
+    stored: dict, current: dict, allowed: frozenset[str] = RESUMABLE_CHANGES
+) -> list[str]:
+    """``key: stored -> current`` for every setting (dotted key) that differs, except the
+    ``allowed`` ones and those under an allowed prefix ending in ``.*``."""
+    old, new = _flatten(stored), _flatten(current)
+    prefixes = tuple(a[:-1] for a in allowed if a.endswith(".*"))
+    return [
+        f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key) and key not in allowed and not key.startswith(prefixes)
+    ]
+
+
+def refuse_changed_config(differences: list[str], path: Path) -> None:
+    """A run resumes only with the settings it was started with (see RESUMABLE_CHANGES)."""
+    if differences:
         raise RunError(
-            f"{path} holds a {stored['model']['name']!r} model but the config asks for "
-            f"{cfg.model.name!r}: use another --out or the matching config"
+            f"{path} was trained with other settings; a resumed run must keep them "
+            f"(only {', '.join(sorted(RESUMABLE_CHANGES))} may change): "
+            + "; ".join(differences)
+            + ". Use another --out for the new settings."
         )
+
+
+def check_compatible(ckpt: dict, cfg: ExperimentConfig, path: Path) -> None:
+    """Resuming ``cfg`` from ``ckpt`` is allowed only if nothing but
+    :data:`RESUMABLE_CHANGES` differs (model, data, losses, optimiser, seed, devices)."""
+    try:
+        stored = config_to_dict(parse_config(ckpt[CONFIG_KEY]))
+    except ConfigError as err:
+        raise RunError(f"{path} holds a config this version cannot read: {err}") from err
+    refuse_changed_config(config_differences(stored, config_to_dict(cfg)), path)
 
 
 def fit(
@@ -273,22 +351,24 @@ def fit(
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_run_header(cfg, dm, run_dir)
 
+    clock = TrainClock()
     trainer = make_trainer(
         t,
         run_dir,
-        [StoreConfig(CONFIG_KEY, config_to_dict(cfg)), *(callbacks or [])],
+        [StoreConfig(CONFIG_KEY, config_to_dict(cfg)), clock, *(callbacks or [])],
         quiet=quiet,
     )
-    start = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     if not trainer.is_global_zero:
         return None
+    module.to(trainer.strategy.root_device)  # Lightning's teardown moved it to the CPU
     metrics = evaluate_module(module, dm, task=cfg.task)
-    metrics["train_seconds"] = round(time.perf_counter() - start, 1)
+    metrics["train_seconds"] = round(clock.seconds, 1)
     metrics["epochs"] = int(trainer.current_epoch)
     if t.devices > 1:
         metrics["ddp_world_size"] = int(trainer.world_size)
         metrics["ddp_max_state_diff"] = module.rank_state_divergence
+        metrics["ddp_most_divergent_buffer"] = module.most_divergent_buffer
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if plots:
         write_run_plots(module, dm, run_dir, task=cfg.task)

@@ -136,26 +136,38 @@ def gather_and_cluster(
                 f"num_clusters[{g}]={k} exceeds the {num_samples} training samples: use fewer "
                 "clusters"
             )
+        prototypes = torch.empty(k, dim, device=device)
+        assignments = torch.empty(num_samples, dtype=torch.long, device=device)
+        phi = torch.empty(k, device=device)
+        failure: Exception | None = None
         if is_root:
-            clusters = kmeans(
-                full,
-                k,
-                niter=niter,
-                nredo=nredo,
-                seed=seed + g,
-                backend=backend,
-                init=None if init == "auto" else init,
-            )
-            prototypes = clusters.centroids.to(device)
-            assignments = clusters.assignments.to(device)
-            phi = estimate_concentration(full, prototypes, assignments, temperature).float()
-        else:
-            prototypes = torch.empty(k, dim, device=device)
-            assignments = torch.empty(num_samples, dtype=torch.long, device=device)
-            phi = torch.empty(k, device=device)
+            try:
+                clusters = kmeans(
+                    full,
+                    k,
+                    niter=niter,
+                    nredo=nredo,
+                    seed=seed + g,
+                    backend=backend,
+                    init=None if init == "auto" else init,
+                )
+                prototypes = clusters.centroids.to(device)
+                assignments = clusters.assignments.to(device)
+                phi = estimate_concentration(full, prototypes, assignments, temperature).float()
+            except Exception as err:  # re-raised below, on every rank together
+                failure = err
         if _distributed():
+            # the other ranks must not wait forever on a broadcast rank 0 never sends
+            status = torch.tensor([0 if failure is None else 1], device=device)
+            dist.broadcast(status, src=0)
+            if int(status) != 0:
+                if failure is not None:
+                    raise failure
+                raise RuntimeError(f"the E-step failed on rank 0 (k={k}); see its error")
             for tensor in (prototypes, assignments, phi):
                 dist.broadcast(tensor, src=0)
+        elif failure is not None:
+            raise failure
         result.prototypes.append(prototypes)
         result.concentrations.append(phi)
         result.assignments.append(assignments)
@@ -284,7 +296,8 @@ class ContrastivePretrainModule(L.LightningModule):
         self.estep_epoch.fill_(epoch)
 
     def on_train_epoch_start(self) -> None:
-        torch.manual_seed(self.seed * 1000 + self.current_epoch + 1000 * self.global_rank)
+        # rank r > 0 draws from a stream no other (seed, epoch, rank) uses
+        torch.manual_seed(self.seed * 1000 + self.current_epoch + (self.global_rank << 32))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], _: int):
         view1, view2, index = batch
@@ -398,6 +411,13 @@ class EStepCallback(L.Callback):
                     file=sys.stderr,
                 )
         self._epoch_start = time.perf_counter()
+
+    def state_dict(self) -> dict:
+        """The per-epoch timings, kept in checkpoints so a resumed run reports them all."""
+        return {"timings": [dict(row) for row in self.timings]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.timings = [dict(row) for row in state_dict.get("timings", [])]
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch_seconds = time.perf_counter() - self._epoch_start

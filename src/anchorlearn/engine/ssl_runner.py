@@ -7,8 +7,8 @@ a k-means of the test embedding scored by coagulation, NMI and AMI, and a t-SNE 
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +27,16 @@ from .config import ConfigError
 from .datamodules import TwoViewDataModule
 from .runner import (
     CONFIG_KEY,
+    RESUMABLE_CHANGES,
     RunError,
     StoreConfig,
+    TrainClock,
     check_devices,
+    config_differences,
     create_model_for_data,
     make_trainer,
     read_checkpoint,
+    refuse_changed_config,
     resume_from,
 )
 from .ssl_config import PretrainConfig, parse_pretrain_config, pretrain_config_to_dict
@@ -58,6 +62,11 @@ def build_pretrain_run(cfg: PretrainConfig) -> tuple[TwoViewDataModule, Contrast
     Raises :class:`RunError` before any training when a cluster count exceeds the number of
     training (E-step) or test (evaluation) samples.
     """
+    if cfg.cluster.backend == "faiss" and importlib.util.find_spec("faiss") is None:
+        raise RunError(
+            "cluster.backend is faiss but faiss is not installed: pip install "
+            "'anchorlearn[faiss]', or set cluster.backend to torch or auto"
+        )
     d = cfg.data
     try:
         dm = TwoViewDataModule(
@@ -131,17 +140,13 @@ def load_pretrain_checkpoint(path: str | Path) -> dict:
 
 
 def _check_compatible(ckpt: dict, cfg: PretrainConfig, path: Path) -> None:
-    stored = ckpt[PRETRAIN_CONFIG_KEY]
-    for what, old, new in (
-        ("method", stored["method"], cfg.method),
-        ("model.name", stored["model"]["name"], cfg.model.name),
-        ("cluster.num_clusters", stored["cluster"]["num_clusters"], cfg.cluster.num_clusters),
-    ):
-        if old != new:
-            raise RunError(
-                f"{path} was trained with {what}={old!r}, not {new!r}: use another --out or the "
-                "matching config"
-            )
+    try:
+        stored = pretrain_config_to_dict(parse_pretrain_config(ckpt[PRETRAIN_CONFIG_KEY]))
+    except ConfigError as err:
+        raise RunError(f"{path} holds a config this version cannot read: {err}") from err
+    current = pretrain_config_to_dict(cfg)
+    # the evaluation settings act after training: they may change
+    refuse_changed_config(config_differences(stored, current, RESUMABLE_CHANGES | {"eval.*"}), path)
 
 
 def pretrain(
@@ -183,12 +188,15 @@ def pretrain(
         verbose=not quiet,
     )
     config_callback = StoreConfig(PRETRAIN_CONFIG_KEY, pretrain_config_to_dict(cfg))
-    trainer = make_trainer(t, run_dir, [estep, config_callback], quiet=quiet, limit_val_batches=0)
-    start = time.perf_counter()
+    clock = TrainClock()  # first, so that its epochs include the E-step
+    trainer = make_trainer(
+        t, run_dir, [clock, estep, config_callback], quiet=quiet, limit_val_batches=0
+    )
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     if not trainer.is_global_zero:
         return None
-    train_seconds = time.perf_counter() - start
+    train_seconds = clock.seconds
+    module.to(trainer.strategy.root_device)  # Lightning's teardown moved it to the CPU
     metrics = evaluate_pretrained(module, dm, cfg, plot_dir=run_dir / "plots" if plots else None)
     estep_total = sum(row["estep_s"] for row in estep.timings)
     epoch_total = sum(row["train_epoch_s"] for row in estep.timings)
@@ -336,7 +344,16 @@ def evaluate_pretrained(
     order = torch.randperm(test["view1"].shape[0], generator=generator)
     metrics["uniformity"] = uniformity_metric(test["view1"][order[: ev.uniformity_points]])
     k = cfg.cluster.num_clusters[0]
-    clusters = kmeans(test["embedding"], k, niter=cfg.cluster.niter, seed=cfg.seed)
+    c = cfg.cluster
+    clusters = kmeans(
+        test["embedding"],
+        k,
+        niter=c.niter,
+        nredo=c.nredo,
+        seed=cfg.seed,
+        backend=c.backend,
+        init=None if c.init == "auto" else c.init,  # type: ignore[arg-type]
+    )
     metrics["coagulation"] = coagulation(test["embedding"], clusters.assignments)
     metrics.update(clustering_scores(clusters.assignments, test["labels"]))
     metrics["num_train"] = int(train["labels"].shape[0])

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from anchorlearn.losses.etf import ETFClassifier
+from anchorlearn.models._layers import FeatureBatchNorm
 
 __all__ = ["FixedETFModel"]
 
@@ -15,7 +16,8 @@ class FixedETFModel(nn.Module):
 
     The wrapped model's own classifier is replaced by ``nn.Identity`` (its output is not
     used); its features go through a learnable batch normalisation (``BatchNorm1d`` for
-    ``(N, D)`` features, ``BatchNorm2d`` for ``(B, D, H, W)``) and then the
+    ``(N, D)`` features, also for a last batch of one row; ``BatchNorm2d`` for
+    ``(B, D, H, W)``) and then the
     :class:`~anchorlearn.losses.ETFClassifier`. The normalised features are the ones
     returned, so a dot-regression loss or a regularizer reads what the ETF classifies.
 
@@ -44,7 +46,7 @@ class FixedETFModel(nn.Module):
         self.backbone = model
         self.feat_dim = feat_dim
         self.num_classes = num_classes
-        self.norm = nn.BatchNorm2d(feat_dim) if dense else nn.BatchNorm1d(feat_dim)
+        self.norm = nn.BatchNorm2d(feat_dim) if dense else FeatureBatchNorm(feat_dim)
         self.classifier = ETFClassifier(feat_dim, num_classes, seed=seed)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

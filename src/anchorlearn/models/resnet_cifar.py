@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anchorlearn.losses._checks import check_num_classes, check_positive_int
+from anchorlearn.models._layers import FeatureBatchNorm
 from anchorlearn.models.registry import register_model
 
 __all__ = ["BasicBlock", "CifarResNet", "resnet20", "resnet32"]
@@ -115,7 +116,7 @@ class CifarResNet(nn.Module):
         else:
             self.feat_dim = check_positive_int(feat_dim, "feat_dim")
             self.projection = nn.Sequential(
-                nn.Linear(channels, feat_dim, bias=False), nn.BatchNorm1d(feat_dim), nn.ReLU()
+                nn.Linear(channels, feat_dim, bias=False), FeatureBatchNorm(feat_dim), nn.ReLU()
             )
         self.classifier = nn.Linear(self.feat_dim, num_classes)
         for module in self.modules():
