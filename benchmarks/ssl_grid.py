@@ -5,7 +5,7 @@ Runs every config x seed under ``OUT/<name>/seed<k>`` (skipping runs that alread
 table of means (and standard deviations over seeds) to ``--table``::
 
     nice -n 10 .venv/bin/python benchmarks/ssl_grid.py --seeds 0 \\
-        --out runs/ssl_grid --table benchmarks/results/ssl_fmnist.md
+        --out runs/ssl_grid --table runs/ssl_grid.md
 """
 
 from __future__ import annotations
