@@ -153,6 +153,22 @@ def test_bad_objectives_are_config_errors(tmp_path: Path, losses, message: str) 
         fit(cfg, tmp_path, quiet=True, plots=False)
 
 
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"optim": {"lr": 0.0}}, r"optim\.lr must be > 0, got 0\.0"),
+        ({"optim": {"momentum": 1.5}}, r"optim\.momentum must be in \[0, 1\)"),
+        ({"data": {"source": "digits", "val_fraction": 1.0}}, r"data\.val_fraction"),
+        ({"data": {"source": "digits", "imbalance_ratio": 0.5}}, r"data\.imbalance_ratio"),
+        ({"data": {"source": "digits", "batch_size": 0}}, r"data\.batch_size must be >= 1"),
+        ({"trainer": {"max_epochs": 0}}, r"trainer\.max_epochs must be >= 1"),
+    ],
+)
+def test_out_of_range_settings_are_config_errors(changes: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(digits_config(**changes))
+
+
 def test_cli_fit_and_eval(tmp_path: Path, capsys) -> None:
     config = tmp_path / "cfg.yaml"
     config.write_text(yaml.safe_dump(digits_config(trainer={"max_epochs": 1})))
@@ -201,3 +217,18 @@ def test_compare_keeps_finished_runs(tmp_path: Path, capsys) -> None:
     again = run_grid(configs, [0, 1], tmp_path)
     assert capsys.readouterr().out.count("already done") == 4
     assert again["ce"][1]["top1"] == results["ce"][1]["top1"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(
+        str(p)
+        for folder in ("fmnist_lt", "scenes")
+        for p in (Path(__file__).parents[2] / "configs" / folder).glob("*.yaml")
+    ),
+)
+def test_shipped_supervised_configs_are_valid(path: str) -> None:
+    from anchorlearn.engine.config import load_config
+
+    cfg = load_config(path)
+    assert cfg.losses and cfg.trainer.max_epochs >= 1

@@ -167,6 +167,9 @@ def test_more_clusters_than_samples_fails_before_training(tmp_path: Path) -> Non
         ({"loss": {"align_weight": 1.0}}, r"loss\.align_weight.*use method pauc"),
         ({"cluster": {"num_clusters": [1]}}, r"cluster\.num_clusters"),
         ({"cluster": {"warmup_epochs": 3}}, r"warmup_epochs=3 leaves no epoch"),
+        ({"eval": {"knn_temperature": 0.0}}, r"eval\.knn_temperature must be > 0"),
+        ({"optim": {"lr": -0.1}}, r"optim\.lr must be > 0"),
+        ({"model": {"momentum": 1.0}}, r"model\.momentum must be in \[0, 1\)"),
     ],
 )
 def test_config_errors_name_the_key(changes: dict, message: str) -> None:

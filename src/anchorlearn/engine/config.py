@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import yaml
 
 __all__ = [
+    "COMMON_RANGES",
     "ConfigError",
     "DataConfig",
     "ExperimentConfig",
@@ -26,6 +28,7 @@ __all__ = [
     "OptimConfig",
     "TrainerConfig",
     "apply_overrides",
+    "check_ranges",
     "config_to_dict",
     "load_config",
     "parse_config",
@@ -117,6 +120,49 @@ _CHOICES = {
 }
 
 
+def _at_least(bound: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v >= bound), f">= {bound}"
+
+
+def _above(bound: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v > bound), f"> {bound}"
+
+
+# Ranges of the numeric settings shared by supervised and pretraining configs.
+COMMON_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "data.batch_size": _at_least(1),
+    "data.num_workers": _at_least(0),
+    "optim.lr": _above(0),
+    "optim.momentum": ((lambda v: 0 <= v < 1), "in [0, 1)"),
+    "optim.weight_decay": _at_least(0),
+    "optim.warmup_epochs": _at_least(0),
+    "trainer.max_epochs": _at_least(1),
+    "trainer.devices": _at_least(1),
+    "trainer.log_every_n_steps": _at_least(1),
+}
+
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **COMMON_RANGES,
+    "data.imbalance_ratio": _at_least(1),
+    "data.max_train_samples": _at_least(1),
+    "data.val_fraction": ((lambda v: 0 <= v < 1), "in [0, 1)"),
+    "data.canvas": _at_least(8),
+    "data.num_train_scenes": _at_least(1),
+    "data.num_val_scenes": _at_least(1),
+    "data.scene_imbalance_ratio": _at_least(1),
+}
+
+
+def check_ranges(cfg: Any, ranges: dict[str, tuple[Callable[[Any], bool], str]]) -> None:
+    """Raise :class:`ConfigError` naming the first setting outside its range."""
+    for key, (ok, expected) in ranges.items():
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value is not None and not ok(value):
+            raise ConfigError(f"{key} must be {expected}, got {value!r}")
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read a YAML file, apply ``key=value`` overrides, validate."""
     path = Path(path)
@@ -173,6 +219,7 @@ def parse_config(raw: dict[str, Any]) -> ExperimentConfig:
             raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
     if not cfg.losses:
         raise ConfigError("losses must list at least one loss")
+    check_ranges(cfg, _RANGES)
     return cfg
 
 

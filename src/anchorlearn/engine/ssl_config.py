@@ -14,7 +14,15 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, OptimConfig, TrainerConfig, _build, apply_overrides
+from .config import (
+    COMMON_RANGES,
+    ConfigError,
+    OptimConfig,
+    TrainerConfig,
+    _build,
+    apply_overrides,
+    check_ranges,
+)
 
 __all__ = [
     "ClusterConfig",
@@ -159,6 +167,19 @@ _POSITIVE_INTS = (
 )
 
 
+_RANGES = {
+    **COMMON_RANGES,
+    "data.max_train_samples": (lambda v: v >= 1, ">= 1"),
+    "data.max_test_samples": (lambda v: v >= 1, ">= 1"),
+    "model.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "model.temperature": (lambda v: v > 0, "> 0"),
+    "eval.probe_weight_decay": (lambda v: v >= 0, ">= 0"),
+    "eval.knn_temperature": (lambda v: v > 0, "> 0"),
+    "eval.uniformity_points": (lambda v: v >= 2, ">= 2"),
+    "eval.tsne_points": (lambda v: v >= 2, ">= 2"),
+}
+
+
 def _get(cfg: Any, key: str) -> Any:
     value = cfg
     for part in key.split("."):
@@ -197,6 +218,7 @@ def parse_pretrain_config(raw: dict[str, Any]) -> PretrainConfig:
             f"cluster.warmup_epochs={cfg.cluster.warmup_epochs} leaves no epoch with an E-step "
             f"in trainer.max_epochs={cfg.trainer.max_epochs}: lower the warm-up or train longer"
         )
+    check_ranges(cfg, _RANGES)
     _resolve_loss_weights(cfg)
     return cfg
 
