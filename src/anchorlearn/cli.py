@@ -8,6 +8,7 @@ files, invalid data) print one line to stderr and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,8 +49,7 @@ def _run_fit(args: argparse.Namespace) -> int:
     from anchorlearn.engine.config import load_config
     from anchorlearn.engine.runner import fit
 
-    cfg = load_config(args.config, args.set)
-    _apply_trainer_flags(cfg, args)
+    cfg = load_config(args.config, [*args.set, *_flag_overrides(args)])
     out = args.out or f"{cfg.out_dir}/{cfg.name}/seed{cfg.seed}"
     metrics = fit(cfg, out, resume=args.resume)
     if metrics is not None:
@@ -110,8 +110,7 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     from anchorlearn.engine.ssl_config import load_pretrain_config
     from anchorlearn.engine.ssl_runner import pretrain
 
-    cfg = load_pretrain_config(args.config, args.set)
-    _apply_trainer_flags(cfg, args)
+    cfg = load_pretrain_config(args.config, [*args.set, *_flag_overrides(args)])
     out = args.out or f"{cfg.out_dir}/{cfg.name}/seed{cfg.seed}"
     metrics = pretrain(cfg, out, resume=args.resume)
     if metrics is not None:
@@ -128,13 +127,18 @@ def _run_probe(args: argparse.Namespace) -> int:
     return 0
 
 
-def _apply_trainer_flags(cfg, args: argparse.Namespace) -> None:
-    for flag in ("accelerator", "devices", "precision"):
-        value = getattr(args, flag)
-        if value is not None:
-            setattr(cfg.trainer, flag, value)
+def _flag_overrides(args: argparse.Namespace) -> list[str]:
+    """``--accelerator`` / ``--devices`` / ``--precision`` / ``--seed`` as ``--set`` overrides,
+    so that they are validated with the rest of the config before anything runs."""
+    overrides = [
+        # strings JSON-quoted, so that --precision 32 stays the string "32"
+        f"trainer.{flag}={json.dumps(getattr(args, flag))}"
+        for flag in ("accelerator", "devices", "precision")
+        if getattr(args, flag) is not None
+    ]
     if args.seed is not None:
-        cfg.seed = args.seed
+        overrides.append(f"seed={args.seed}")
+    return overrides
 
 
 def _print_metrics(metrics: dict) -> None:

@@ -190,6 +190,16 @@ def test_cli_config_typo_is_one_line(tmp_path: Path, capsys) -> None:
     assert "trainer.max_epoch" in err and "max_epochs" in err
 
 
+def test_cli_flags_are_validated_before_anything_is_written(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump(digits_config()))
+    args = ["fit", "--config", str(config), "--out", str(tmp_path / "r"), "--precision", "15"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "trainer.precision must be one of" in err
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("command", ["fit", "eval", "compare", "demo", "data"])
 def test_every_command_has_help(command: str) -> None:
     result = subprocess.run(

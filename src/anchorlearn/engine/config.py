@@ -111,12 +111,26 @@ class ExperimentConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
+PRECISIONS = (
+    "32-true",
+    "32",
+    "64-true",
+    "64",
+    "16-mixed",
+    "16",
+    "bf16-mixed",
+    "bf16",
+    "16-true",
+    "bf16-true",
+)
+
 _CHOICES = {
     "task": ("classification", "segmentation"),
     "data.profile": ("exp", "step"),
     "optim.name": ("sgd", "adamw"),
     "optim.schedule": ("cosine", "constant"),
     "trainer.accelerator": ("cpu", "gpu", "cuda", "mps", "auto"),
+    "trainer.precision": PRECISIONS,
 }
 
 

@@ -16,6 +16,7 @@ import yaml
 
 from .config import (
     COMMON_RANGES,
+    PRECISIONS,
     ConfigError,
     OptimConfig,
     TrainerConfig,
@@ -152,6 +153,7 @@ _CHOICES = {
     "optim.name": ("sgd", "adamw"),
     "optim.schedule": ("cosine", "constant"),
     "trainer.accelerator": ("cpu", "gpu", "cuda", "mps", "auto"),
+    "trainer.precision": PRECISIONS,
 }
 
 _POSITIVE_INTS = (
