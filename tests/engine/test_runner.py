@@ -79,6 +79,24 @@ def test_resume_reaches_the_same_result_as_an_uninterrupted_run(tmp_path: Path) 
     assert resumed["nc1"] == pytest.approx(full["nc1"], rel=1e-4)
 
 
+class _CheckpointSpy(L.Callback):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.seen: list[tuple[int, bool]] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.seen.append((trainer.current_epoch, self.path.is_file()))
+
+
+def test_last_checkpoint_is_written_after_every_epoch_not_only_at_the_end(tmp_path: Path) -> None:
+    # a run killed mid-training must find a last.ckpt to resume from
+    cfg = parse_config(digits_config(trainer={"max_epochs": 3, "progress": False}))
+    spy = _CheckpointSpy(tmp_path / "checkpoints" / "last.ckpt")
+    fit(cfg, tmp_path, quiet=True, plots=False, callbacks=[spy])
+    assert spy.seen == [(0, False), (1, True), (2, True)]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt"]
+
+
 def test_existing_checkpoint_is_not_overwritten_without_resume(tmp_path: Path) -> None:
     cfg = parse_config(digits_config(trainer={"max_epochs": 1, "progress": False}))
     fit(cfg, tmp_path, quiet=True, plots=False)

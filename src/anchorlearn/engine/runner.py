@@ -232,12 +232,16 @@ def make_trainer(
 ) -> L.Trainer:
     """A Lightning trainer writing ``run_dir/checkpoints/last.ckpt`` every epoch and CSV logs
     under ``run_dir/logs``; DDP when ``t.devices > 1``. ``extra`` goes to ``L.Trainer``."""
+    # last.ckpt rewritten at the end of every epoch (save_last with save_top_k=0 would only
+    # write it when training ends, leaving an interrupted run nothing to resume from); no
+    # version counter, so a moved run directory keeps writing last.ckpt, never last-v1.ckpt.
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
-        save_last=True,
-        save_top_k=0,
+        filename="last",
+        monitor=None,
+        save_top_k=1,
         every_n_epochs=1,
-        # a moved run directory must keep writing last.ckpt, never last-v1.ckpt
+        save_on_train_epoch_end=True,
         enable_version_counter=False,
     )
     callbacks = [checkpoint, *callbacks]
