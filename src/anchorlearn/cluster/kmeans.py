@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -145,6 +146,33 @@ def _lloyd(
     return centroids
 
 
+def _best_restart(
+    x: torch.Tensor,
+    k: int,
+    nredo: int,
+    seed: int,
+    spherical: bool,
+    init: Init,
+    refine: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """``nredo`` restarts, each seeded by :func:`_init_centroids` and improved by ``refine``;
+    the centroids of lowest inertia (the first on ties). One restart is not scored."""
+    generator = torch.Generator().manual_seed(seed)
+    best: tuple[float, torch.Tensor] | None = None
+    for _ in range(nredo):
+        start = _init_centroids(x, k, init, generator)
+        if spherical:
+            start = F.normalize(start, dim=1)
+        centroids = refine(start)
+        if nredo == 1:
+            return centroids
+        inertia = float(nearest_centroids(x, centroids)[1].double().sum())
+        if best is None or inertia < best[0]:
+            best = (inertia, centroids)
+    assert best is not None
+    return best[1]
+
+
 def _torch_kmeans(
     x: torch.Tensor,
     k: int,
@@ -155,15 +183,10 @@ def _torch_kmeans(
     init: Init,
     verbose: bool,
 ) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    runs = []
-    for _ in range(nredo):
-        centroids = _init_centroids(x, k, init, generator)
-        if spherical:
-            centroids = F.normalize(centroids, dim=1)
-        centroids = _lloyd(x, centroids, niter, spherical, verbose)
-        runs.append((float(nearest_centroids(x, centroids)[1].double().sum()), centroids))
-    return min(runs, key=lambda run: run[0])[1]
+    def refine(start: torch.Tensor) -> torch.Tensor:
+        return _lloyd(x, start, niter, spherical, verbose)
+
+    return _best_restart(x, k, nredo, seed, spherical, init, refine)
 
 
 def _faiss_kmeans(
@@ -198,18 +221,13 @@ def _faiss_kmeans(
         clus = make(nredo)
         clus.train(data)
         return torch.from_numpy(np.array(clus.centroids, dtype=np.float32).reshape(k, d))
-    generator = torch.Generator().manual_seed(seed)
-    work = torch.from_numpy(data)
-    runs = []
-    for _ in range(nredo):
-        start = _init_centroids(work, k, init, generator)
-        if spherical:
-            start = F.normalize(start, dim=1)
+
+    def refine(start: torch.Tensor) -> torch.Tensor:
         clus = make(1)
         clus.train(data, init_centroids=np.ascontiguousarray(start.numpy()))
-        centroids = torch.from_numpy(np.array(clus.centroids, dtype=np.float32).reshape(k, d))
-        runs.append((float(nearest_centroids(work, centroids)[1].double().sum()), centroids))
-    return min(runs, key=lambda run: run[0])[1]
+        return torch.from_numpy(np.array(clus.centroids, dtype=np.float32).reshape(k, d))
+
+    return _best_restart(torch.from_numpy(data), k, nredo, seed, spherical, init, refine)
 
 
 def kmeans(
