@@ -8,7 +8,8 @@ Data, either
   checkpoint written by ``anchorlearn pretrain``.
 
 Every method runs Lloyd's algorithm for exactly ``--niter`` iterations from one
-initialisation, on ``--threads`` threads (torch, faiss and scikit-learn's OpenMP alike):
+initialisation, on ``--threads`` threads (torch, faiss and scikit-learn's OpenMP alike);
+the time shown is the median of ``--repeats`` identical runs:
 
 - faiss, default: :func:`anchorlearn.cluster.kmeans` with its default seeding (greedy
   k-means++ on at most 40 k rows for k <= 1000), every point used by Lloyd;
@@ -21,7 +22,7 @@ The inertia column is the sum of squared distances of every point to its nearest
 centroid (comparable across rows); ARI compares with the planted labels when the data are
 the mixture and k = 50.
 Usage: ``python benchmarks/kmeans_speed.py [--out FILE] [--ks 50 500] [--niter 20]
-[--threads 1] [--checkpoint CKPT]``.
+[--threads 1] [--repeats 3] [--checkpoint CKPT]``.
 """
 
 from __future__ import annotations
@@ -104,8 +105,11 @@ def main() -> None:
     parser.add_argument("--niter", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="threads for every method")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs; the median is shown")
     parser.add_argument("--checkpoint", default=None, help="cluster real embeddings instead")
     args = parser.parse_args()
+    if args.repeats < 1 or args.threads < 1:
+        parser.error("--repeats and --threads must be >= 1")
 
     torch.set_num_threads(args.threads)
     if args.checkpoint:
@@ -123,7 +127,8 @@ def main() -> None:
     lines = [
         f"k-means of {data}, {args.niter} Lloyd iterations, one initialisation, seed {args.seed}.",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"torch {torch.__version__}, {args.threads} thread(s) for every method.",
+        f"torch {torch.__version__}, {args.threads} thread(s) for every method, "
+        f"median time of {args.repeats} runs.",
         "",
         "| k | method | time (s) | sklearn time / time | inertia | inertia / best "
         "| ARI vs planted |",
@@ -132,10 +137,13 @@ def main() -> None:
     for k in args.ks:
         rows = []
         for name, run in methods.items():
-            with threadpool_limits(args.threads):
-                start = time.perf_counter()
-                inertia, labels = run(x, k, args.niter, args.seed)
-                elapsed = time.perf_counter() - start
+            times = []
+            for _ in range(args.repeats):  # same seed: every repeat gives the same result
+                with threadpool_limits(args.threads):
+                    start = time.perf_counter()
+                    inertia, labels = run(x, k, args.niter, args.seed)
+                    times.append(time.perf_counter() - start)
+            elapsed = float(np.median(times))
             has_truth = planted is not None and k == NUM_CENTRES
             ari = adjusted_rand_score(planted, labels) if has_truth else None
             rows.append((name, elapsed, inertia, ari))

@@ -24,7 +24,9 @@ __all__ = ["ClusterResult", "kmeans"]
 Backend = Literal["auto", "faiss", "torch"]
 Init = Literal["k-means++", "random"]
 
-_CHUNK_ELEMENTS = 1 << 22  # rows x centroids per block of the distance matrix
+# rows x centroids per block of the distance matrix
+_CPU_BLOCK_ELEMENTS = 1 << 18
+_DEVICE_BLOCK_ELEMENTS = 1 << 24
 _KMEANS_PP_MAX_K = 1000  # default seeding: k-means++ up to this k, random rows above
 _SEEDING_POINTS_PER_CLUSTER = 40  # k-means++ seeds from at most 40 k random rows
 
@@ -57,22 +59,27 @@ def nearest_centroids(
     r"""Nearest centroid of each row and its squared distance, in row blocks.
 
     Uses :math:`\lVert x - c\rVert^2 = \lVert x\rVert^2 - 2\,x\cdot c + \lVert c\rVert^2`
-    (clamped at 0 against round-off), never holding more than ``2**22`` distances at once.
+    (clamped at 0 against round-off): one fused ``addmm`` gives
+    :math:`\lVert c\rVert^2 - 2\,x\cdot c` per block, whose row minimum picks the centroid;
+    :math:`\lVert x\rVert^2` is added to the minima only. Blocks hold ``2**18`` distances on
+    the CPU (they stay in cache) and ``2**24`` on other devices.
 
     Shapes:
         ``x``: ``(N, D)``; ``centroids``: ``(k, D)``. Returns indices ``(N,)`` long and
         squared distances ``(N,)`` in the dtype of ``x``.
     """
-    c_sq = (centroids * centroids).sum(dim=1)
-    block = max(1, _CHUNK_ELEMENTS // max(1, centroids.shape[0]))
-    indices, distances = [], []
-    for start in range(0, x.shape[0], block):
-        rows = x[start : start + block]
-        dist = (rows * rows).sum(dim=1, keepdim=True) - 2.0 * (rows @ centroids.t()) + c_sq
-        best, idx = dist.min(dim=1)
-        indices.append(idx)
-        distances.append(best.clamp_min(0.0))
-    return torch.cat(indices), torch.cat(distances)
+    n, k = x.shape[0], centroids.shape[0]
+    c_sq = (centroids * centroids).sum(dim=1)[None, :]
+    elements = _CPU_BLOCK_ELEMENTS if x.device.type == "cpu" else _DEVICE_BLOCK_ELEMENTS
+    block = max(1, elements // max(1, k))
+    indices = torch.empty(n, dtype=torch.long, device=x.device)
+    distances = torch.empty(n, dtype=x.dtype, device=x.device)
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        partial = torch.addmm(c_sq, x[start:stop], centroids.t(), alpha=-2.0)
+        torch.min(partial, dim=1, out=(distances[start:stop], indices[start:stop]))
+    distances += (x * x).sum(dim=1)
+    return indices, distances.clamp_min_(0.0)
 
 
 def _init_centroids(
@@ -95,10 +102,11 @@ def _init_centroids(
         x, n = x[subset.to(x.device)], _SEEDING_POINTS_PER_CLUSTER * k
     trials = 2 + int(math.log(k))
     x_sq = (x * x).sum(dim=1)
+    x_t = x.t().contiguous()  # (D, N): the product with a few candidate rows reads it in order
 
     def sq_dist_to(rows: torch.Tensor) -> torch.Tensor:  # (len(rows), N)
-        cand = x[rows]
-        return (x_sq[None, :] - 2.0 * (cand @ x.t()) + x_sq[rows][:, None]).clamp_min(0.0)
+        dist = torch.addmm(x_sq[None, :], x[rows], x_t, alpha=-2.0)
+        return (dist + x_sq[rows][:, None]).clamp_min_(0.0)
 
     first = torch.randint(n, (1,), generator=generator).to(x.device)
     picks = [int(first)]
