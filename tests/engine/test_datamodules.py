@@ -164,6 +164,20 @@ def test_two_view_digits():
     assert dm.num_classes == 10
 
 
+@needs_fashion
+def test_two_view_fashion_labels_are_writable_copies():
+    # the cached Fashion-MNIST arrays are read-only; tensors sharing them would be written to
+    from anchorlearn.data.sources import load_classification_source
+
+    _, source_test = load_classification_source("fashion_mnist", None)
+    assert not source_test.labels.flags.writeable
+    dm = TwoViewDataModule("fashion_mnist", max_train_samples=100)  # test split not capped
+    images, labels = dm.labelled_dataset("test").tensors
+    assert images.dtype == torch.uint8 and labels.dtype == torch.int64
+    assert len(labels) == len(source_test.labels)
+    assert not np.shares_memory(labels.numpy(), source_test.labels)
+
+
 def test_missing_fashion_mnist_message(tmp_path, monkeypatch):
     from anchorlearn.data import fashion_mnist as fm
 

@@ -86,6 +86,11 @@ def _to_nchw(images: np.ndarray) -> torch.Tensor:
     return tensor.permute(0, 3, 1, 2).contiguous()
 
 
+def _image_label_dataset(split: ClassificationData) -> TensorDataset:
+    """``(N, C, H, W)`` uint8 images and int64 labels of ``split``, both writable copies."""
+    return TensorDataset(_to_nchw(split.images), torch.from_numpy(split.labels.astype(np.int64)))
+
+
 def _channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std of uint8 ``(N, C, H, W)`` images scaled to ``[0, 1]``."""
     flat = images.transpose(0, 1).reshape(images.shape[1], -1).double() / 255.0
@@ -283,9 +288,7 @@ class ClassificationDataModule(_InMemoryDataModule):
         self._class_names = list(train.class_names)
         self._splits = {}
         for name, split in (("train", train), ("val", val), ("test", test)):
-            self._splits[name] = TensorDataset(
-                _to_nchw(split.images), torch.from_numpy(split.labels.astype(np.int64))
-            )
+            self._splits[name] = _image_label_dataset(split)
         train_images = self._train_images = self._splits["train"].tensors[0]
         self.mean, self.std = _channel_stats(train_images)
         self._train_augment = classification_train_augment(tuple(train_images.shape[2:]))
@@ -498,8 +501,7 @@ class TwoViewDataModule(_InMemoryDataModule):
         test = _cap(test, self.max_test_samples, self.seed)
         self._class_names = list(train.class_names)
         self._labelled = {
-            name: TensorDataset(_to_nchw(split.images), torch.from_numpy(split.labels))
-            for name, split in (("train", train), ("test", test))
+            name: _image_label_dataset(split) for name, split in (("train", train), ("test", test))
         }
         train_images = self._train_images = self._labelled["train"].tensors[0]
         self._unlabelled = TensorDataset(train_images, torch.arange(len(train_images)))
