@@ -162,6 +162,23 @@ def flatten_features_and_labels(
     return features, labels.reshape(-1)
 
 
+def labelled_rows(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    feat_dim: int,
+    num_classes: int,
+    ignore_index: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of :func:`flatten_features_and_labels` whose label is not ``ignore_index``:
+    features ``(M, D)`` and labels ``(M,)``."""
+    flat_feats, flat_labels = flatten_features_and_labels(
+        features, labels, feat_dim=feat_dim, num_classes=num_classes, ignore_index=ignore_index
+    )
+    valid = valid_label_mask(flat_labels, ignore_index)
+    return flat_feats[valid], flat_labels[valid]
+
+
 def resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Nearest-neighbour resize of integer ``labels`` ``(B, H', W')`` to ``(B, *size)``."""
     resized = F.interpolate(labels[:, None].double(), size=size, mode="nearest")

@@ -20,9 +20,8 @@ from anchorlearn.losses._checks import (
     check_ignore_index,
     check_num_classes,
     check_positive_int,
-    flatten_features_and_labels,
+    labelled_rows,
     loss_compute_dtype,
-    valid_label_mask,
 )
 
 __all__ = ["DotRegressionLoss", "ETFClassifier", "simplex_etf"]
@@ -165,15 +164,13 @@ class DotRegressionLoss(nn.Module):
             ``{"loss": L_DR, "dot_regression": L_DR}``, scalars; a finite zero connected to
             ``features`` when every position is ignored.
         """
-        flat_feats, flat_labels = flatten_features_and_labels(
+        feats, targets = labelled_rows(
             features,
             labels,
             feat_dim=self.feat_dim,
             num_classes=self.num_classes,
             ignore_index=self.ignore_index,
         )
-        valid = valid_label_mask(flat_labels, self.ignore_index)
-        feats, targets = flat_feats[valid], flat_labels[valid]
         dtype = loss_compute_dtype(feats.dtype, self.weight.dtype)
         directions = F.normalize(feats.to(dtype), dim=1)
         cosine = (directions * self.weight[targets].to(dtype)).sum(dim=1)

@@ -23,9 +23,8 @@ from anchorlearn.losses._checks import (
     check_num_classes,
     check_positive_int,
     check_probability,
-    flatten_features_and_labels,
+    labelled_rows,
     loss_compute_dtype,
-    valid_label_mask,
 )
 
 __all__ = ["CenterLoss", "EMAPrototypeLoss"]
@@ -133,16 +132,13 @@ class EMAPrototypeLoss(nn.Module):
             zero connected to ``features`` when no valid position has an initialised
             prototype.
         """
-        flat_feats, flat_labels = flatten_features_and_labels(
+        feats, targets = labelled_rows(
             features,
             labels,
             feat_dim=self.feat_dim,
             num_classes=self.num_classes,
             ignore_index=self.ignore_index,
         )
-        valid = valid_label_mask(flat_labels, self.ignore_index)
-        feats = flat_feats[valid]
-        targets = flat_labels[valid]
         if self.training:
             self._update(feats, targets)
         known = self.initialized[targets]
@@ -210,15 +206,13 @@ class CenterLoss(nn.Module):
             L_C / w, unweighted); a finite zero connected to ``features``
             and ``centers`` when every position is ignored.
         """
-        flat_feats, flat_labels = flatten_features_and_labels(
+        feats, targets = labelled_rows(
             features,
             labels,
             feat_dim=self.feat_dim,
             num_classes=self.num_classes,
             ignore_index=self.ignore_index,
         )
-        valid = valid_label_mask(flat_labels, self.ignore_index)
-        feats, targets = flat_feats[valid], flat_labels[valid]
         dtype = loss_compute_dtype(feats.dtype, self.centers.dtype)
         sq_dist = (feats.to(dtype) - self.centers[targets].to(dtype)).pow(2).sum(dim=1)
         center = 0.5 * sq_dist.sum() / max(targets.numel(), 1)
