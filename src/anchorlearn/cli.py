@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = ["build_parser", "main"]
 
@@ -45,24 +46,29 @@ def _add_data_parser(subparsers: argparse._SubParsersAction) -> None:
     show.set_defaults(handler=_run_data_preview)
 
 
-def _run_fit(args: argparse.Namespace) -> int:
-    from anchorlearn.engine.config import load_config
-    from anchorlearn.engine.runner import fit
-
-    cfg = load_config(args.config, [*args.set, *_flag_overrides(args)])
+def _train(args: argparse.Namespace, load: Callable[..., Any], train: Callable[..., Any]) -> int:
+    """``fit`` and ``pretrain``: load and validate the config (flags included), train into
+    ``--out`` (default ``out_dir/name/seed<k>``), print the metrics."""
+    cfg = load(args.config, [*args.set, *_flag_overrides(args)])
     out = args.out or f"{cfg.out_dir}/{cfg.name}/seed{cfg.seed}"
-    metrics = fit(cfg, out, resume=args.resume)
+    metrics = train(cfg, out, resume=args.resume)
     if metrics is not None:
         _print_metrics(metrics)
         print(f"run directory: {out}")
     return 0
 
 
+def _run_fit(args: argparse.Namespace) -> int:
+    from anchorlearn.engine.config import load_config
+    from anchorlearn.engine.runner import fit
+
+    return _train(args, load_config, fit)
+
+
 def _run_eval(args: argparse.Namespace) -> int:
     from anchorlearn.engine.runner import evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(args.checkpoint, out=args.out)
-    _print_metrics(metrics)
+    _print_metrics(evaluate_checkpoint(args.checkpoint, out=args.out))
     return 0
 
 
@@ -75,7 +81,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         write_results,
     )
 
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = list(args.seeds)
     overrides = list(args.set)
     if args.epochs is not None:
         overrides.append(f"trainer.max_epochs={args.epochs}")
@@ -101,7 +107,7 @@ def _run_compare(args: argparse.Namespace) -> int:
 def _run_demo(args: argparse.Namespace) -> int:
     from anchorlearn.engine.demo import run_demo
 
-    seeds = tuple(int(s) for s in args.seeds.split(","))
+    seeds = tuple(args.seeds)
     run_demo(args.out, seeds=seeds, epochs=args.epochs)
     return 0
 
@@ -110,21 +116,27 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     from anchorlearn.engine.ssl_config import load_pretrain_config
     from anchorlearn.engine.ssl_runner import pretrain
 
-    cfg = load_pretrain_config(args.config, [*args.set, *_flag_overrides(args)])
-    out = args.out or f"{cfg.out_dir}/{cfg.name}/seed{cfg.seed}"
-    metrics = pretrain(cfg, out, resume=args.resume)
-    if metrics is not None:
-        _print_metrics(metrics)
-        print(f"run directory: {out}")
-    return 0
+    return _train(args, load_pretrain_config, pretrain)
 
 
 def _run_probe(args: argparse.Namespace) -> int:
     from anchorlearn.engine.ssl_runner import probe_checkpoint
 
-    metrics = probe_checkpoint(args.checkpoint, out=args.out)
-    _print_metrics(metrics)
+    _print_metrics(probe_checkpoint(args.checkpoint, out=args.out))
     return 0
+
+
+def _seed_list(text: str) -> list[int]:
+    """``--seeds``: comma-separated non-negative integers, no repeats."""
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers such as 0,1,2, got {text!r}"
+        ) from None
+    if any(seed < 0 for seed in seeds) or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct non-negative integers, got {text!r}")
+    return seeds
 
 
 def _flag_overrides(args: argparse.Namespace) -> list[str]:
@@ -196,7 +208,9 @@ def _add_compare_parser(subparsers: argparse._SubParsersAction) -> None:
         "runs that already have metrics.json, then writes OUT/results.md and results.csv.",
     )
     cmp_.add_argument("configs", nargs="+", help="YAML experiment configs")
-    cmp_.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    cmp_.add_argument(
+        "--seeds", type=_seed_list, default="0,1,2", help="comma-separated seeds (default 0,1,2)"
+    )
     cmp_.add_argument("--out", required=True, help="output directory")
     cmp_.add_argument("--epochs", type=int, default=None, help="override trainer.max_epochs")
     cmp_.add_argument("--columns", default=None, help="comma-separated metric columns")
@@ -212,7 +226,9 @@ def _add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
         help="Fashion-MNIST-LT (IR 100): CE vs EMA prototypes vs CE + SAR, with a report",
     )
     demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    demo.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    demo.add_argument(
+        "--seeds", type=_seed_list, default="0", help="comma-separated seeds (default 0)"
+    )
     demo.add_argument("--epochs", type=int, default=None, help="epochs per method (default 6)")
     demo.set_defaults(handler=_run_demo)
 

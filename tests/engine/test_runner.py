@@ -218,6 +218,24 @@ def test_cli_flags_are_validated_before_anything_is_written(tmp_path: Path, caps
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize(
+    ("seeds", "message"),
+    [("0,a", "comma-separated integers"), ("0,0", "distinct"), ("-1", "non-negative")],
+)
+@pytest.mark.parametrize("command", ["compare", "demo"])
+def test_cli_bad_seeds_name_the_flag(tmp_path: Path, capsys, command, seeds, message) -> None:
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump(digits_config()))
+    args = [command, f"--seeds={seeds}", "--out", str(tmp_path / "r")]
+    args[1:1] = [str(config)] if command == "compare" else []
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --seeds" in err and message in err
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("command", ["fit", "eval", "compare", "demo", "data"])
 def test_every_command_has_help(command: str) -> None:
     result = subprocess.run(
