@@ -41,7 +41,7 @@ __all__ = [
     "load_checkpoint",
     "make_trainer",
     "read_checkpoint",
-    "resume_from",
+    "start_run",
 ]
 
 CONFIG_KEY = "anchorlearn_config"
@@ -206,10 +206,22 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
-def resume_from(run_dir: Path, resume: bool, check: Callable[[Path], None]) -> str | None:
-    """The checkpoint to continue from: ``None`` for a fresh run directory; with ``resume``
-    its ``last.ckpt`` after ``check(path)``; an error when it holds one and ``resume`` is
-    off (a finished or interrupted run is never overwritten)."""
+def start_run(
+    run_dir: Path, t: TrainerConfig, seed: int, resume: bool, check: Callable[[Path], None]
+) -> str | None:
+    """Checks that come before anything is written, then seeds every generator.
+
+    Fails when ``t`` asks for more devices than exist. Returns the checkpoint to continue
+    from: ``None`` for a fresh run directory; with ``resume`` its ``last.ckpt`` after
+    ``check(path)``; an error when it holds one and ``resume`` is off (a finished or
+    interrupted run is never overwritten)."""
+    check_devices(t.accelerator, t.devices)
+    ckpt_path = _resume_from(run_dir, resume, check)
+    L.seed_everything(seed, workers=True, verbose=False)
+    return ckpt_path
+
+
+def _resume_from(run_dir: Path, resume: bool, check: Callable[[Path], None]) -> str | None:
     last = run_dir / "checkpoints" / "last.ckpt"
     if not last.exists():
         return None
@@ -346,11 +358,13 @@ def fit(
     """
     run_dir = Path(run_dir)
     t = cfg.trainer
-    check_devices(t.accelerator, t.devices)
-    ckpt_path = resume_from(
-        run_dir, resume, lambda last: check_compatible(load_checkpoint(last), cfg, last)
+    ckpt_path = start_run(
+        run_dir,
+        t,
+        cfg.seed,
+        resume,
+        lambda last: check_compatible(load_checkpoint(last), cfg, last),
     )
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
     dm, module = build_run(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_run_header(cfg, dm, run_dir)

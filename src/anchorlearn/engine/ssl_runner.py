@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 import yaml
@@ -31,13 +30,12 @@ from .runner import (
     RunError,
     StoreConfig,
     TrainClock,
-    check_devices,
     config_differences,
     create_model_for_data,
     make_trainer,
     read_checkpoint,
     refuse_changed_config,
-    resume_from,
+    start_run,
 )
 from .ssl_config import PretrainConfig, parse_pretrain_config, pretrain_config_to_dict
 from .ssl_module import ContrastivePretrainModule, EStepCallback
@@ -168,11 +166,13 @@ def pretrain(
     """
     run_dir = Path(run_dir)
     t = cfg.trainer
-    check_devices(t.accelerator, t.devices)
-    ckpt_path = resume_from(
-        run_dir, resume, lambda last: _check_compatible(load_pretrain_checkpoint(last), cfg, last)
+    ckpt_path = start_run(
+        run_dir,
+        t,
+        cfg.seed,
+        resume,
+        lambda last: _check_compatible(load_pretrain_checkpoint(last), cfg, last),
     )
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
     dm, module = build_pretrain_run(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_text = yaml.safe_dump(pretrain_config_to_dict(cfg), sort_keys=False)
