@@ -162,3 +162,20 @@ def test_default_seeding_switches_to_random_rows_for_large_k(monkeypatch) -> Non
     kmeans(x, 5, backend="torch", niter=1)
     kmeans(x, 6, backend="torch", niter=1)
     assert seen == ["k-means++", "random"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [1, 7])
+def test_nearest_centroids_matches_brute_force_across_blocks(monkeypatch, dtype, k):
+    # blocks of 3 rows or fewer, so that 50 rows cross many block boundaries
+    monkeypatch.setattr(KMEANS_MODULE, "_CPU_BLOCK_ELEMENTS", 3 * k)
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(50, 5, generator=g) * 4 + 10).to(dtype)  # far from 0: round-off matters
+    centroids = x[torch.randperm(50, generator=g)[:k]] + 0.1
+    indices, sq_dist = KMEANS_MODULE.nearest_centroids(x, centroids)
+    brute = torch.cdist(x.double(), centroids.double()).pow(2)
+    assert indices.dtype == torch.long and sq_dist.dtype == dtype
+    assert torch.equal(indices, brute.argmin(dim=1))
+    tol = 1e-3 if dtype == torch.float32 else 1e-9
+    torch.testing.assert_close(sq_dist.double(), brute.min(dim=1).values, rtol=0, atol=tol)
+    assert (sq_dist >= 0).all()
