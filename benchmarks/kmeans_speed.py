@@ -18,11 +18,15 @@ the time shown is the median of ``--repeats`` identical runs:
 - scikit-learn: ``KMeans(n_init=1, max_iter=niter, algorithm="lloyd", tol=0)`` (greedy
   k-means++ on every row).
 
+``--breakdown`` adds, per k, where the time goes: the seeding and the Lloyd iterations timed
+apart (scikit-learn's ``kmeans_plusplus`` on every row, then scikit-learn's and faiss's
+Lloyd from those same seeds, and this package's seeding alone).
+
 The inertia column is the sum of squared distances of every point to its nearest final
 centroid (comparable across rows); ARI compares with the planted labels when the data are
 the mixture and k = 50.
 Usage: ``python benchmarks/kmeans_speed.py [--out FILE] [--ks 50 500] [--niter 20]
-[--threads 1] [--repeats 3] [--checkpoint CKPT]``.
+[--threads 1] [--repeats 3] [--checkpoint CKPT] [--breakdown]``.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from sklearn.cluster import KMeans
+from sklearn.cluster import KMeans, kmeans_plusplus
 from sklearn.metrics import adjusted_rand_score
 from threadpoolctl import threadpool_limits
 
@@ -96,6 +100,55 @@ def run_sklearn(x: np.ndarray, k: int, niter: int, seed: int) -> tuple[float, np
     return float(model.inertia_), model.labels_
 
 
+def median_time(fn: Callable[[], object], repeats: int, threads: int) -> float:
+    times = []
+    for _ in range(repeats):
+        with threadpool_limits(threads):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def breakdown(
+    x: np.ndarray, k: int, niter: int, seed: int, repeats: int, threads: int
+) -> list[str]:
+    """Seeding and Lloyd timed apart, as Markdown table rows."""
+    import faiss
+
+    from anchorlearn.cluster.kmeans import _init_centroids  # the default seeding alone
+
+    seeds = kmeans_plusplus(x, k, random_state=seed)[0]
+
+    def sklearn_lloyd() -> None:
+        KMeans(k, init=seeds, n_init=1, max_iter=niter, algorithm="lloyd", tol=0.0).fit(x)
+
+    def faiss_lloyd() -> None:
+        clus = faiss.Kmeans(
+            x.shape[1],
+            k,
+            niter=niter,
+            min_points_per_centroid=1,
+            max_points_per_centroid=x.shape[0],
+        )
+        clus.train(x, init_centroids=np.ascontiguousarray(seeds, dtype=np.float32))
+
+    def ours() -> None:
+        _init_centroids(torch.from_numpy(x), k, "k-means++", torch.Generator().manual_seed(seed))
+
+    parts = {
+        "scikit-learn seeding (greedy k-means++, every row)": lambda: kmeans_plusplus(
+            x, k, random_state=seed
+        ),
+        f"scikit-learn Lloyd, {niter} iterations from those seeds": sklearn_lloyd,
+        f"faiss Lloyd, {niter} iterations from the same seeds": faiss_lloyd,
+        "default seeding of anchorlearn.cluster.kmeans": ours,
+    }
+    return [
+        f"| {k} | {name} | {median_time(fn, repeats, threads):.2f} |" for name, fn in parts.items()
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="also write the Markdown table here")
@@ -107,6 +160,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="threads for every method")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs; the median is shown")
     parser.add_argument("--checkpoint", default=None, help="cluster real embeddings instead")
+    parser.add_argument("--breakdown", action="store_true", help="time seeding and Lloyd apart")
     args = parser.parse_args()
     if args.repeats < 1 or args.threads < 1:
         parser.error("--repeats and --threads must be >= 1")
@@ -137,13 +191,13 @@ def main() -> None:
     for k in args.ks:
         rows = []
         for name, run in methods.items():
-            times = []
-            for _ in range(args.repeats):  # same seed: every repeat gives the same result
-                with threadpool_limits(args.threads):
-                    start = time.perf_counter()
-                    inertia, labels = run(x, k, args.niter, args.seed)
-                    times.append(time.perf_counter() - start)
-            elapsed = float(np.median(times))
+            outcome: list[tuple[float, np.ndarray]] = []  # same seed: every repeat agrees
+            elapsed = median_time(
+                lambda: outcome.append(run(x, k, args.niter, args.seed)),  # noqa: B023
+                args.repeats,
+                args.threads,
+            )
+            inertia, labels = outcome[-1]
             has_truth = planted is not None and k == NUM_CENTRES
             ari = adjusted_rand_score(planted, labels) if has_truth else None
             rows.append((name, elapsed, inertia, ari))
@@ -156,6 +210,10 @@ def main() -> None:
                 f"| {inertia:.6g} | {inertia / best:.5f} | {ari_text} |"
             )
         print(lines[-1], flush=True)
+    if args.breakdown:
+        lines += ["", "| k | part | time (s) |", "|---:|---|---:|"]
+        for k in args.ks:
+            lines += breakdown(x, k, args.niter, args.seed, args.repeats, args.threads)
     table = "\n".join(lines)
     print(table)
     if args.out:
