@@ -13,7 +13,6 @@ __all__ = [
     "check_finite",
     "check_num_classes",
     "check_probability",
-    "flatten_features_and_labels",
     "validate_features_and_labels",
 ]
 
@@ -141,27 +140,6 @@ def validate_features_and_labels(
     return labels.long()
 
 
-def flatten_features_and_labels(
-    features: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    feat_dim: int,
-    num_classes: int,
-    ignore_index: int | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate and flatten ``features`` and ``labels`` to ``(M, D)`` and ``(M,)``.
-
-    Shapes as in :func:`validate_features_and_labels`. Labels equal to ``ignore_index`` are
-    kept (the caller masks them).
-    """
-    labels = validate_features_and_labels(
-        features, labels, feat_dim=feat_dim, num_classes=num_classes, ignore_index=ignore_index
-    )
-    if features.ndim == 4:
-        features = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
-    return features, labels.reshape(-1)
-
-
 def labelled_rows(
     features: torch.Tensor,
     labels: torch.Tensor,
@@ -170,13 +148,18 @@ def labelled_rows(
     num_classes: int,
     ignore_index: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows of :func:`flatten_features_and_labels` whose label is not ``ignore_index``:
-    features ``(M, D)`` and labels ``(M,)``."""
-    flat_feats, flat_labels = flatten_features_and_labels(
+    """Validate ``features`` and ``labels``, flatten them to ``(M, D)`` and ``(M,)`` rows and
+    drop the rows labelled ``ignore_index``.
+
+    Shapes as in :func:`validate_features_and_labels`.
+    """
+    labels = validate_features_and_labels(
         features, labels, feat_dim=feat_dim, num_classes=num_classes, ignore_index=ignore_index
-    )
-    valid = valid_label_mask(flat_labels, ignore_index)
-    return flat_feats[valid], flat_labels[valid]
+    ).reshape(-1)
+    if features.ndim == 4:
+        features = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+    valid = valid_label_mask(labels, ignore_index)
+    return features[valid], labels[valid]
 
 
 def resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
