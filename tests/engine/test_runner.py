@@ -146,6 +146,31 @@ def test_load_checkpoint_rejects_foreign_files(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "missing.ckpt")
 
 
+class _Pickled:  # a class the safe loader refuses to import
+    pass
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"not a checkpoint at all", "Unsupported operand"),
+        (b"PK\x03\x04 truncated", "not a ZIP archive"),
+        (None, "_Pickled was not an allowed global"),
+    ],
+)
+def test_unloadable_checkpoint_is_one_short_line(tmp_path: Path, content, reason) -> None:
+    path = tmp_path / "bad.ckpt"
+    if content is None:
+        torch.save({"state_dict": _Pickled()}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(RunError) as err:
+        load_checkpoint(path)
+    message = str(err.value)
+    assert "is not a loadable anchorlearn checkpoint" in message and reason in message
+    assert "weights_only" not in message and "\n" not in message and len(message) < 400
+
+
 def test_class_count_mismatch_and_devices_are_checked_before_training(tmp_path: Path) -> None:
     cfg = parse_config(digits_config(model={"name": "small_cnn", "kwargs": {"num_classes": 5}}))
     with pytest.raises(RunError, match="num_classes=5"):

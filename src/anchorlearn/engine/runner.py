@@ -180,6 +180,16 @@ class TrainClock(L.Callback):
         self.seconds = float(state_dict.get("seconds", 0.0))
 
 
+def _load_failure(err: Exception) -> str:
+    """The gist of a ``torch.load`` error, on one short line: the first sentence of its
+    unpickler reason, without torch's advice to load with ``weights_only=False`` (which
+    would run arbitrary code)."""
+    text = " ".join(str(err).split())
+    text = text.split("WeightsUnpickler error: ", 1)[-1]
+    text = text.split(" Check the documentation", 1)[0].split(". ", 1)[0]
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """Load any checkpoint safely (``weights_only=True``: loading never runs code)."""
     path = Path(path)
@@ -188,7 +198,10 @@ def read_checkpoint(path: str | Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise RunError(f"{path} is not a loadable anchorlearn checkpoint: {err}") from err
+        raise RunError(
+            f"{path} is not a loadable anchorlearn checkpoint ({_load_failure(err)}); pass a "
+            "last.ckpt written by `anchorlearn fit` or `anchorlearn pretrain`"
+        ) from err
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise RunError(f"{path} is not an anchorlearn checkpoint (no state_dict)")
     return ckpt
