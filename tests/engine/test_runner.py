@@ -233,6 +233,36 @@ def test_cli_config_typo_is_one_line(tmp_path: Path, capsys) -> None:
     assert "trainer.max_epoch" in err and "max_epochs" in err
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("a: [1,\n", "is not valid YAML: expected the node content"),
+        ("a: 1\n  b: 2\n", "is not valid YAML: mapping values are not allowed here (line 2"),
+        ("", "is empty"),
+        ("# only a comment\n", "is empty"),
+        ("- 1\n- 2\n", "the top level must be a mapping, got list"),
+    ],
+)
+@pytest.mark.parametrize("command", ["fit", "pretrain"])
+def test_cli_broken_config_files_are_one_line(tmp_path: Path, capsys, command, text, message):
+    config = tmp_path / "cfg.yaml"
+    config.write_text(text)
+    assert main([command, "--config", str(config), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(config) in err and message in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_unparsable_set_value_names_the_override(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump(digits_config()))
+    args = ["fit", "--config", str(config), "--out", str(tmp_path / "r")]
+    assert main([*args, "--set", "data.batch_size=[1,"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "--set data.batch_size=[1,: the value is not valid YAML" in err
+
+
 def test_cli_flags_are_validated_before_anything_is_written(tmp_path: Path, capsys) -> None:
     config = tmp_path / "cfg.yaml"
     config.write_text(yaml.safe_dump(digits_config()))

@@ -179,14 +179,33 @@ def check_ranges(cfg: Any, ranges: dict[str, tuple[Callable[[Any], bool], str]])
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read a YAML file, apply ``key=value`` overrides, validate."""
+    return parse_config(apply_overrides(read_config_file(path), overrides or []))
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping a YAML config file holds; a missing, empty or unparsable file, or one
+    whose top level is not a mapping, is a :class:`ConfigError` naming the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    with path.open() as fh:
-        raw = yaml.safe_load(fh) or {}
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path} is not valid YAML: {_yaml_reason(err)}") from None
+    if raw is None:
+        raise ConfigError(f"{path} is empty: a config is a YAML mapping such as `name: run`")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
-    return parse_config(apply_overrides(raw, overrides or []))
+    return raw
+
+
+def _yaml_reason(err: Exception) -> str:
+    """A YAML error on one line: the problem and where it is."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem:
+        where = err.problem_mark
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+        return f"{err.problem}{at}"
+    return " ".join(str(err).split())
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -198,7 +217,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set expects key=value, got {item!r}")
-        value = yaml.safe_load(text)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(
+                f"--set {item}: the value is not valid YAML: {_yaml_reason(err)}"
+            ) from None
         node: Any = raw
         parts = key.split(".")
         for i, part in enumerate(parts):

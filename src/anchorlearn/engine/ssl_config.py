@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .config import (
     COMMON_RANGES,
     PRECISIONS,
@@ -23,6 +21,7 @@ from .config import (
     _build,
     apply_overrides,
     check_ranges,
+    read_config_file,
 )
 
 __all__ = [
@@ -191,14 +190,7 @@ def _get(cfg: Any, key: str) -> Any:
 
 def load_pretrain_config(path: str | Path, overrides: list[str] | None = None) -> PretrainConfig:
     """Read a YAML file, apply ``key=value`` overrides, validate."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    with path.open() as fh:
-        raw = yaml.safe_load(fh) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
-    return parse_pretrain_config(apply_overrides(raw, overrides or []))
+    return parse_pretrain_config(apply_overrides(read_config_file(path), overrides or []))
 
 
 def parse_pretrain_config(raw: dict[str, Any]) -> PretrainConfig:
