@@ -181,22 +181,6 @@ def _best_restart(
     return best[1]
 
 
-def _torch_kmeans(
-    x: torch.Tensor,
-    k: int,
-    niter: int,
-    nredo: int,
-    seed: int,
-    spherical: bool,
-    init: Init,
-    verbose: bool,
-) -> torch.Tensor:
-    def refine(start: torch.Tensor) -> torch.Tensor:
-        return _lloyd(x, start, niter, spherical, verbose)
-
-    return _best_restart(x, k, nredo, seed, spherical, init, refine)
-
-
 def _faiss_kmeans(
     x: torch.Tensor,
     k: int,
@@ -329,7 +313,15 @@ def kmeans(
         centroids = _faiss_kmeans(work, k, niter, nredo, seed, spherical, init, verbose)
         centroids = centroids.to(device=work.device, dtype=work.dtype)
     else:
-        centroids = _torch_kmeans(work, k, niter, nredo, seed, spherical, init, verbose)
+        centroids = _best_restart(
+            work,
+            k,
+            nredo,
+            seed,
+            spherical,
+            init,
+            lambda start: _lloyd(work, start, niter, spherical, verbose),
+        )
     assignments, sq_dist = nearest_centroids(work, centroids)
     return ClusterResult(
         centroids=F.normalize(centroids, dim=1).float(),
