@@ -20,6 +20,7 @@ import yaml
 
 __all__ = [
     "COMMON_RANGES",
+    "UNIT_INTERVAL",
     "ConfigError",
     "DataConfig",
     "ExperimentConfig",
@@ -27,7 +28,10 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "TrainerConfig",
+    "above",
     "apply_overrides",
+    "at_least",
+    "check_choices",
     "check_ranges",
     "config_to_dict",
     "load_config",
@@ -134,45 +138,65 @@ _CHOICES = {
 }
 
 
-def _at_least(bound: float) -> tuple[Callable[[Any], bool], str]:
+Range = tuple[Callable[[Any], bool], str]  # a test of the value and what it expects
+
+
+def at_least(bound: float) -> Range:
     return (lambda v: v >= bound), f">= {bound}"
 
 
-def _above(bound: float) -> tuple[Callable[[Any], bool], str]:
+def above(bound: float) -> Range:
     return (lambda v: v > bound), f"> {bound}"
 
 
+UNIT_INTERVAL: Range = ((lambda v: 0 <= v < 1), "in [0, 1)")
+
+
 # Ranges of the numeric settings shared by supervised and pretraining configs.
-COMMON_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "data.batch_size": _at_least(1),
-    "data.num_workers": _at_least(0),
-    "optim.lr": _above(0),
-    "optim.momentum": ((lambda v: 0 <= v < 1), "in [0, 1)"),
-    "optim.weight_decay": _at_least(0),
-    "optim.warmup_epochs": _at_least(0),
-    "trainer.max_epochs": _at_least(1),
-    "trainer.devices": _at_least(1),
-    "trainer.log_every_n_steps": _at_least(1),
+COMMON_RANGES: dict[str, Range] = {
+    "data.batch_size": at_least(1),
+    "data.num_workers": at_least(0),
+    "optim.lr": above(0),
+    "optim.momentum": UNIT_INTERVAL,
+    "optim.weight_decay": at_least(0),
+    "optim.warmup_epochs": at_least(0),
+    "trainer.max_epochs": at_least(1),
+    "trainer.devices": at_least(1),
+    "trainer.log_every_n_steps": at_least(1),
 }
 
-_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+_RANGES: dict[str, Range] = {
     **COMMON_RANGES,
-    "data.imbalance_ratio": _at_least(1),
-    "data.max_train_samples": _at_least(1),
-    "data.val_fraction": ((lambda v: 0 <= v < 1), "in [0, 1)"),
-    "data.canvas": _at_least(8),
-    "data.num_train_scenes": _at_least(1),
-    "data.num_val_scenes": _at_least(1),
-    "data.scene_imbalance_ratio": _at_least(1),
+    "data.imbalance_ratio": at_least(1),
+    "data.max_train_samples": at_least(1),
+    "data.val_fraction": UNIT_INTERVAL,
+    "data.canvas": at_least(8),
+    "data.num_train_scenes": at_least(1),
+    "data.num_val_scenes": at_least(1),
+    "data.scene_imbalance_ratio": at_least(1),
 }
 
 
-def check_ranges(cfg: Any, ranges: dict[str, tuple[Callable[[Any], bool], str]]) -> None:
+def setting(cfg: Any, key: str) -> Any:
+    """The value of a dotted ``key`` such as ``"optim.lr"`` in a parsed config."""
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def check_choices(cfg: Any, choices: dict[str, tuple[str, ...]]) -> None:
+    """Raise :class:`ConfigError` naming the first setting that is not one of its choices."""
+    for key, allowed in choices.items():
+        value = setting(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
+
+
+def check_ranges(cfg: Any, ranges: dict[str, Range]) -> None:
     """Raise :class:`ConfigError` naming the first setting outside its range."""
     for key, (ok, expected) in ranges.items():
-        value = cfg
-        for part in key.split("."):
-            value = getattr(value, part)
+        value = setting(cfg, key)
         if value is not None and not ok(value):
             raise ConfigError(f"{key} must be {expected}, got {value!r}")
 
@@ -249,12 +273,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def parse_config(raw: dict[str, Any]) -> ExperimentConfig:
     cfg = _build(ExperimentConfig, raw, "")
-    for key, allowed in _CHOICES.items():
-        value = cfg
-        for part in key.split("."):
-            value = getattr(value, part)
-        if value not in allowed:
-            raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
+    check_choices(cfg, _CHOICES)
     if not cfg.losses:
         raise ConfigError("losses must list at least one loss")
     check_ranges(cfg, _RANGES)

@@ -15,11 +15,15 @@ from typing import Any
 from .config import (
     COMMON_RANGES,
     PRECISIONS,
+    UNIT_INTERVAL,
     ConfigError,
     OptimConfig,
     TrainerConfig,
     _build,
+    above,
     apply_overrides,
+    at_least,
+    check_choices,
     check_ranges,
     read_config_file,
 )
@@ -170,22 +174,15 @@ _POSITIVE_INTS = (
 
 _RANGES = {
     **COMMON_RANGES,
-    "data.max_train_samples": (lambda v: v >= 1, ">= 1"),
-    "data.max_test_samples": (lambda v: v >= 1, ">= 1"),
-    "model.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "model.temperature": (lambda v: v > 0, "> 0"),
-    "eval.probe_weight_decay": (lambda v: v >= 0, ">= 0"),
-    "eval.knn_temperature": (lambda v: v > 0, "> 0"),
-    "eval.uniformity_points": (lambda v: v >= 2, ">= 2"),
-    "eval.tsne_points": (lambda v: v >= 2, ">= 2"),
+    "data.max_train_samples": at_least(1),
+    "data.max_test_samples": at_least(1),
+    "model.momentum": UNIT_INTERVAL,
+    "model.temperature": above(0),
+    "eval.probe_weight_decay": at_least(0),
+    "eval.knn_temperature": above(0),
+    "eval.uniformity_points": at_least(2),
+    "eval.tsne_points": at_least(2),
 }
-
-
-def _get(cfg: Any, key: str) -> Any:
-    value = cfg
-    for part in key.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def load_pretrain_config(path: str | Path, overrides: list[str] | None = None) -> PretrainConfig:
@@ -196,12 +193,8 @@ def load_pretrain_config(path: str | Path, overrides: list[str] | None = None) -
 def parse_pretrain_config(raw: dict[str, Any]) -> PretrainConfig:
     """Validate a raw mapping and fill in the method's default loss weights."""
     cfg = _build(PretrainConfig, raw, "")
-    for key, allowed in _CHOICES.items():
-        if _get(cfg, key) not in allowed:
-            raise ConfigError(f"{key} must be one of {list(allowed)}, got {_get(cfg, key)!r}")
-    for key in _POSITIVE_INTS:
-        if _get(cfg, key) < 1:
-            raise ConfigError(f"{key} must be >= 1, got {_get(cfg, key)}")
+    check_choices(cfg, _CHOICES)
+    check_ranges(cfg, {key: at_least(1) for key in _POSITIVE_INTS})
     ks = cfg.cluster.num_clusters
     if not ks or any(k < 2 for k in ks):
         raise ConfigError(f"cluster.num_clusters must list cluster counts >= 2, got {ks}")
