@@ -68,7 +68,7 @@ def _run_fit(args: argparse.Namespace) -> int:
 def _run_eval(args: argparse.Namespace) -> int:
     from anchorlearn.engine.runner import evaluate_checkpoint
 
-    _print_metrics(evaluate_checkpoint(args.checkpoint, out=args.out))
+    _print_metrics(evaluate_checkpoint(args.checkpoint, out=args.out, split=args.split))
     return 0
 
 
@@ -193,10 +193,19 @@ def _add_fit_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     ev = subparsers.add_parser(
-        "eval", help="evaluate a checkpoint on the test split of the data it was trained for"
+        "eval",
+        help="evaluate a checkpoint on the test (or validation) split of the data it was "
+        "trained for",
     )
     ev.add_argument("--checkpoint", required=True, help="a .ckpt written by anchorlearn fit")
     ev.add_argument("--out", default=None, help="write the metrics JSON here")
+    ev.add_argument(
+        "--split",
+        choices=("test", "val"),
+        default="test",
+        help="val: the held-out part of the training data, for choosing settings without "
+        "looking at the test split (default: test)",
+    )
     ev.set_defaults(handler=_run_eval)
 
 

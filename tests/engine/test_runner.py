@@ -137,6 +137,24 @@ def test_eval_checkpoint_matches_fit_metrics(tmp_path: Path) -> None:
     assert ckpt["anchorlearn_config"]["model"]["name"] == "small_cnn"
 
 
+def test_eval_on_the_validation_split_matches_the_logged_val_accuracy(tmp_path: Path) -> None:
+    cfg = parse_config(digits_config(trainer={"max_epochs": 1, "progress": False}))
+    test_metrics = fit(cfg, tmp_path, quiet=True, plots=False)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    val = evaluate_checkpoint(last, split="val", out=tmp_path / "val.json")
+    # the training loop's validation_step counted the same split another way
+    rows = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    logged = [r.split(",")[header.index("val/acc")] for r in rows[1:]]
+    assert val["top1"] == pytest.approx(float([v for v in logged if v][-1]))
+    assert val["split"] == "val"
+    assert json.loads((tmp_path / "val.json").read_text())["split"] == "val"
+    # the digits validation split is long-tailed, the test split is not: they differ
+    assert val["top1"] != pytest.approx(test_metrics["top1"])
+    with pytest.raises(ValueError, match="split must be one of test, val, got 'train'"):
+        evaluate_checkpoint(last, split="train")
+
+
 def test_load_checkpoint_rejects_foreign_files(tmp_path: Path) -> None:
     path = tmp_path / "other.ckpt"
     torch.save({"state_dict": {}}, path)
@@ -220,6 +238,10 @@ def test_cli_fit_and_eval(tmp_path: Path, capsys) -> None:
     assert yaml.safe_load((out / "config.yaml").read_text())["seed"] == 3
     assert main(["eval", "--checkpoint", str(out / "checkpoints" / "last.ckpt")]) == 0
     assert "top1" in capsys.readouterr().out
+    val_json = tmp_path / "val.json"
+    ckpt = str(out / "checkpoints" / "last.ckpt")
+    assert main(["eval", "--checkpoint", ckpt, "--split", "val", "--out", str(val_json)]) == 0
+    assert json.loads(val_json.read_text())["split"] == "val"
 
 
 def test_cli_config_typo_is_one_line(tmp_path: Path, capsys) -> None:

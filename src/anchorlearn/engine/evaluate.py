@@ -1,4 +1,5 @@
-"""Test-split evaluation of a trained module: metrics, feature geometry and pictures."""
+"""Evaluation of a trained module on its test (or validation) split: metrics, feature
+geometry and pictures."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from anchorlearn.metrics.segmentation import SegmentationIoU
 
 from .module import SupervisedModule, training_counts, upsample_logits
 
-__all__ = ["collect_outputs", "evaluate_module", "reference_points", "write_run_plots"]
+__all__ = ["SPLITS", "collect_outputs", "evaluate_module", "reference_points", "write_run_plots"]
+
+SPLITS = ("test", "val")
 
 # Dense features are subsampled to this many labelled positions for the geometry metrics.
 _MAX_GEOMETRY_POINTS = 20_000
@@ -27,9 +30,14 @@ _MAX_GEOMETRY_POINTS = 20_000
 
 @torch.no_grad()
 def collect_outputs(
-    module: SupervisedModule, dm: Any, *, max_points: int = _MAX_GEOMETRY_POINTS, seed: int = 0
+    module: SupervisedModule,
+    dm: Any,
+    *,
+    max_points: int = _MAX_GEOMETRY_POINTS,
+    seed: int = 0,
+    split: str = "test",
 ) -> dict[str, Any]:
-    """Run ``module`` in eval mode over the test split of ``dm``.
+    """Run ``module`` in eval mode over the ``split`` (``"test"`` or ``"val"``) of ``dm``.
 
     Classification: logits, features ``(N, D)`` and labels. Segmentation: an accumulated
     :class:`SegmentationIoU` plus up to ``max_points`` labelled feature positions.
@@ -45,7 +53,7 @@ def collect_outputs(
         if task != "classification"
         else None
     )
-    loader = dm.test_dataloader()
+    loader = _split_loader(dm, split)
     for images, labels in loader:
         images, labels = images.to(device), labels.to(device)
         if task == "classification":
@@ -79,9 +87,19 @@ def collect_outputs(
     return out
 
 
-def evaluate_module(module: SupervisedModule, dm: Any, *, task: str) -> dict[str, Any]:
-    """Test metrics: accuracy groups or IoU groups, plus feature geometry and class centres."""
-    outputs = collect_outputs(module, dm)
+def _split_loader(dm: Any, split: str) -> Any:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    return dm.test_dataloader() if split == "test" else dm.val_dataloader()
+
+
+def evaluate_module(
+    module: SupervisedModule, dm: Any, *, task: str, split: str = "test"
+) -> dict[str, Any]:
+    """Metrics on ``split`` (``"test"``, or ``"val"`` to select settings without looking at
+    the test split): accuracy groups or IoU groups, plus feature geometry and class
+    centres. The many / medium / few groups always come from the training counts."""
+    outputs = collect_outputs(module, dm, split=split)
     counts = np.asarray(training_counts(dm))
     names = list(dm.class_names)
     metrics: dict[str, Any] = {}

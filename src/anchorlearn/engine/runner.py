@@ -406,8 +406,12 @@ def fit(
     return metrics
 
 
-def evaluate_checkpoint(path: str | Path, *, out: str | Path | None = None) -> dict[str, Any]:
-    """Rebuild the run stored in a checkpoint and evaluate it on the test split."""
+def evaluate_checkpoint(
+    path: str | Path, *, out: str | Path | None = None, split: str = "test"
+) -> dict[str, Any]:
+    """Rebuild the run stored in a checkpoint and evaluate it on its ``split``: ``"test"``,
+    or ``"val"`` (the part of the training data the run held out) for choosing settings
+    without touching the test split."""
     path = Path(path)
     ckpt = load_checkpoint(path)
     cfg = parse_config(ckpt[CONFIG_KEY])
@@ -416,7 +420,8 @@ def evaluate_checkpoint(path: str | Path, *, out: str | Path | None = None) -> d
         module.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:
         raise RunError(f"{path} does not match its own config: {err}") from err
-    metrics = evaluate_module(module, dm, task=cfg.task)
+    metrics = evaluate_module(module, dm, task=cfg.task, split=split)
+    metrics["split"] = split
     if out is not None:
         Path(out).write_text(json.dumps(metrics, indent=2))
     return metrics
