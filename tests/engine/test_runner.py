@@ -316,7 +316,7 @@ def test_cli_bad_seeds_name_the_flag(tmp_path: Path, capsys, command, seeds, mes
 @pytest.mark.parametrize("command", ["fit", "eval", "compare", "demo", "data"])
 def test_every_command_has_help(command: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "anchorlearn.cli", command, "--help"],
+        [sys.executable, "-m", "anchorlearn", command, "--help"],
         capture_output=True,
         text=True,
         check=False,
