@@ -199,6 +199,26 @@ def test_class_count_mismatch_and_devices_are_checked_before_training(tmp_path: 
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize("accelerator", ["auto", "cpu", "gpu", "cuda", "mps"])
+def test_too_many_devices_is_refused_for_every_accelerator(accelerator: str) -> None:
+    from anchorlearn.engine.runner import check_devices
+
+    # "auto" used to skip the check and start a DDP run that waited for absent processes
+    with pytest.raises(RunError, match=r"--devices 4096|no CUDA device|MPS is not available"):
+        check_devices(accelerator, 4096)
+    if accelerator in ("auto", "cpu"):
+        check_devices(accelerator, 1)  # one process is always available
+
+
+def test_auto_accelerator_error_says_what_auto_picked(monkeypatch) -> None:
+    from anchorlearn.engine import runner
+
+    monkeypatch.setattr(runner.torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(runner.torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(RunError, match=r"\(what --accelerator auto picks here\)"):
+        runner.check_devices("auto", 4096)
+
+
 @pytest.mark.parametrize(
     ("losses", "message"),
     [
@@ -285,10 +305,14 @@ def test_cli_unparsable_set_value_names_the_override(tmp_path: Path, capsys) -> 
     assert "--set data.batch_size=[1,: the value is not valid YAML" in err
 
 
-def test_cli_flags_are_validated_before_anything_is_written(tmp_path: Path, capsys) -> None:
+# "64-true" and "16-true" used to pass validation and crash in the first validation step
+@pytest.mark.parametrize("precision", ["15", "64-true", "16-true", "bf16-true"])
+def test_cli_flags_are_validated_before_anything_is_written(
+    tmp_path: Path, capsys, precision: str
+) -> None:
     config = tmp_path / "cfg.yaml"
     config.write_text(yaml.safe_dump(digits_config()))
-    args = ["fit", "--config", str(config), "--out", str(tmp_path / "r"), "--precision", "15"]
+    args = ["fit", "--config", str(config), "--out", str(tmp_path / "r"), "--precision", precision]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "trainer.precision must be one of" in err

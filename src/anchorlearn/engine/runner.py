@@ -51,11 +51,24 @@ class RunError(RuntimeError):
     """A problem found before training starts; the message says what to do."""
 
 
+def _resolve_accelerator(accelerator: str) -> str:
+    """What Lightning's ``auto`` picks here: a CUDA GPU, else Apple's MPS, else the CPU."""
+    if accelerator != "auto":
+        return "gpu" if accelerator == "cuda" else accelerator
+    if torch.cuda.device_count() > 0:
+        return "gpu"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
 def check_devices(accelerator: str, devices: int) -> None:
     """Fail before training when more devices are asked for than exist."""
     if devices < 1:
         raise RunError(f"--devices must be >= 1, got {devices}")
-    if accelerator in ("gpu", "cuda"):
+    resolved = _resolve_accelerator(accelerator)
+    via = f" (what --accelerator {accelerator} picks here)" if resolved != accelerator else ""
+    if resolved == "gpu":
         available = torch.cuda.device_count()
         if available == 0:
             raise RunError(
@@ -63,15 +76,24 @@ def check_devices(accelerator: str, devices: int) -> None:
             )
         if devices > available:
             raise RunError(
-                f"--devices {devices} asked for but only {available} GPU(s) are visible: "
+                f"--devices {devices} asked for but only {available} GPU(s) are visible{via}: "
                 f"use --devices {available} or fewer"
             )
-    elif accelerator == "cpu":
+    elif resolved == "mps":
+        if not torch.backends.mps.is_available():
+            raise RunError(
+                "accelerator mps asked for but MPS is not available: use --accelerator cpu"
+            )
+        if devices > 1:
+            raise RunError(
+                f"--devices {devices} asked for but MPS has one device{via}: use --devices 1"
+            )
+    else:
         cores = os.cpu_count() or 1
         if devices > cores:
             raise RunError(
                 f"--devices {devices} CPU processes asked for but this machine has {cores} "
-                f"core(s): use --devices {cores} or fewer"
+                f"core(s){via}: use --devices {cores} or fewer"
             )
 
 
