@@ -90,7 +90,7 @@ def test_bad_input_raises() -> None:
         estimate_concentration(x, torch.randn(2, 4), labels)
     with pytest.raises(ValueError, match="x must be finite"):
         estimate_concentration(x.fill_(float("nan")), c, labels)
-    with pytest.raises(ValueError, match="temperature must be > 0"):
+    with pytest.raises(ValueError, match="temperature must be finite and > 0"):
         estimate_concentration(torch.randn(5, 3), c, labels, temperature=0.0)
     with pytest.raises(ValueError, match="percentiles must satisfy"):
         estimate_concentration(torch.randn(5, 3), c, labels, percentiles=(90, 10))

@@ -226,18 +226,27 @@ def test_auto_accelerator_error_says_what_auto_picked(monkeypatch) -> None:
         (["sar"], "task loss"),
         (["nonsense"], "unknown loss"),
         (["dot_regression"], "etf_classifier"),
+        # these used to reach torch: a traceback, or a NaN loss once training had started
+        (["ce", {"name": "sar", "seed": 1.5}], "loss sar: seed must be None or an int, got float"),
+        ([{"name": "logit_adjusted", "tau": float("inf")}], "tau must be finite and >= 0"),
+        (["ce", {"name": "sar", "pull_weight": "strong"}], "pull_weight must be a real number"),
+        # a module cannot come from YAML, so it is not offered as a parameter
+        (["ce", {"name": "sar", "projector": "mlp"}], "unknown parameter 'projector'"),
     ],
 )
 def test_bad_objectives_are_config_errors(tmp_path: Path, losses, message: str) -> None:
     cfg = parse_config(digits_config(losses=losses))
     with pytest.raises(ConfigError, match=message):
         fit(cfg, tmp_path, quiet=True, plots=False)
+    assert not (tmp_path / "checkpoints").exists()
 
 
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
         ({"optim": {"lr": 0.0}}, r"optim\.lr must be > 0, got 0\.0"),
+        ({"optim": {"lr": float("inf")}}, r"optim\.lr must be a finite number, got inf"),
+        ({"data": {"imbalance_ratio": float("nan")}}, r"imbalance_ratio must be a finite number"),
         ({"optim": {"momentum": 1.5}}, r"optim\.momentum must be in \[0, 1\)"),
         ({"data": {"source": "digits", "val_fraction": 1.0}}, r"data\.val_fraction"),
         ({"data": {"source": "digits", "imbalance_ratio": 0.5}}, r"data\.imbalance_ratio"),

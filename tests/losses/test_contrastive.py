@@ -113,8 +113,9 @@ def test_infonce_rejects_bad_input(
 def test_infonce_rejects_bad_types_and_temperature() -> None:
     with pytest.raises(TypeError, match="q must be a floating-point tensor"):
         InfoNCE()(torch.ones(4, D, dtype=torch.long), unit(4, D))
-    with pytest.raises(ValueError, match="temperature must be > 0"):
-        InfoNCE(temperature=0.0)
+    for bad in (0.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+            InfoNCE(temperature=bad)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -133,7 +133,7 @@ def test_alignment_rejects_bad_input() -> None:
         AlignmentLoss()(q, assignments, [prototypes[0], 3 * prototypes[1]])
     with pytest.raises(ValueError, match=r"k .* is required when view_weight > 0"):
         AlignmentLoss(view_weight=1.0)(q, assignments, prototypes)
-    with pytest.raises(ValueError, match="alpha must be > 0"):
+    with pytest.raises(ValueError, match="alpha must be finite and > 0"):
         AlignmentLoss(alpha=0.0)
 
 
@@ -230,7 +230,7 @@ def test_correlation_degenerate_and_bad_input() -> None:
         CorrelationLoss("barlow")(torch.randn(4, 3))
     with pytest.raises(ValueError, match="z2 must have shape"):
         CorrelationLoss("vicreg")(torch.randn(4, 3), torch.randn(5, 3))
-    with pytest.raises(ValueError, match="lambda_offdiag must be >= 0"):
+    with pytest.raises(ValueError, match="lambda_offdiag must be finite and >= 0"):
         CorrelationLoss(lambda_offdiag=-1.0)
 
 
@@ -310,7 +310,7 @@ def test_pauc_rejects_bad_input() -> None:
         PAUCLoss()(q, assignments, prototypes, concentrations, k=unit(N + 1, D))
     with pytest.raises(ValueError, match="q must be L2-normalised"):
         PAUCLoss()(q * 3, assignments, prototypes, concentrations, k=q)
-    with pytest.raises(ValueError, match="corr_weight must be >= 0"):
+    with pytest.raises(ValueError, match="corr_weight must be finite and >= 0"):
         PAUCLoss(corr_weight=-1.0)
     with pytest.raises(ValueError, match="corr_features must be one of"):
         PAUCLoss(corr_features="centroids")  # type: ignore[arg-type]

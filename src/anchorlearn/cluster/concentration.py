@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from anchorlearn.losses._checks import check_labels_tensor, check_matrix
+from anchorlearn.losses._checks import check_labels_tensor, check_matrix, check_positive
 
 __all__ = ["estimate_concentration"]
 
@@ -65,12 +65,8 @@ def estimate_concentration(
             f"assignments must lie in [0, {k}), got values in "
             f"[{int(assignments.min())}, {int(assignments.max())}]"
         )
-    temperature = float(temperature)
-    if not temperature > 0.0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    eps = float(eps)
-    if not eps > 0.0:
-        raise ValueError(f"eps must be > 0, got {eps}")
+    temperature = check_positive(temperature, "temperature")
+    eps = check_positive(eps, "eps")
     low, high = (float(p) for p in percentiles)
     if not 0.0 <= low <= high <= 100.0:
         raise ValueError(f"percentiles must satisfy 0 <= low <= high <= 100, got {percentiles}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -190,6 +191,8 @@ def check_ranges(cfg: Any, ranges: dict[str, Range]) -> None:
     """Raise :class:`ConfigError` naming the first setting outside its range."""
     for key, (ok, expected) in ranges.items():
         value = setting(cfg, key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
         if value is not None and not ok(value):
             raise ConfigError(f"{key} must be {expected}, got {value!r}")
 

@@ -152,6 +152,10 @@ def build_objective(
     return Objective(names, losses, reads)
 
 
+# constructor arguments a YAML config cannot express (modules built in Python)
+_CODE_ONLY = frozenset({"projector"})
+
+
 def _user_parameters(cls: type, injected: tuple[str, ...]) -> list[str]:
     params = inspect.signature(cls.__init__).parameters
     return [
@@ -159,5 +163,6 @@ def _user_parameters(cls: type, injected: tuple[str, ...]) -> list[str]:
         for name, p in params.items()
         if name != "self"
         and name not in injected
+        and name not in _CODE_ONLY
         and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
     ]

@@ -6,13 +6,18 @@ and what was received, before any arithmetic can fail deep inside torch.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 __all__ = [
     "check_finite",
+    "check_non_negative",
     "check_num_classes",
+    "check_positive",
     "check_probability",
+    "check_seed",
     "validate_features_and_labels",
 ]
 
@@ -33,8 +38,16 @@ def check_positive_int(value: object, name: str) -> int:
     return value
 
 
+def _real(value: object, name: str) -> float:
+    """``value`` as a float; a non-number (a bool included) is a TypeError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not (isinstance(value, torch.Tensor) and value.numel() == 1):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
 def check_probability(value: float, name: str, *, closed_low: bool = True) -> float:
-    value = float(value)
+    value = _real(value, name)
     ok = (0.0 <= value <= 1.0) if closed_low else (0.0 < value <= 1.0)
     if not ok:
         interval = "[0, 1]" if closed_low else "(0, 1]"
@@ -43,10 +56,24 @@ def check_probability(value: float, name: str, *, closed_low: bool = True) -> fl
 
 
 def check_non_negative(value: float, name: str) -> float:
-    value = float(value)
-    if not value >= 0.0:  # also rejects NaN
-        raise ValueError(f"{name} must be >= 0, got {value}")
+    value = _real(value, name)
+    if not 0.0 <= value < math.inf:  # also rejects NaN
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
     return value
+
+
+def check_positive(value: float, name: str) -> float:
+    value = _real(value, name)
+    if not 0.0 < value < math.inf:  # also rejects NaN
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return value
+
+
+def check_seed(seed: object, name: str = "seed") -> int | None:
+    """``None`` or an int (a bool is refused): what ``torch.Generator.manual_seed`` takes."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"{name} must be None or an int, got {type(seed).__name__} {seed!r}")
+    return seed
 
 
 def check_finite(tensor: torch.Tensor, name: str) -> None:

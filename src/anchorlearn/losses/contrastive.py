@@ -17,17 +17,11 @@ from anchorlearn.losses._checks import (
     check_l2_normalised,
     check_labels_tensor,
     check_matrix,
+    check_positive,
     check_positive_int,
 )
 
 __all__ = ["InfoNCE", "ProtoNCE", "check_prototype_inputs"]
-
-
-def _check_temperature(temperature: float) -> float:
-    temperature = float(temperature)
-    if not temperature > 0.0:  # also rejects NaN
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    return temperature
 
 
 class InfoNCE(nn.Module):
@@ -53,7 +47,7 @@ class InfoNCE(nn.Module):
 
     def __init__(self, temperature: float = 0.2) -> None:
         super().__init__()
-        self.temperature = _check_temperature(temperature)
+        self.temperature = check_positive(temperature, "temperature")
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None = None
@@ -183,7 +177,7 @@ class ProtoNCE(nn.Module):
 
     def __init__(self, temperature: float = 0.2, num_negatives: int = 16000) -> None:
         super().__init__()
-        self.temperature = _check_temperature(temperature)
+        self.temperature = check_positive(temperature, "temperature")
         self.num_negatives = check_positive_int(num_negatives, "num_negatives")
 
     def sample_negatives(

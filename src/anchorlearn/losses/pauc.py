@@ -33,6 +33,7 @@ from anchorlearn.losses._checks import (
     check_l2_normalised,
     check_matrix,
     check_non_negative,
+    check_positive,
     check_positive_int,
 )
 from anchorlearn.losses.contrastive import ProtoNCE, check_prototype_inputs
@@ -54,13 +55,6 @@ def _check_choice(value: object, name: str, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     return str(value)
-
-
-def _check_positive(value: float, name: str) -> float:
-    value = float(value)
-    if not value > 0.0:  # also rejects NaN
-        raise ValueError(f"{name} must be > 0, got {value}")
-    return value
 
 
 def _zero(like: torch.Tensor) -> torch.Tensor:
@@ -166,7 +160,7 @@ class AlignmentLoss(nn.Module):
 
     def __init__(self, alpha: float = 2.0, view_weight: float = 0.0) -> None:
         super().__init__()
-        self.alpha = _check_positive(alpha, "alpha")
+        self.alpha = check_positive(alpha, "alpha")
         self.view_weight = check_non_negative(view_weight, "view_weight")
 
     def _distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -255,9 +249,9 @@ class UniformityLoss(nn.Module):
         self, t: float = 2.0, mode: UniformityMode = "batch_means", temperature: float = 0.2
     ) -> None:
         super().__init__()
-        self.t = _check_positive(t, "t")
+        self.t = check_positive(t, "t")
         self.mode = _check_choice(mode, "mode", ("batch_means", "assignment"))
-        self.temperature = _check_positive(temperature, "temperature")
+        self.temperature = check_positive(temperature, "temperature")
 
     def forward(
         self,
@@ -344,7 +338,7 @@ class CorrelationLoss(nn.Module):
         super().__init__()
         self.mode = _check_choice(mode, "mode", ("barlow", "vicreg"))
         self.lambda_offdiag = check_non_negative(lambda_offdiag, "lambda_offdiag")
-        self.eps = _check_positive(eps, "eps")
+        self.eps = check_positive(eps, "eps")
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         z1 = check_matrix(z1, "z1")

@@ -20,6 +20,7 @@ from ._checks import (
     check_num_classes,
     check_positive_int,
     check_probability,
+    check_seed,
     loss_compute_dtype,
     validate_features_and_labels,
 )
@@ -145,7 +146,7 @@ class SemanticAnchorRegularizer(nn.Module):
             raise TypeError(f"projector must be an nn.Module, got {type(projector).__name__}")
         self.projector = projector
 
-        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        generator = None if check_seed(seed) is None else torch.Generator().manual_seed(seed)
         self.register_buffer(
             "anchors", torch.randn(self.num_classes, self.feat_dim, generator=generator)
         )
