@@ -2,7 +2,11 @@
 
 One process group of world size 2 is spawned once for the module; each rank runs three
 training steps of ``EMAPrototypeLoss`` and of ``SemanticAnchorRegularizer`` on its own data
-and saves what it saw, which the tests then compare.
+and saves what it saw, which the tests then compare. The EMA prototypes all-reduce their
+class statistics; SAR exchanges nothing between ranks, so its test checks that its state
+depends only on parameters (which DDP keeps equal), never on a rank's batch. The end-to-end
+check, with DDP all-reducing the gradients of real models, is
+``tests/engine/test_ddp_fit.py``.
 """
 
 from __future__ import annotations
@@ -116,7 +120,9 @@ def test_ema_prototypes_agree_across_ranks_and_match_single_process(rank_results
 
 
 @pytest.mark.skipif(not HAS_SAR, reason="anchorlearn.losses.sar is not available")
-def test_sar_keys_and_anchors_agree_across_ranks(rank_results) -> None:
+def test_sar_state_follows_the_parameters_not_the_rank_batch(rank_results) -> None:
+    # Same parameters, different data on each rank (sizes, classes, an all-ignored batch):
+    # the gate and the semantic anchors must not depend on the batch, or ranks would drift.
     rank0, rank1 = (result["sar"] for result in rank_results)
     for step in range(STEPS):
         assert rank0[step]["keys"] == rank1[step]["keys"]

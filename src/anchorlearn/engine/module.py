@@ -15,6 +15,8 @@ from .objective import Objective
 
 __all__ = [
     "SupervisedModule",
+    "average_batchnorm_statistics",
+    "batchnorm_statistics",
     "build_optimizer",
     "rank_divergence",
     "training_counts",
@@ -49,6 +51,31 @@ def build_optimizer(module: L.LightningModule, cfg: OptimConfig):
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def batchnorm_statistics(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The running means and variances of every BatchNorm layer in ``module``, by name."""
+    stats = []
+    for name, layer in module.named_modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.track_running_stats:
+            for kind in ("running_mean", "running_var"):
+                buffer = getattr(layer, kind)
+                if buffer is not None:
+                    stats.append((f"{name}.{kind}" if name else kind, buffer))
+    return stats
+
+
+@torch.no_grad()
+def average_batchnorm_statistics(module: L.LightningModule) -> None:
+    """Replace every BatchNorm running mean and variance of ``module`` by its mean over the
+    DDP ranks (nothing on a single process). Buffers are not broadcast from rank 0
+    (``broadcast_buffers=False``), so each rank's running statistics follow its own shard;
+    averaging them before validation, at every epoch end (so before checkpoints and the
+    E-step) gives every rank, and the saved model, one set. Every rank must call it."""
+    if module.trainer.world_size <= 1:
+        return
+    for _, buffer in batchnorm_statistics(module):
+        buffer.copy_(module.trainer.strategy.reduce(buffer.clone(), reduce_op="mean"))
 
 
 def rank_divergence(
@@ -164,12 +191,18 @@ class SupervisedModule(L.LightningModule):
         self._val_correct = 0
         self._val_total = 0
 
+    def on_validation_epoch_start(self) -> None:
+        average_batchnorm_statistics(self)
+
+    def on_train_epoch_end(self) -> None:
+        average_batchnorm_statistics(self)
+
     def on_train_end(self) -> None:
         """Under DDP, record how far the objective's state (SAR anchors, EMA prototypes,
-        step counters) differs between ranks: 0 when the ranks agree exactly."""
-        self.rank_state_divergence, self.most_divergent_buffer = rank_divergence(
-            self, self.objective.named_buffers()
-        )
+        step counters) and the model's BatchNorm statistics differ between ranks: 0 when
+        the ranks agree exactly."""
+        state = [*self.objective.named_buffers(), *batchnorm_statistics(self.model)]
+        self.rank_state_divergence, self.most_divergent_buffer = rank_divergence(self, state)
 
     def configure_optimizers(self):
         return build_optimizer(self, self.optim_cfg)

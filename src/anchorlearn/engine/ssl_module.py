@@ -26,7 +26,12 @@ from anchorlearn.losses.pauc import PAUCLoss
 from anchorlearn.models.moco import MoCo
 
 from .config import OptimConfig
-from .module import build_optimizer, rank_divergence
+from .module import (
+    average_batchnorm_statistics,
+    batchnorm_statistics,
+    build_optimizer,
+    rank_divergence,
+)
 from .ssl_config import PretrainLossConfig
 
 __all__ = ["ContrastivePretrainModule", "EStepCallback", "EStepResult", "gather_and_cluster"]
@@ -195,7 +200,8 @@ class ContrastivePretrainModule(L.LightningModule):
         method: ``"moco"``, ``"pcl"`` or ``"pauc"``.
         num_clusters: the granularities ``k_g`` of the E-step.
         num_samples: training-set size ``N``.
-        seed: reseeds torch at every epoch start (``seed * 1000 + epoch + 1000 * rank``).
+        seed: reseeds torch at every epoch start (``seed * 1000 + epoch``, plus
+            ``rank << 32`` on DDP rank ``rank``).
 
     Buffers (E-step results, no gradient; saved in checkpoints, identical on all ranks):
         ``prototypes_{g}`` ``(k_g, dim)``, ``concentrations_{g}`` ``(k_g,)``,
@@ -322,13 +328,17 @@ class ContrastivePretrainModule(L.LightningModule):
             self.log(f"train/{name}", value.detach(), **log)
         return loss
 
+    def on_train_epoch_end(self) -> None:
+        # before the next E-step embeds the training set with the momentum encoder
+        average_batchnorm_statistics(self)
+
     def on_train_end(self) -> None:
         """Under DDP, record in :attr:`rank_state_divergence` the largest difference between
-        ranks of the E-step buffers and the queue: 0 when the ranks agree exactly."""
+        ranks of the E-step buffers, the queue and the encoders' BatchNorm statistics: 0
+        when the ranks agree exactly."""
         buffers = [*self.prototypes, *self.concentrations, *self.assignments, self.moco.queue]
-        self.rank_state_divergence, _ = rank_divergence(
-            self, ((str(i), b) for i, b in enumerate(buffers))
-        )
+        state = [*((str(i), b) for i, b in enumerate(buffers)), *batchnorm_statistics(self)]
+        self.rank_state_divergence, _ = rank_divergence(self, state)
 
     def configure_optimizers(self):
         return build_optimizer(self, self.optim_cfg)

@@ -399,7 +399,9 @@ class PAUCLoss(nn.Module):
         L2-normalised embeddings of the other view (e.g. MoCo's keys), required when
         ``corr_weight > 0`` in ``"barlow"`` mode or ``align_view_weight > 0``; the E-step
         result per granularity as for ProtoNCE. Returns ``{"loss", "protonce",
-        "alignment", "uniformity", "correlation"}``, scalars, each term unweighted.
+        "alignment", "uniformity", "correlation"}``, scalars, each term without its PAUC
+        weight (``alignment`` is AlignmentLoss's total: the prototype part plus
+        ``align_view_weight`` times the view part).
     """
 
     def __init__(
