@@ -122,9 +122,20 @@ def test_resume_refuses_changed_settings_and_names_them(tmp_path: Path) -> None:
     )
     with pytest.raises(RunError, match=r"optim\.lr: 0\.05 -> 0\.1") as info:
         fit(changed, tmp_path, resume=True, quiet=True, plots=False)
-    assert "max_epochs" not in str(info.value).split("may change)")[1]
-    # a longer schedule alone is allowed
+    # a cosine schedule is laid out over max_epochs: resuming it longer would be a hybrid
+    assert "trainer.max_epochs: 1 -> 2 (the cosine learning-rate schedule" in str(info.value)
     longer = parse_config(digits_config(trainer={"max_epochs": 2, "progress": False}))
+    with pytest.raises(RunError, match=r"only a constant schedule may be extended"):
+        fit(longer, tmp_path, resume=True, quiet=True, plots=False)
+
+
+def test_resume_may_extend_a_constant_schedule(tmp_path: Path) -> None:
+    constant = {"lr": 0.05, "schedule": "constant"}
+    cfg = parse_config(digits_config(optim=constant, trainer={"max_epochs": 1, "progress": False}))
+    fit(cfg, tmp_path, quiet=True, plots=False)
+    longer = parse_config(
+        digits_config(optim=constant, trainer={"max_epochs": 2, "progress": False})
+    )
     assert fit(longer, tmp_path, resume=True, quiet=True, plots=False)["epochs"] == 2
 
 
@@ -370,9 +381,42 @@ def test_compare_keeps_finished_runs(tmp_path: Path, capsys) -> None:
     assert table.count("\n") == 3 and "| ce_sar | 2 |" in table
     assert (tmp_path / "results.csv").read_text().count("\n") == 5
     capsys.readouterr()
-    again = run_grid(configs, [0, 1], tmp_path)
+    # how a run reported is not a setting of the run: it is reused
+    again = run_grid(configs, [0, 1], tmp_path, overrides=["trainer.progress=true"])
     assert capsys.readouterr().out.count("already done") == 4
     assert again["ce"][1]["top1"] == results["ce"][1]["top1"]
+    # other settings are: the finished 1-epoch runs used to be kept as if they had them
+    with pytest.raises(RunError, match=r"ce/seed0 is a finished run .*max_epochs: 1 -> 3"):
+        run_grid(configs, [0, 1], tmp_path, overrides=["trainer.max_epochs=3"])
+    with pytest.raises(RunError, match=r"data\.imbalance_ratio: 10\.0 -> 1\.0"):
+        run_grid(configs, [0], tmp_path, overrides=["data.imbalance_ratio=1"])
+
+
+def test_compare_refuses_two_configs_with_one_name(tmp_path: Path) -> None:
+    from anchorlearn.engine.compare import run_grid
+
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text(yaml.safe_dump(digits_config()))
+    second.write_text(yaml.safe_dump(digits_config(losses=["ce"])))
+    with pytest.raises(RunError, match=r"a\.yaml and .*b\.yaml are both named 'digits'"):
+        run_grid([first, second], [0], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_compare_table_uses_the_sample_std_and_drift_has_none() -> None:
+    from anchorlearn.engine.compare import aggregate, markdown_table
+
+    centers = [[[0.0, 1.0], [1.0, 0.0]], [[0.0, 1.0], [1.0, 0.1]], [[0.1, 1.0], [1.0, 0.0]]]
+    runs = [
+        {"seed": s, "top1": v, "class_centers": centers[s]} for s, v in enumerate([0.1, 0.2, 0.6])
+    ]
+    rows = aggregate({"m": runs}, ["top1", "center_drift"])
+    assert rows[0]["top1"] == pytest.approx(0.3)
+    # sample std of 0.1, 0.2, 0.6: sqrt((0.04 + 0.01 + 0.09) / 2); np.std's default gives 0.216
+    assert rows[0]["top1_std"] == pytest.approx(0.26458, abs=1e-5)
+    table = markdown_table(rows, ["top1", "center_drift"], percent=["top1"])
+    assert "| m | 3 | 30.00 ± 26.46 | " in table
+    assert table.rstrip().endswith("|") and table.splitlines()[-1].count("±") == 1
 
 
 @pytest.mark.parametrize(

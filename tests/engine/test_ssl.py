@@ -133,7 +133,10 @@ def test_existing_checkpoint_needs_resume_and_resume_continues(
 ) -> None:
     run_dir, _ = pcl_run
     config = tmp_path / "pcl.yaml"
-    config.write_text(yaml.safe_dump(tiny_config("pcl")))
+    # a constant learning rate: only then may a resumed run train for longer
+    config.write_text(
+        yaml.safe_dump(tiny_config("pcl", optim={"lr": 0.05, "schedule": "constant"}))
+    )
     args = ["pretrain", "--config", str(config), "--out", str(run_dir)]
     assert main(args) == 2
     assert "--resume" in capsys.readouterr().err
@@ -143,6 +146,9 @@ def test_existing_checkpoint_needs_resume_and_resume_continues(
     changed = ["--resume", "--set", "trainer.max_epochs=2", "--set", "loss.protonce_weight=2"]
     assert main([*args[:-1], str(resumed), *changed]) == 2
     assert "loss.protonce_weight: 1.0 -> 2.0" in capsys.readouterr().err
+    cosine = ["--resume", "--set", "trainer.max_epochs=2", "--set", "optim.schedule=cosine"]
+    assert main([*args[:-1], str(resumed), *cosine]) == 2
+    assert "only a constant schedule may be extended" in capsys.readouterr().err
     assert main([*args[:-1], str(resumed), "--resume", "--set", "trainer.max_epochs=2"]) == 0
     metrics = json.loads((resumed / "metrics.json").read_text())
     assert metrics["epochs"] == 2

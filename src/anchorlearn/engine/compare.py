@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .config import apply_overrides, load_config, parse_config
+from .runner import RunError
 
 __all__ = [
     "DEFAULT_COLUMNS",
@@ -53,18 +54,24 @@ def run_grid(
     Plots are written for the first seed of each config only.
 
     A config is a YAML path or a ``(name, raw mapping)`` pair. Returns ``{name: [metrics per
-    seed]}`` in config order.
+    seed]}`` in config order. A finished run is reused only if it was trained with the
+    settings asked for now (its ``config.yaml``; only how it reported and where it ran may
+    differ), and two configs of one grid may not share a name: either would put other
+    runs' numbers in a row.
     """
     from .runner import fit
 
     out = Path(out)
+    grid = [[_resolve(item, seed, overrides) for seed in seeds] for item in configs]
+    _check_unique_names(configs, [runs[0].name for runs in grid if runs])
     results: dict[str, list[dict[str, Any]]] = {}
-    for item in configs:
-        for seed in seeds:
-            cfg = _resolve(item, seed, overrides)
+    for cfgs in grid:
+        for cfg in cfgs:
+            seed = cfg.seed
             run_dir = out / cfg.name / f"seed{seed}"
             done = run_dir / "metrics.json"
             if done.exists():
+                _check_finished_run(run_dir, cfg)
                 metrics = json.loads(done.read_text())
                 print(f"[compare] {cfg.name} seed {seed}: already done, kept")
             else:
@@ -78,6 +85,41 @@ def run_grid(
                 print(f"[compare] {cfg.name} seed {seed}: {_short(metrics)}")
             results.setdefault(cfg.name, []).append({"seed": seed, **metrics})
     return results
+
+
+def _check_unique_names(configs: Sequence[Any], names: list[str]) -> None:
+    seen: dict[str, Any] = {}
+    for item, name in zip(configs, names, strict=True):
+        label = item[0] if isinstance(item, tuple) else str(item)
+        if name in seen:
+            raise RunError(
+                f"{seen[name]} and {label} are both named {name!r} and would share "
+                f"{name}/seed<k>: give one another name (e.g. --set name=...) or compare them "
+                "into different --out directories"
+            )
+        seen[name] = label
+
+
+def _check_finished_run(run_dir: Path, cfg: Any) -> None:
+    """A finished run counts only if it was trained with ``cfg``'s settings."""
+    import yaml
+
+    from .config import ConfigError, config_to_dict
+    from .runner import FINISHED_RUN_CHANGES, config_differences
+
+    stored_path = run_dir / "config.yaml"
+    if not stored_path.exists():
+        raise RunError(f"{run_dir} has metrics.json but no config.yaml: cannot tell how it ran")
+    try:
+        stored = config_to_dict(parse_config(yaml.safe_load(stored_path.read_text())))
+    except ConfigError as err:
+        raise RunError(f"{stored_path} holds a config this version cannot read: {err}") from err
+    differences = config_differences(stored, config_to_dict(cfg), FINISHED_RUN_CHANGES)
+    if differences:
+        raise RunError(
+            f"{run_dir} is a finished run with other settings ({'; '.join(differences)}): "
+            "compare into another --out, or delete that run to train it again"
+        )
 
 
 def _resolve(item: str | Path | tuple[str, dict], seed: int, overrides: Sequence[str]):
@@ -99,24 +141,25 @@ def _short(metrics: dict[str, Any]) -> str:
 
 
 def aggregate(results: dict[str, list[dict[str, Any]]], columns: Sequence[str]) -> list[dict]:
-    """One row per method: mean and std over seeds of each scalar column.
+    """One row per method: mean and sample standard deviation (``ddof=1``) over seeds of
+    each scalar column.
 
     The column ``center_drift`` is a property of a method across seeds, not of one run:
     :func:`anchorlearn.metrics.geometry.center_drift` of the seeds' test class centres
-    (NaN with a single seed).
+    (NaN with a single seed), so it has no standard deviation (NaN, printed without ±).
     """
     rows = []
     for name, runs in results.items():
         row: dict[str, Any] = {"method": name, "seeds": len(runs)}
         if "center_drift" in columns:
-            row["center_drift"], row["center_drift_std"] = _drift(runs), 0.0
+            row["center_drift"], row["center_drift_std"] = _drift(runs), float("nan")
         for col in columns:
             if col == "center_drift":
                 continue
             values = [r[col] for r in runs if isinstance(r.get(col), int | float)]
             values = [v for v in values if not math.isnan(v)]
             row[col] = float(np.mean(values)) if values else float("nan")
-            row[f"{col}_std"] = float(np.std(values)) if len(values) > 1 else 0.0
+            row[f"{col}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
         rows.append(row)
     return rows
 
@@ -154,7 +197,7 @@ def markdown_table(rows: list[dict], columns: Sequence[str], *, percent: Sequenc
             scale = 100.0 if col in percent else 1.0
             if math.isnan(mean):
                 cells.append("n/a")
-            elif row["seeds"] > 1:
+            elif row["seeds"] > 1 and not math.isnan(std):
                 cells.append(f"{scale * mean:.2f} ± {scale * std:.2f}")
             else:
                 cells.append(f"{scale * mean:.2f}")

@@ -29,6 +29,7 @@ from .module import SupervisedModule, training_counts
 from .objective import build_objective
 
 __all__ = [
+    "FINISHED_RUN_CHANGES",
     "RunError",
     "StoreConfig",
     "TrainClock",
@@ -41,6 +42,7 @@ __all__ = [
     "load_checkpoint",
     "make_trainer",
     "read_checkpoint",
+    "resume_differences",
     "start_run",
 ]
 
@@ -316,8 +318,10 @@ def make_trainer(
     )
 
 
-# Settings that may change when a run is resumed: how long it trains, how it reports, where
-# it computes (the batches and the schedule do not depend on them).
+# Settings that may change when a run is resumed: how it reports and where it computes (the
+# batches do not depend on them), and how long it trains, but the length only under a
+# constant learning rate: a cosine schedule is laid out over trainer.max_epochs, so a longer
+# resumed run would continue a different curve (see resume_differences).
 RESUMABLE_CHANGES = frozenset(
     {
         "name",
@@ -353,14 +357,34 @@ def config_differences(
     ]
 
 
+# What may differ between a finished run and the config asked for when a grid reuses it.
+FINISHED_RUN_CHANGES = RESUMABLE_CHANGES - {"trainer.max_epochs"}
+
+
+def resume_differences(
+    stored: dict, current: dict, allowed: frozenset[str] = RESUMABLE_CHANGES
+) -> list[str]:
+    """:func:`config_differences`, plus ``trainer.max_epochs`` when the learning-rate
+    schedule is not constant (its length is the cosine's length)."""
+    differences = config_differences(stored, current, allowed)
+    old, new = stored["trainer"]["max_epochs"], current["trainer"]["max_epochs"]
+    schedule = current["optim"]["schedule"]
+    if old != new and schedule != "constant":
+        differences.append(
+            f"trainer.max_epochs: {old!r} -> {new!r} (the {schedule} learning-rate schedule "
+            "is laid out over it; only a constant schedule may be extended)"
+        )
+    return differences
+
+
 def refuse_changed_config(differences: list[str], path: Path) -> None:
     """A run resumes only with the settings it was started with (see RESUMABLE_CHANGES)."""
     if differences:
+        fixed = sorted(RESUMABLE_CHANGES - {"trainer.max_epochs"})
         raise RunError(
             f"{path} was trained with other settings; a resumed run must keep them "
-            f"(only {', '.join(sorted(RESUMABLE_CHANGES))} may change): "
-            + "; ".join(differences)
-            + ". Use another --out for the new settings."
+            f"(only {', '.join(fixed)} and, under a constant schedule, trainer.max_epochs "
+            "may change): " + "; ".join(differences) + ". Use another --out for the new settings."
         )
 
 
@@ -371,7 +395,7 @@ def check_compatible(ckpt: dict, cfg: ExperimentConfig, path: Path) -> None:
         stored = config_to_dict(parse_config(ckpt[CONFIG_KEY]))
     except ConfigError as err:
         raise RunError(f"{path} holds a config this version cannot read: {err}") from err
-    refuse_changed_config(config_differences(stored, config_to_dict(cfg)), path)
+    refuse_changed_config(resume_differences(stored, config_to_dict(cfg)), path)
 
 
 def fit(

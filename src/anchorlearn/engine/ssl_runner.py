@@ -30,11 +30,11 @@ from .runner import (
     RunError,
     StoreConfig,
     TrainClock,
-    config_differences,
     create_model_for_data,
     make_trainer,
     read_checkpoint,
     refuse_changed_config,
+    resume_differences,
     start_run,
 )
 from .ssl_config import PretrainConfig, parse_pretrain_config, pretrain_config_to_dict
@@ -144,7 +144,7 @@ def _check_compatible(ckpt: dict, cfg: PretrainConfig, path: Path) -> None:
         raise RunError(f"{path} holds a config this version cannot read: {err}") from err
     current = pretrain_config_to_dict(cfg)
     # the evaluation settings act after training: they may change
-    refuse_changed_config(config_differences(stored, current, RESUMABLE_CHANGES | {"eval.*"}), path)
+    refuse_changed_config(resume_differences(stored, current, RESUMABLE_CHANGES | {"eval.*"}), path)
 
 
 def pretrain(
