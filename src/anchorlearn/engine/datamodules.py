@@ -232,7 +232,8 @@ class ClassificationDataModule(_InMemoryDataModule):
             subsampling and the shuffling.
         max_train_samples: keep a stratified subset of about this many training images
             (before the long tail and the validation split), for fast runs.
-        max_test_samples: the same for the test split.
+        max_test_samples: the same for the test split, drawn with ``seed`` too: runs of
+            one seed share their test images, other seeds are scored on other subsets.
         augment: apply :func:`classification_train_augment` to training batches.
         data_root: Fashion-MNIST directory (see :func:`load_fashion_mnist`).
 
@@ -458,7 +459,8 @@ class TwoViewDataModule(_InMemoryDataModule):
         num_workers: loader workers.
         seed: subsampling and shuffling.
         max_train_samples: stratified subset of about this many training images.
-        max_test_samples: the same for the test split.
+        max_test_samples: the same for the test split, drawn with ``seed`` too: runs of
+            one seed share their test images, other seeds are scored on other subsets.
         view_transform: the augmentation of each view (default :func:`ssl_augment`).
         data_root: Fashion-MNIST directory.
 
