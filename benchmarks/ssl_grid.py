@@ -1,7 +1,8 @@
 """Pretrain the configs of configs/ssl with several seeds and tabulate the frozen evaluation.
 
 Runs every config x seed under ``OUT/<name>/seed<k>`` (skipping runs that already have
-``metrics.json``; an interrupted run resumes from its ``last.ckpt``) and writes a Markdown
+``metrics.json`` if they were trained with the same settings; an interrupted run resumes
+from its ``last.ckpt``) and writes a Markdown
 table of means (and standard deviations over seeds) to ``--table``::
 
     nice -n 10 .venv/bin/python benchmarks/ssl_grid.py --seeds 0 \\
@@ -19,7 +20,12 @@ import statistics
 import sys
 from pathlib import Path
 
-from anchorlearn.engine.ssl_config import load_pretrain_config
+from anchorlearn.engine.runner import check_finished_run
+from anchorlearn.engine.ssl_config import (
+    load_pretrain_config,
+    parse_pretrain_config,
+    pretrain_config_to_dict,
+)
 from anchorlearn.engine.ssl_runner import pretrain
 
 CONFIGS = ["moco", "pcl", "pauc", "pcl_align", "pcl_uniform", "pcl_corr"]
@@ -47,8 +53,14 @@ def run(
             done = run_dir / "metrics.json"
             if not done.exists() and not train:
                 continue
-            if not done.exists():
-                cfg = load_pretrain_config(config_dir / f"{name}.yaml", [f"seed={seed}"])
+            cfg = load_pretrain_config(config_dir / f"{name}.yaml", [f"seed={seed}"])
+            if done.exists():
+                check_finished_run(
+                    run_dir,
+                    pretrain_config_to_dict(cfg),
+                    lambda raw: pretrain_config_to_dict(parse_pretrain_config(raw)),
+                )
+            else:
                 resume = (run_dir / "checkpoints" / "last.ckpt").exists()
                 print(f"[ssl_grid] {name} seed {seed} -> {run_dir}", flush=True)
                 pretrain(cfg, run_dir, resume=resume)

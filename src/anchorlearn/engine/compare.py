@@ -102,24 +102,10 @@ def _check_unique_names(configs: Sequence[Any], names: list[str]) -> None:
 
 def _check_finished_run(run_dir: Path, cfg: Any) -> None:
     """A finished run counts only if it was trained with ``cfg``'s settings."""
-    import yaml
+    from .config import config_to_dict
+    from .runner import check_finished_run
 
-    from .config import ConfigError, config_to_dict
-    from .runner import FINISHED_RUN_CHANGES, config_differences
-
-    stored_path = run_dir / "config.yaml"
-    if not stored_path.exists():
-        raise RunError(f"{run_dir} has metrics.json but no config.yaml: cannot tell how it ran")
-    try:
-        stored = config_to_dict(parse_config(yaml.safe_load(stored_path.read_text())))
-    except ConfigError as err:
-        raise RunError(f"{stored_path} holds a config this version cannot read: {err}") from err
-    differences = config_differences(stored, config_to_dict(cfg), FINISHED_RUN_CHANGES)
-    if differences:
-        raise RunError(
-            f"{run_dir} is a finished run with other settings ({'; '.join(differences)}): "
-            "compare into another --out, or delete that run to train it again"
-        )
+    check_finished_run(run_dir, config_to_dict(cfg), lambda raw: config_to_dict(parse_config(raw)))
 
 
 def _resolve(item: str | Path | tuple[str, dict], seed: int, overrides: Sequence[str]):

@@ -35,6 +35,7 @@ __all__ = [
     "TrainClock",
     "build_run",
     "check_devices",
+    "check_finished_run",
     "config_differences",
     "create_model_for_data",
     "evaluate_checkpoint",
@@ -375,6 +376,29 @@ def resume_differences(
             "is laid out over it; only a constant schedule may be extended)"
         )
     return differences
+
+
+def check_finished_run(
+    run_dir: Path,
+    current: dict,
+    read: Callable[[dict], dict],
+    allowed: frozenset[str] = FINISHED_RUN_CHANGES,
+) -> None:
+    """Refuse to reuse the finished run in ``run_dir`` for the config ``current`` (a dict)
+    unless its ``config.yaml``, normalised by ``read``, differs only in ``allowed`` keys."""
+    stored_path = Path(run_dir) / "config.yaml"
+    if not stored_path.exists():
+        raise RunError(f"{run_dir} has metrics.json but no config.yaml: cannot tell how it ran")
+    try:
+        stored = read(yaml.safe_load(stored_path.read_text()))
+    except ConfigError as err:
+        raise RunError(f"{stored_path} holds a config this version cannot read: {err}") from err
+    differences = config_differences(stored, current, allowed)
+    if differences:
+        raise RunError(
+            f"{run_dir} is a finished run with other settings ({'; '.join(differences)}): "
+            "use another output directory, or delete that run to train it again"
+        )
 
 
 def refuse_changed_config(differences: list[str], path: Path) -> None:
