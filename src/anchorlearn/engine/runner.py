@@ -70,7 +70,7 @@ def check_devices(accelerator: str, devices: int) -> None:
     if devices < 1:
         raise RunError(f"--devices must be >= 1, got {devices}")
     resolved = _resolve_accelerator(accelerator)
-    via = f" (what --accelerator {accelerator} picks here)" if resolved != accelerator else ""
+    via = " (what --accelerator auto picks here)" if accelerator == "auto" else ""
     if resolved == "gpu":
         available = torch.cuda.device_count()
         if available == 0:
