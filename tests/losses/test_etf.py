@@ -251,3 +251,9 @@ def test_dot_regression_bad_input_raises() -> None:
         loss_fn(torch.randn(3, D), torch.full((3,), C))
     with pytest.raises(TypeError, match="labels"):
         loss_fn(torch.randn(3, D), torch.zeros(3))
+
+
+@pytest.mark.parametrize(("seed", "got"), [(None, "NoneType None"), (1.5, "float 1.5")])
+def test_etf_seed_must_be_an_int(seed, got: str) -> None:
+    with pytest.raises(TypeError, match=f"seed must be an int, got {got}"):
+        simplex_etf(8, 4, seed=seed)

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import apply_overrides, load_config, parse_config
-from .runner import RunError
+from .config import apply_overrides, config_to_dict, load_config, parse_config
+from .runner import RunError, check_finished_run, fit
 
 __all__ = [
     "DEFAULT_COLUMNS",
@@ -59,8 +59,6 @@ def run_grid(
     differ), and two configs of one grid may not share a name: either would put other
     runs' numbers in a row.
     """
-    from .runner import fit
-
     out = Path(out)
     grid = [[_resolve(item, seed, overrides) for seed in seeds] for item in configs]
     _check_unique_names(configs, [runs[0].name for runs in grid if runs])
@@ -71,7 +69,7 @@ def run_grid(
             run_dir = out / cfg.name / f"seed{seed}"
             done = run_dir / "metrics.json"
             if done.exists():
-                _check_finished_run(run_dir, cfg)
+                check_finished_run(run_dir, config_to_dict(cfg), _normalised_config)
                 metrics = json.loads(done.read_text())
                 print(f"[compare] {cfg.name} seed {seed}: already done, kept")
             else:
@@ -100,12 +98,9 @@ def _check_unique_names(configs: Sequence[Any], names: list[str]) -> None:
         seen[name] = label
 
 
-def _check_finished_run(run_dir: Path, cfg: Any) -> None:
-    """A finished run counts only if it was trained with ``cfg``'s settings."""
-    from .config import config_to_dict
-    from .runner import check_finished_run
-
-    check_finished_run(run_dir, config_to_dict(cfg), lambda raw: config_to_dict(parse_config(raw)))
+def _normalised_config(raw: dict) -> dict:
+    """A stored ``config.yaml`` with every default filled in, comparable with a new one."""
+    return config_to_dict(parse_config(raw))
 
 
 def _resolve(item: str | Path | tuple[str, dict], seed: int, overrides: Sequence[str]):

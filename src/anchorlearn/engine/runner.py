@@ -319,20 +319,22 @@ def make_trainer(
     )
 
 
-# Settings that may change when a run is resumed: how it reports and where it computes (the
-# batches do not depend on them), and how long it trains, but the length only under a
-# constant learning rate: a cosine schedule is laid out over trainer.max_epochs, so a longer
-# resumed run would continue a different curve (see resume_differences).
-RESUMABLE_CHANGES = frozenset(
+# Settings that may differ between a run and the config asked for, whether the run is
+# resumed or reused finished: how it reports and where it computes (the batches do not
+# depend on them).
+FINISHED_RUN_CHANGES = frozenset(
     {
         "name",
         "out_dir",
-        "trainer.max_epochs",
         "trainer.progress",
         "trainer.log_every_n_steps",
         "trainer.accelerator",
     }
 )
+# A resumed run may also train for longer, but only under a constant learning rate: a cosine
+# schedule is laid out over trainer.max_epochs, so a longer resumed run would continue a
+# different curve (see resume_differences).
+RESUMABLE_CHANGES = FINISHED_RUN_CHANGES | {"trainer.max_epochs"}
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -356,10 +358,6 @@ def config_differences(
         for key in sorted(old.keys() | new.keys())
         if old.get(key) != new.get(key) and key not in allowed and not key.startswith(prefixes)
     ]
-
-
-# What may differ between a finished run and the config asked for when a grid reuses it.
-FINISHED_RUN_CHANGES = RESUMABLE_CHANGES - {"trainer.max_epochs"}
 
 
 def resume_differences(
@@ -404,11 +402,12 @@ def check_finished_run(
 def refuse_changed_config(differences: list[str], path: Path) -> None:
     """A run resumes only with the settings it was started with (see RESUMABLE_CHANGES)."""
     if differences:
-        fixed = sorted(RESUMABLE_CHANGES - {"trainer.max_epochs"})
         raise RunError(
             f"{path} was trained with other settings; a resumed run must keep them "
-            f"(only {', '.join(fixed)} and, under a constant schedule, trainer.max_epochs "
-            "may change): " + "; ".join(differences) + ". Use another --out for the new settings."
+            f"(only {', '.join(sorted(FINISHED_RUN_CHANGES))} and, under a constant schedule, "
+            "trainer.max_epochs may change): "
+            + "; ".join(differences)
+            + ". Use another --out for the new settings."
         )
 
 

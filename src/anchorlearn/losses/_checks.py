@@ -69,10 +69,14 @@ def check_positive(value: float, name: str) -> float:
     return value
 
 
-def check_seed(seed: object, name: str = "seed") -> int | None:
-    """``None`` or an int (a bool is refused): what ``torch.Generator.manual_seed`` takes."""
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"{name} must be None or an int, got {type(seed).__name__} {seed!r}")
+def check_seed(seed: object, name: str = "seed", *, optional: bool = True) -> int | None:
+    """An int (a bool is refused), what ``torch.Generator.manual_seed`` takes, or ``None``
+    where ``optional``."""
+    if seed is None and optional:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        expected = "None or an int" if optional else "an int"
+        raise TypeError(f"{name} must be {expected}, got {type(seed).__name__} {seed!r}")
     return seed
 
 

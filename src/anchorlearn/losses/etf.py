@@ -46,9 +46,7 @@ def simplex_etf(feat_dim: int, num_classes: int, *, seed: int = 0) -> torch.Tens
             f"feat_dim must be >= num_classes for a simplex ETF built from a D x C partial "
             f"orthogonal matrix, got feat_dim={feat_dim} < num_classes={num_classes}"
         )
-    if check_seed(seed) is None:
-        raise TypeError("seed must be an int, got None")
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(check_seed(seed, optional=False))
     gaussian = torch.randn(feat_dim, num_classes, generator=generator, dtype=torch.float64)
     orthonormal, _ = torch.linalg.qr(gaussian, mode="reduced")
     centering = torch.eye(num_classes, dtype=torch.float64) - 1.0 / num_classes
