@@ -63,6 +63,21 @@ def test_result_shapes_and_types(backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_raw_centroids_are_the_cluster_means_the_result_refers_to(backend: str) -> None:
+    x, _ = planted()
+    x = x + 5.0  # means far from unit norm, so raw and normalised centroids differ
+    result = kmeans(x, K, backend=backend, niter=10)
+    raw = result.raw_centroids
+    assert raw.shape == (K, D) and raw.dtype == torch.float32
+    torch.testing.assert_close(torch.nn.functional.normalize(raw, dim=1), result.centroids)
+    means = torch.zeros(K, D).index_add_(0, result.assignments, x) / result.counts[:, None]
+    torch.testing.assert_close(raw, means, rtol=1e-4, atol=1e-4)
+    sq_dist = torch.cdist(x, raw).square()
+    assert torch.equal(result.assignments, sq_dist.argmin(dim=1))
+    assert float(sq_dist.min(dim=1).values.sum()) == pytest.approx(result.inertia, rel=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_same_seed_same_result(backend: str) -> None:
     x, _ = planted(spread=2.0)
     a = kmeans(x, 10, backend=backend, niter=5, seed=3)

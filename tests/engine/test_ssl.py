@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import yaml
 
 from anchorlearn.cli import main
+from anchorlearn.cluster import estimate_concentration, kmeans
 from anchorlearn.engine.config import ConfigError
 from anchorlearn.engine.runner import RunError
 from anchorlearn.engine.ssl_config import load_pretrain_config, parse_pretrain_config
@@ -222,6 +223,23 @@ def test_single_process_estep_matches_its_parts() -> None:
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="cover 59 of 60"):
         gather_and_cluster(x[:59], torch.arange(59), 60, [3])
+
+
+def test_estep_concentration_is_measured_to_the_centroids_before_normalisation() -> None:
+    # unit-norm clusters of different spread: their means have different norms, so the
+    # distances to the means and to the normalised means differ by a per-cluster factor
+    generator = torch.Generator().manual_seed(0)
+    centres = F.normalize(torch.randn(6, 16, generator=generator), dim=1)
+    spread = torch.tensor([0.05, 0.1, 0.2, 0.3, 0.5, 0.8]).repeat_interleave(50)
+    noise = torch.randn(300, 16, generator=generator)
+    x = F.normalize(centres.repeat_interleave(50, dim=0) + spread[:, None] * noise, dim=1)
+    result = gather_and_cluster(x, torch.arange(300), 300, [6], temperature=0.2, niter=10)
+    clusters = kmeans(x, 6, niter=10, seed=0)
+    assert torch.equal(result.assignments[0], clusters.assignments)
+    expected = estimate_concentration(x, clusters.raw_centroids, clusters.assignments, 0.2)
+    torch.testing.assert_close(result.concentrations[0], expected)
+    normalised = estimate_concentration(x, clusters.centroids, clusters.assignments, 0.2)
+    assert float((result.concentrations[0] - normalised).abs().max()) > 1e-3
 
 
 def test_pretrain_and_probe_help(capsys: pytest.CaptureFixture[str]) -> None:

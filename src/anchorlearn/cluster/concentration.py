@@ -34,9 +34,12 @@ def estimate_concentration(
        positive one, so that no logit is divided by zero;
     4. :math:`\phi` is rescaled so that its mean equals ``temperature``.
 
-    The distances are measured to ``centroids`` as given (PCL measures them to the
-    centroids before normalisation; :func:`~anchorlearn.cluster.kmeans` returns normalised
-    ones, which only changes :math:`\phi` up to the final rescaling when ``x`` is normalised).
+    The distances are measured to ``centroids`` as given. PCL measures them to the k-means
+    centroids before normalisation, i.e. ``ClusterResult.raw_centroids`` of
+    :func:`~anchorlearn.cluster.kmeans`, not its normalised ``centroids``: for unit-norm
+    members around a mean of norm :math:`r` the mean squared distance is :math:`1 - r^2` to
+    the mean and :math:`2 - 2r` to its normalisation, a ratio :math:`2 / (1 + r)` that
+    differs from cluster to cluster, so the choice is not undone by the final rescaling.
 
     Args:
         x: ``(N, D)`` embeddings.

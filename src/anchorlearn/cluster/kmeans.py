@@ -37,16 +37,20 @@ class ClusterResult:
 
     Attributes:
         centroids: ``(k, D)`` float32, L2-normalised rows (a centroid of norm 0 stays 0).
-        assignments: ``(N,)`` long, index of the nearest (un-normalised) centroid.
-        inertia: sum over points of the squared Euclidean distance to that centroid,
-            measured before the centroids are normalised.
+        assignments: ``(N,)`` long, index of the nearest raw centroid.
+        inertia: sum over points of the squared Euclidean distance to that raw centroid.
         counts: ``(k,)`` long, the number of points assigned to each centroid.
+        raw_centroids: ``(k, D)`` float32, the centroids before normalisation: the means
+            of their clusters (normalised means under ``spherical=True``), to which the
+            assignments and the inertia refer, and to which PCL measures the
+            concentration.
     """
 
     centroids: torch.Tensor
     assignments: torch.Tensor
     inertia: float
     counts: torch.Tensor
+    raw_centroids: torch.Tensor
 
 
 def _faiss_available() -> bool:
@@ -261,7 +265,8 @@ def kmeans(
 
     ``spherical=True`` L2-normalises the centroids after every update (assignment by inner
     product when ``x`` is normalised). The returned centroids are L2-normalised in every
-    case; the assignments and inertia refer to the centroids before that normalisation.
+    case; the assignments and inertia refer to the centroids before that normalisation
+    (``raw_centroids``).
     A centroid may still end empty after the last update (``counts`` 0).
 
     Args:
@@ -328,4 +333,5 @@ def kmeans(
         assignments=assignments,
         inertia=float(sq_dist.double().sum()),
         counts=torch.bincount(assignments, minlength=k),
+        raw_centroids=centroids.float(),
     )

@@ -113,7 +113,8 @@ def gather_and_cluster(
     iterations, ``nredo`` restarts, seeded with ``seed``, initialised by ``init``:
     ``"k-means++"``, ``"random"`` or ``"auto"``, the library default; centroids
     L2-normalised) and
-    :func:`~anchorlearn.cluster.estimate_concentration` rescaled to mean ``temperature``.
+    :func:`~anchorlearn.cluster.estimate_concentration`, measured to the centroids before
+    normalisation (as PCL) and rescaled to mean ``temperature``.
     Collective calls are made on the device of ``features`` (a CUDA tensor under NCCL).
     """
     if features.ndim != 2 or indices.shape != features.shape[:1]:
@@ -158,7 +159,9 @@ def gather_and_cluster(
                 )
                 prototypes = clusters.centroids.to(device)
                 assignments = clusters.assignments.to(device)
-                phi = estimate_concentration(full, prototypes, assignments, temperature).float()
+                # as PCL: distances to the cluster means, before they are normalised
+                raw = clusters.raw_centroids.to(device)
+                phi = estimate_concentration(full, raw, assignments, temperature).float()
             except Exception as err:  # re-raised below, on every rank together
                 failure = err
         if _distributed():
