@@ -35,7 +35,7 @@ COLUMNS = [  # key, title, scale, decimals
     ("nmi", "NMI", 1.0, 3),
     ("alignment", "alignment (lower: closer views)", 1.0, 3),
     ("uniformity", "uniformity (lower: more uniform)", 1.0, 3),
-    ("coagulation", "coagulation", 1.0, 3),
+    ("coagulation", "coagulation (lower: tighter clusters)", 1.0, 3),
     ("estep_share", "E-step share of epoch time %", 100.0, 1),
     ("train_seconds", "train s", 1.0, 0),
 ]

@@ -291,6 +291,29 @@ def test_pauc_zero_weights_keep_every_key_at_zero() -> None:
     assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
+def test_empty_batch_gives_zero_with_a_graph_in_every_ssl_loss() -> None:
+    from anchorlearn.losses.contrastive import InfoNCE
+
+    _, _, prototypes, concentrations = make_inputs()
+    q = unit(0, D).requires_grad_()
+    k = unit(0, D)
+    assignments = [torch.zeros(0, dtype=torch.long) for _ in SIZES]
+    outputs = [
+        InfoNCE()(q, k),
+        InfoNCE()(q, k, queue=unit(5, D)),
+        ProtoNCE()(q, assignments, prototypes, concentrations),
+        PAUCLoss()(q, assignments, prototypes, concentrations, k=k),
+        AlignmentLoss()(q, assignments, prototypes, k=k),
+        UniformityLoss()(q, assignments, prototypes),
+        CorrelationLoss()(q, k),
+    ]
+    for out in outputs:
+        assert all(float(v.detach()) == 0.0 for v in out.values() if torch.is_tensor(v))
+        out["loss"].backward()
+        assert q.grad is not None and torch.equal(q.grad, torch.zeros_like(q))
+    assert set(outputs[3]) == PAUC_KEYS
+
+
 def test_pauc_gradient_finite_float32() -> None:
     q, assignments, prototypes, concentrations = make_inputs(torch.float32)
     q.requires_grad_()

@@ -345,6 +345,17 @@ def test_all_ignored_batch_gives_finite_zero_pull(dense: bool) -> None:
     assert torch.equal(features.grad, torch.zeros_like(features))
 
 
+def test_ignore_index_none_pulls_every_position() -> None:
+    sar = make_sar(SwitchClassifier(open_margins()), ignore_index=None)
+    features, labels = dense_batch()
+    labels[labels == IGNORE] = 0
+    projected = sar.projected_anchors().detach()
+    out = sar(features, labels)
+    torch.testing.assert_close(out["pull"], reference_pull(features, labels, projected))
+    with pytest.raises(ValueError, match="labels"):
+        sar(features, torch.full_like(labels, IGNORE))
+
+
 def test_custom_ignore_index_in_dense_labels() -> None:
     sar = make_sar(SwitchClassifier(open_margins()), ignore_index=-1)
     features, labels = dense_batch()
@@ -611,7 +622,7 @@ def test_classifier_layer_with_wrong_size_raises(layer: nn.Module, pattern: str)
         ({"aux_weight": "1"}, TypeError, r"aux_weight must be a real number, got str"),
         ({"seed": 1.5}, TypeError, r"seed must be None or an int, got float 1.5"),
         ({"seed": True}, TypeError, r"seed must be None or an int, got bool True"),
-        ({"ignore_index": 1.0}, TypeError, r"ignore_index must be an int, got float"),
+        ({"ignore_index": 1.0}, TypeError, r"ignore_index must be an int or None, got float"),
         ({"projector": lambda a: a}, TypeError, r"projector must be an nn.Module, got function"),
         ({"gate_warn_steps": 0}, ValueError, r"gate_warn_steps must be >= 1, got 0"),
     ],

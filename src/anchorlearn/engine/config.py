@@ -144,6 +144,7 @@ def above(bound: float) -> Range:
 
 
 UNIT_INTERVAL: Range = ((lambda v: 0 <= v < 1), "in [0, 1)")
+OPEN_UNIT_INTERVAL: Range = ((lambda v: 0 < v < 1), "in (0, 1)")
 
 
 # Ranges of the numeric settings shared by supervised and pretraining configs.
@@ -163,7 +164,7 @@ _RANGES: dict[str, Range] = {
     **COMMON_RANGES,
     "data.imbalance_ratio": at_least(1),
     "data.max_train_samples": at_least(1),
-    "data.val_fraction": UNIT_INTERVAL,
+    "data.val_fraction": OPEN_UNIT_INTERVAL,  # the validation split is never empty
     "data.canvas": at_least(8),
     "data.num_train_scenes": at_least(1),
     "data.num_val_scenes": at_least(1),
@@ -231,7 +232,7 @@ def _yaml_reason(err: Exception) -> str:
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b.c=value`` strings (value parsed as YAML) to a nested mapping, in place.
 
-    ``losses.1.params.pull_weight=0.2`` addresses list items by index.
+    ``losses.1.pull_weight=0.2`` addresses list items by index.
     """
     for item in overrides:
         key, sep, text = item.partition("=")
@@ -343,16 +344,22 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
 
 
 def _loss_mapping(value: Any, key: str) -> dict[str, Any]:
-    """Losses are written flat (``{name: sar, pull_weight: 0.1}``) or as a bare name."""
+    """Losses are written flat (``{name: sar, pull_weight: 0.1}``), with their parameters
+    under ``params``, both (merged), or as a bare name."""
     if isinstance(value, str):
         return {"name": value}
     if not isinstance(value, dict) or "name" not in value:
         raise ConfigError(
             f"{key} must be a loss name or a mapping with a 'name' key, got {value!r}"
         )
-    if "params" in value:
-        return value
-    return {"name": value["name"], "params": {k: v for k, v in value.items() if k != "name"}}
+    nested = value.get("params") or {}
+    if not isinstance(nested, dict):
+        raise ConfigError(f"{key}.params must be a mapping, got {nested!r}")
+    flat = {k: v for k, v in value.items() if k not in ("name", "params")}
+    both = sorted(set(flat) & set(nested))
+    if both:
+        raise ConfigError(f"{key}: {both[0]!r} is given both flat and under params")
+    return {"name": value["name"], "params": {**nested, **flat}}
 
 
 def _join(where: str, key: Any) -> str:

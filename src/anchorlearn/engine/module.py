@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anchorlearn.losses._checks import valid_label_mask
+
 from .config import OptimConfig
 from .objective import Objective
 
@@ -119,6 +121,9 @@ class SupervisedModule(L.LightningModule):
         objective: the losses (their parameters, e.g. SAR's projector, train with the model).
         optim: optimiser and schedule settings.
         task: ``"classification"`` or ``"segmentation"``.
+        num_classes: number of classes.
+        ignore_index: label left out of the validation accuracy (segmentation's void label,
+            255 in the data modules here); ``None``, for classification: every label counts.
         seed: reseeds torch at every epoch start (``seed * 1000 + epoch``, plus
             ``rank << 32`` on DDP rank ``rank``), so that batch augmentations do not depend
             on whether the run was resumed.
@@ -132,7 +137,7 @@ class SupervisedModule(L.LightningModule):
         *,
         task: str,
         num_classes: int,
-        ignore_index: int = 255,
+        ignore_index: int | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -175,7 +180,7 @@ class SupervisedModule(L.LightningModule):
         images, labels = batch
         logits, _ = self.model(images)
         logits = upsample_logits(logits, labels)
-        valid = labels != self.ignore_index
+        valid = valid_label_mask(labels, self.ignore_index)
         correct = (logits.argmax(1) == labels) & valid
         self._val_correct += int(correct.sum())
         self._val_total += int(valid.sum())

@@ -104,8 +104,13 @@ def build_objective(
     model: nn.Module,
     num_classes: int,
     class_counts: Sequence[int] | None,
+    ignore_index: int | None = None,
 ) -> Objective:
-    """Build the objective for ``model`` (which must expose ``classifier`` and ``feat_dim``)."""
+    """Build the objective for ``model`` (which must expose ``classifier`` and ``feat_dim``).
+
+    ``ignore_index`` (the data's void label, ``None`` when every label is a class) is given
+    to every loss that takes one; it is not a loss parameter a config sets.
+    """
     names, losses, reads = [], [], []
     seen: dict[str, int] = {}
     for spec in specs:
@@ -125,6 +130,7 @@ def build_objective(
             "feat_dim": int(model.feat_dim),
             "classifier": model.classifier,
             "class_counts": class_counts,
+            "ignore_index": ignore_index,
         }
         if "etf" in entry.injected:
             if not isinstance(model.classifier, ETFClassifier):
@@ -140,6 +146,8 @@ def build_objective(
                 f"{', '.join(allowed) or '(none)'}"
             )
         kwargs = {k: available[k] for k in entry.injected}
+        if _takes(entry.cls, "ignore_index"):
+            kwargs["ignore_index"] = ignore_index
         try:
             loss = entry.cls(**kwargs, **spec.params)
         except (TypeError, ValueError) as err:
@@ -152,8 +160,13 @@ def build_objective(
     return Objective(names, losses, reads)
 
 
-# constructor arguments a YAML config cannot express (modules built in Python)
-_CODE_ONLY = frozenset({"projector"})
+# constructor arguments a config does not set: modules built in Python, and the void label,
+# which is the data's
+_NOT_CONFIGURABLE = frozenset({"projector", "ignore_index"})
+
+
+def _takes(cls: type, name: str) -> bool:
+    return name in inspect.signature(cls.__init__).parameters
 
 
 def _user_parameters(cls: type, injected: tuple[str, ...]) -> list[str]:
@@ -163,6 +176,6 @@ def _user_parameters(cls: type, injected: tuple[str, ...]) -> list[str]:
         for name, p in params.items()
         if name != "self"
         and name not in injected
-        and name not in _CODE_ONLY
+        and name not in _NOT_CONFIGURABLE
         and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
     ]

@@ -141,8 +141,15 @@ def build_run(cfg: ExperimentConfig) -> tuple[Any, SupervisedModule]:
     if cfg.model.etf_classifier:
         model = FixedETFModel(model, dm.num_classes, dense=cfg.task == "segmentation")
     counts = training_counts(dm)
+    # segmentation masks mark void pixels; every classification label is a class (a data
+    # set of 256+ classes has a class 255)
+    ignore_index = getattr(dm, "ignore_index", None)
     objective = build_objective(
-        cfg.losses, model=model, num_classes=dm.num_classes, class_counts=counts
+        cfg.losses,
+        model=model,
+        num_classes=dm.num_classes,
+        class_counts=counts,
+        ignore_index=ignore_index,
     )
     module = SupervisedModule(
         model,
@@ -150,7 +157,7 @@ def build_run(cfg: ExperimentConfig) -> tuple[Any, SupervisedModule]:
         cfg.optim,
         task=cfg.task,
         num_classes=dm.num_classes,
-        ignore_index=getattr(dm, "ignore_index", 255),
+        ignore_index=ignore_index,
         seed=cfg.seed,
     )
     return dm, module

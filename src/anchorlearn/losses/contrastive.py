@@ -58,8 +58,9 @@ class InfoNCE(nn.Module):
             raise ValueError(f"k must have shape {tuple(q.shape)} to match q, got {tuple(k.shape)}")
         check_l2_normalised(q, "q")
         check_l2_normalised(k, "k")
-        if q.shape[0] == 0:
-            raise ValueError("q must hold at least one row, got shape (0, D)")
+        if q.shape[0] == 0:  # an empty batch: zero, attached to the graph
+            zero = q.sum() * 0.0 + k.sum() * 0.0
+            return {"loss": zero, "infonce": zero}
         if queue is None:
             logits = q @ k.t()
             target = torch.arange(q.shape[0], device=q.device)
@@ -210,8 +211,9 @@ class ProtoNCE(nn.Module):
         q = check_matrix(q, "q")
         check_l2_normalised(q, "q")
         check_prototype_inputs(q, assignments, prototypes, concentrations)
-        if q.shape[0] == 0:
-            raise ValueError("q must hold at least one row, got shape (0, D)")
+        if q.shape[0] == 0:  # an empty batch: zero, attached to the graph
+            zero = q.sum() * 0.0
+            return {"loss": zero, "protonce": zero}
         loss = self._loss(q, assignments, prototypes, concentrations, generator)
         return {"loss": loss, "protonce": loss}
 

@@ -466,10 +466,11 @@ class PAUCLoss(nn.Module):
     ) -> dict[str, torch.Tensor]:
         q = check_matrix(q, "q")
         check_l2_normalised(q, "q")
-        if q.shape[0] == 0:
-            raise ValueError("q must hold at least one row, got shape (0, D)")
         check_prototype_inputs(q, assignments, prototypes, concentrations)
         _check_second_view(k, q)
+        if q.shape[0] == 0:  # an empty batch: every term zero, attached to the graph
+            zero = _zero(q)
+            return {"loss": zero, **dict.fromkeys(self.weights, zero)}
         if k is None and self.weights["correlation"] > 0 and self.correlation.mode == "barlow":
             raise ValueError("k (the second view, (N, D)) is required when corr_weight > 0")
         if k is None and self.weights["alignment"] > 0 and self.alignment.view_weight > 0:

@@ -16,12 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import (
+    check_ignore_index,
     check_non_negative,
     check_num_classes,
     check_positive_int,
     check_probability,
     check_seed,
     loss_compute_dtype,
+    valid_label_mask,
     validate_features_and_labels,
 )
 
@@ -83,12 +85,16 @@ class SemanticAnchorRegularizer(nn.Module):
         update_conf: own-class probability every anchor must exceed to open the gate
             (release: 0.8).
         ema_momentum: momentum ``m`` of the semantic-anchor EMA (release: 0.999).
-        ignore_index: label value excluded from the pull.
+        ignore_index: label value excluded from the pull (``None``: every label is a class;
+            the engine passes ``None`` for classification, 255 for segmentation).
         projector: module mapping ``(C, D)`` to ``(C, D)``; ``None`` builds
             :func:`default_projector`.
         gate_warn_steps: warn once if the gate is still shut after this many training steps.
         seed: seed of the generator that draws the fixed anchors (``None``: torch's global
-            generator). Under DDP, wrapping the module broadcasts rank 0's anchors.
+            generator). The anchors are a buffer drawn when the module is built; under DDP
+            every rank must draw the same ones, so pass the same ``seed`` on every rank (or
+            seed every rank alike before building, as the engine does): DDP with
+            ``broadcast_buffers=False``, as the engine runs it, does not copy rank 0's.
 
     Shapes:
         ``features`` ``(N, D)`` with ``labels`` ``(N,)``, or ``(B, D, H, W)`` with ``labels``
@@ -115,7 +121,7 @@ class SemanticAnchorRegularizer(nn.Module):
         filter_conf: float = 0.9,
         update_conf: float = 0.8,
         ema_momentum: float = 0.999,
-        ignore_index: int = 255,
+        ignore_index: int | None = 255,
         projector: nn.Module | None = None,
         gate_warn_steps: int = 1000,
         seed: int | None = None,
@@ -136,9 +142,7 @@ class SemanticAnchorRegularizer(nn.Module):
         self.filter_conf = check_probability(filter_conf, "filter_conf")
         self.update_conf = check_probability(update_conf, "update_conf")
         self.ema_momentum = check_probability(ema_momentum, "ema_momentum")
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-        self.ignore_index = ignore_index
+        self.ignore_index = check_ignore_index(ignore_index)
         self.gate_warn_steps = check_positive_int(gate_warn_steps, "gate_warn_steps")
         if projector is None:
             projector = default_projector(self.feat_dim)
@@ -293,7 +297,7 @@ def _hard_anchor_weighted_ce(ce: torch.Tensor, filter_conf: float) -> torch.Tens
 
 
 def _masked_pull(
-    features: torch.Tensor, labels: torch.Tensor, anchors: torch.Tensor, ignore_index: int
+    features: torch.Tensor, labels: torch.Tensor, anchors: torch.Tensor, ignore_index: int | None
 ) -> torch.Tensor:
     """Mean over valid positions of ``||f - anchors[y]||^2 / D``, in float32 or wider.
 
@@ -304,7 +308,7 @@ def _masked_pull(
     with torch.autocast(features.device.type, enabled=False):
         feats = features.to(dtype)
         anchors = anchors.detach().to(dtype)
-        valid = labels != ignore_index
+        valid = valid_label_mask(labels, ignore_index)
         n_valid = valid.sum()
         safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
         d = feats.shape[1]

@@ -149,8 +149,9 @@ def coagulation(
     The spread of a cluster is the mean distance of its members to its centroid, averaged
     over clusters; the inter-centroid distance is averaged over all pairs of centroids
     (see :func:`anchorlearn.metrics.geometry.compactness_separability`). Features ``(N, D)``
-    are L2-normalised first unless ``normalize=False``. Higher means clusters that are
-    wide relative to their separation, i.e. prototypes coagulating together.
+    are L2-normalised first unless ``normalize=False``. Lower means clusters that are
+    tight relative to their separation: more coagulation in the sense of PAUC, members of
+    a prototype collapsed together while the prototypes separate.
     """
     check_float_tensor(features, "features")
     if normalize and features.ndim == 2:
