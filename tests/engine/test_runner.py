@@ -463,6 +463,27 @@ def test_compare_table_uses_the_sample_std_and_drift_has_none() -> None:
     assert table.rstrip().endswith("|") and table.splitlines()[-1].count("±") == 1
 
 
+def test_center_drift_compares_the_classes_every_seed_has() -> None:
+    from anchorlearn.engine.compare import aggregate
+    from anchorlearn.metrics.geometry import center_drift
+
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 3, generator=generator), torch.randn(4, 3, generator=generator)
+    # seed 1's subsample missed class 1, seed 2's missed class 2: rows 1 and 2 are other classes
+    runs = [
+        {"class_centers": a.tolist(), "class_center_labels": [0, 1, 2, 3]},
+        {"class_centers": b[[0, 2, 3]].tolist(), "class_center_labels": [0, 2, 3]},
+        {"class_centers": a[[0, 1, 3]].tolist(), "class_center_labels": [0, 1, 3]},
+    ]
+    expected = center_drift([a[[0, 3]], b[[0, 3]], a[[0, 3]]])
+    assert aggregate({"m": runs}, ["center_drift"])[0]["center_drift"] == pytest.approx(expected)
+    # runs written before the labels were recorded hold every class
+    legacy = [{"class_centers": a.tolist()}, {"class_centers": b.tolist()}]
+    assert aggregate({"m": legacy}, ["center_drift"])[0]["center_drift"] == pytest.approx(
+        center_drift([a, b])
+    )
+
+
 @pytest.mark.parametrize(
     "path",
     sorted(

@@ -146,10 +146,24 @@ def aggregate(results: dict[str, list[dict[str, Any]]], columns: Sequence[str]) 
 
 
 def _drift(runs: list[dict[str, Any]]) -> float:
+    """Centre drift over the classes every run has a centre for (a segmentation run's
+    subsample of pixels may miss a class); runs without centres are left out."""
     from anchorlearn.metrics.geometry import center_drift
 
-    centers = [torch.tensor(r["class_centers"]) for r in runs if "class_centers" in r]
-    return center_drift(centers) if len(centers) > 1 else float("nan")
+    runs = [r for r in runs if "class_centers" in r]
+    if len(runs) < 2:
+        return float("nan")
+    labels = [
+        r.get("class_center_labels", list(range(len(r["class_centers"])))) for r in runs
+    ]
+    common = sorted(set(labels[0]).intersection(*labels[1:]))
+    if len(common) < 2:
+        return float("nan")
+    centers = [
+        torch.tensor(r["class_centers"])[[lab.index(c) for c in common]]
+        for r, lab in zip(runs, labels, strict=True)
+    ]
+    return center_drift(centers)
 
 
 def plot_comparison(

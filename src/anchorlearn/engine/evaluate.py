@@ -133,6 +133,8 @@ def evaluate_module(
             metrics[f"{name}_steps"] = int(term.step)
     centers = class_centers(outputs["features"], outputs["labels"])
     metrics["class_centers"] = centers.tolist()
+    # which class each row is: a class absent from the (sub)sample has no row
+    metrics["class_center_labels"] = torch.unique(outputs["labels"]).tolist()
     return metrics
 
 
