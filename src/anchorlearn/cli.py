@@ -21,10 +21,11 @@ _USER_ERRORS = {"ValueError", "ConfigError", "RunError", "FileNotFoundError"}
 
 
 def _run_data_preview(args: argparse.Namespace) -> int:
-    from anchorlearn.data.preview import preview
+    from anchorlearn.data.preview import preview, preview_path
 
-    preview(args.spec, args.out, n=args.n, seed=args.seed)
-    print(f"wrote {args.out}")
+    out = preview_path(args.out)  # refused before the data are loaded
+    preview(args.spec, out, n=args.n, seed=args.seed)
+    print(f"wrote {out}")
     return 0
 
 
@@ -91,6 +92,16 @@ def _run_compare(args: argparse.Namespace) -> int:
     segmentation = "miou" in next(iter(results.values()))[0]
     default = SEGMENTATION_COLUMNS if segmentation else DEFAULT_COLUMNS
     columns = args.columns.split(",") if args.columns else list(default)
+    available = {key for runs in results.values() for run in runs for key in run}
+    available = {k for k in available if k != "class_centers"} | {"center_drift"}
+    unknown = [c for c in columns if c not in available]
+    if unknown:
+        from anchorlearn.engine.runner import RunError
+
+        raise RunError(
+            f"--columns: no run has {unknown[0]!r} (the runs are kept; re-run to tabulate); "
+            f"available: {', '.join(sorted(available))}"
+        )
     unitless = ("nc1", "intra_inter_ratio", "center_drift")
     percent = [c for c in columns if c not in unitless]
     table = write_results(results, args.out, columns, percent=percent)
@@ -167,7 +178,9 @@ def _add_trainer_flags(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set trainer.max_epochs=5 (repeatable)",
     )
-    parser.add_argument("--accelerator", choices=["cpu", "gpu", "auto"], default=None)
+    parser.add_argument(
+        "--accelerator", choices=["cpu", "gpu", "cuda", "mps", "auto"], default=None
+    )
     parser.add_argument("--devices", type=int, default=None, help="processes / GPUs (DDP if > 1)")
     parser.add_argument(
         "--precision", default=None, help="Lightning precision, e.g. 32-true, bf16-mixed"

@@ -40,6 +40,14 @@ def test_read_idx_uint8(tmp_path, gz):
     np.testing.assert_array_equal(out, array)
 
 
+def test_read_idx_truncated_gzip_names_the_file(tmp_path):
+    data = gzip.compress(idx_bytes(np.arange(5000, dtype=np.uint8).reshape(50, 100)))
+    path = tmp_path / "cut.gz"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cut\.gz: corrupt or truncated gzip file"):
+        fm.read_idx(path)
+
+
 def test_read_idx_handmade_bytes(tmp_path):
     # magic 00 00 08 01, one dimension of size 3, data 7 8 9
     path = tmp_path / "labels"
@@ -91,6 +99,22 @@ def test_env_dir_is_searched(tmp_path, monkeypatch):
     write_fake_fashion(tmp_path / "fashion-mnist", n=3)
     monkeypatch.setenv("ANCHORLEARN_DATA", str(tmp_path))
     assert fm.load_fashion_mnist("train")[0].shape == (3, 28, 28)
+
+
+def test_both_splits_come_from_one_directory(tmp_path, monkeypatch):
+    # $ANCHORLEARN_DATA holds the training files only: its test split must not be taken
+    # from the next directory searched, a different copy
+    partial, full = tmp_path / "env" / "fashion-mnist", tmp_path / "system" / "fashion-mnist"
+    partial.mkdir(parents=True)
+    full.mkdir(parents=True)
+    write_fake_fashion(partial, n=3)
+    for stem in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (partial / f"{stem}.gz").unlink()
+    write_fake_fashion(full, n=4)
+    monkeypatch.setenv("ANCHORLEARN_DATA", str(tmp_path / "env"))
+    monkeypatch.setattr(fm, "SYSTEM_DIR", full)
+    assert fm.find_fashion_mnist("train")[0].parent == full
+    assert fm.find_fashion_mnist("test")[0].parent == full
 
 
 def test_missing_names_every_place(tmp_path, monkeypatch):

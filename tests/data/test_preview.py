@@ -30,6 +30,14 @@ def test_cli_preview(tmp_path, capsys):
     assert f"wrote {out}" in capsys.readouterr().out
 
 
+def test_cli_preview_says_which_file_it_wrote(tmp_path, capsys):
+    assert main(["data", "preview", "digits", "--out", str(tmp_path / "grid"), "--n", "4"]) == 0
+    assert (tmp_path / "grid.png").is_file()
+    assert f"wrote {tmp_path / 'grid.png'}" in capsys.readouterr().out
+    assert main(["data", "preview", "digits", "--out", str(tmp_path)]) == 2
+    assert "is a directory: give a file name" in capsys.readouterr().err
+
+
 def test_cli_user_error_is_one_line(tmp_path, capsys):
     code = main(["data", "preview", f"npz:{tmp_path / 'nope.npz'}", "--out", "x.png"])
     err = capsys.readouterr().err

@@ -41,12 +41,12 @@ def test_npz_ok(tmp_path):
         ({"images": good_images()}, ValueError, r"missing array\(s\) \['labels'\]"),
         (
             {"images": good_images().astype(np.float32), "labels": np.arange(4)},
-            TypeError,
+            ValueError,
             "'images' must have dtype uint8, got float32",
         ),
         (
             {"images": good_images(), "labels": np.arange(4.0)},
-            TypeError,
+            ValueError,
             "'labels' must have an integer dtype, got float64",
         ),
         (
@@ -78,6 +78,25 @@ def test_npz_ok(tmp_path):
             ValueError,
             r"classes \[1\] are empty",
         ),
+        (
+            {"images": good_images(), "labels": np.array([True, False, True, False])},
+            ValueError,
+            "'labels' must have an integer dtype, got bool",
+        ),
+        (
+            {"images": np.zeros((4, 3, 5, 5), np.uint8), "labels": np.arange(4)},
+            ValueError,
+            r"C in \(1, 3, 4\), got shape \(4, 3, 5, 5\) \(it looks like \(N, C, H, W\)",
+        ),
+        (
+            {
+                "images": good_images(),
+                "labels": np.array([0, 1, 2, 1]),
+                "class_names": np.array(["even", "odd", "even"]),
+            },
+            ValueError,
+            "class_names must be distinct, 'even' repeats",
+        ),
     ],
 )
 def test_npz_errors(tmp_path, arrays, error, match):
@@ -85,6 +104,23 @@ def test_npz_errors(tmp_path, arrays, error, match):
     with pytest.raises(error, match=match) as info:
         load_npz_classification(path)
     assert "bad.npz" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"not a zip archive", b"PK\x03\x04 cut short", "npy", "objects"],
+)
+def test_unreadable_npz_is_one_value_error_naming_the_file(tmp_path, content):
+    path = tmp_path / "bad.npz"
+    if content == "npy":  # a bare .npy array renamed
+        with path.open("wb") as fh:
+            np.save(fh, good_images())
+    elif content == "objects":
+        np.savez(path, images=np.array([None, 1], dtype=object), labels=np.arange(2))
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"bad\.npz: not a readable \.npz archive"):
+        load_npz_classification(path)
 
 
 def test_npz_missing_file(tmp_path):
@@ -120,13 +156,21 @@ def test_image_folder_errors(tmp_path):
     with pytest.raises(ValueError, match=r"[/\\]b: empty class"):
         load_image_folder(tmp_path)
     write_png(tmp_path / "b" / "1.png", size=(8, 8))
-    with pytest.raises(ValueError, match=r"b[/\\]1.png: image size 8x8 differs .*set resize"):
+    with pytest.raises(ValueError, match=r"b[/\\]1.png: image size 8x8 differs .*resize="):
         load_image_folder(tmp_path)
     (tmp_path / "b" / "2.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match=r"2.png: cannot be read as an image"):
         load_image_folder(tmp_path, resize=4)
     with pytest.raises(TypeError, match=r"resize must be None, an int or"):
         load_image_folder(tmp_path, resize="big")
+
+
+def test_sixteen_bit_images_are_refused_not_clipped(tmp_path):
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        Image.fromarray(np.full((5, 6), 4000, dtype=np.uint16)).save(tmp_path / cls / "1.png")
+    with pytest.raises(ValueError, match=r"1\.png: image mode 'I;16' is not 8-bit"):
+        load_image_folder(tmp_path)
 
 
 def make_seg_folder(root: Path, n: int = 3, size: tuple[int, int] = (6, 6)) -> None:

@@ -75,6 +75,15 @@ def test_npz_source(tmp_path):
     assert next(iter(dm.val_dataloader()))[0].shape[1:] == (3, 10, 12)
 
 
+def test_too_few_images_per_class_for_a_validation_split_is_an_error(tmp_path):
+    path = tmp_path / "tiny.npz"
+    # 3 images per class: the test split takes one, 10 % of the other two rounds to 0
+    np.savez(path, images=np.zeros((9, 4, 4), np.uint8), labels=np.repeat(np.arange(3), 3))
+    dm = ClassificationDataModule(f"npz:{path}", batch_size=4)
+    with pytest.raises(ValueError, match=r"the validation split is empty: val_fraction=0\.1"):
+        dm.setup()
+
+
 @needs_fashion
 def test_fashion_subset_and_lightning_hook():
     dm = ClassificationDataModule(
@@ -140,13 +149,23 @@ def test_segmentation_scenes(tmp_path, monkeypatch):
 def test_segmentation_folder(tmp_path):
     from PIL import Image
 
-    for i in range(5):
+    for i in range(10):
         (tmp_path / "images").mkdir(exist_ok=True)
         (tmp_path / "masks").mkdir(exist_ok=True)
         Image.new("RGB", (6, 6), (i, i, i)).save(tmp_path / "images" / f"{i}.png")
         Image.fromarray(np.full((6, 6), i % 2, np.uint8)).save(tmp_path / "masks" / f"{i}.png")
-    dm = SegmentationDataModule(f"folder:{tmp_path}", val_fraction=0.2, batch_size=2)
-    assert dm.num_classes == 2 and len(dm.dataset("train")) == 4 and len(dm.dataset("val")) == 1
+    dm = SegmentationDataModule(f"folder:{tmp_path}", val_fraction=0.25, batch_size=2)
+    sizes = {split: len(dm.dataset(split)) for split in ("train", "val", "test")}
+    assert dm.num_classes == 2 and sizes == {"train": 6, "val": 2, "test": 2}
+    # three disjoint splits: the test images are never the validation images
+    ids = {
+        split: {int(img[0, 0, 0]) for img in dm.dataset(split).tensors[0]}
+        for split in ("train", "val", "test")
+    }
+    assert set().union(*ids.values()) == set(range(10))
+    assert not ids["val"] & ids["test"] and not ids["train"] & (ids["val"] | ids["test"])
+    other_seed = SegmentationDataModule(f"folder:{tmp_path}", val_fraction=0.25, seed=1)
+    assert {int(img[0, 0, 0]) for img in other_seed.dataset("test").tensors[0]} == ids["test"]
     with pytest.raises(ValueError, match=r"source must be 'scenes' or 'folder:PATH'"):
         SegmentationDataModule("cityscapes")
 

@@ -263,7 +263,7 @@ def test_bad_objectives_are_config_errors(tmp_path: Path, losses, message: str) 
 
 def test_classification_ignores_no_label_even_with_a_class_255(tmp_path: Path) -> None:
     # 256 classes: label 255 is a class, not the void label of segmentation masks
-    num_classes, per_class = 256, 4
+    num_classes, per_class = 256, 10
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (num_classes * per_class, 8, 8), generator=generator)
     labels = torch.arange(num_classes).repeat_interleave(per_class)
@@ -326,6 +326,27 @@ def test_cli_fit_and_eval(tmp_path: Path, capsys) -> None:
     ckpt = str(out / "checkpoints" / "last.ckpt")
     assert main(["eval", "--checkpoint", ckpt, "--split", "val", "--out", str(val_json)]) == 0
     assert json.loads(val_json.read_text())["split"] == "val"
+
+
+def test_cli_compare_unknown_column_is_one_line_and_keeps_the_runs(tmp_path: Path, capsys):
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump(digits_config(losses=["ce"], trainer={"max_epochs": 1})))
+    args = ["compare", str(config), "--seeds", "0", "--out", str(tmp_path / "grid")]
+    assert main([*args, "--columns", "top1,bogus"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the training's output
+    assert last.startswith("anchorlearn: error: --columns: no run has 'bogus'")
+    assert "balanced_acc" in last and "center_drift" in last
+    assert (tmp_path / "grid" / "digits" / "seed0" / "metrics.json").is_file()
+    assert main([*args, "--columns", "top1,center_drift"]) == 0
+    assert "already done" in capsys.readouterr().out
+
+
+def test_cli_negative_seed_is_a_config_error(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump(digits_config()))
+    assert main(["fit", "--config", str(config), "--out", str(tmp_path / "r"), "--seed", "-1"]) == 2
+    assert "seed must be >= 0, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 def test_cli_config_typo_is_one_line(tmp_path: Path, capsys) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -80,8 +81,14 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     with path.open("rb") as fh:
         is_gzip = fh.read(2) == b"\x1f\x8b"
     opener = gzip.open if is_gzip else open
-    with opener(path, "rb") as fh:
-        raw = fh.read()
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        raise ValueError(
+            f"{path}: corrupt or truncated gzip file ({' '.join(str(err).split())}); "
+            "download or reinstall it"
+        ) from err
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise ValueError(
             f"{path}: not an IDX file: expected magic bytes 00 00 <type> <ndim>, "
@@ -136,7 +143,8 @@ def _find_file(directory: Path, stem: str) -> Path | None:
 
 def find_fashion_mnist(split: str, root: str | os.PathLike[str] | None = None) -> tuple[Path, Path]:
     """Paths of the (images, labels) IDX files of ``split``, from the first directory that
-    holds both.
+    holds all four files (both splits), so that the training and test splits never come
+    from two different copies.
 
     Raises:
         FileNotFoundError: none of the searched directories holds them; the message lists
@@ -147,12 +155,13 @@ def find_fashion_mnist(split: str, root: str | os.PathLike[str] | None = None) -
     image_stem, label_stem = _FILES[split]
     searched = fashion_mnist_search_dirs(root)
     for directory in searched:
-        images, labels = _find_file(directory, image_stem), _find_file(directory, label_stem)
-        if images is not None and labels is not None:
-            return images, labels
+        found = [_find_file(directory, stem) for stems in _FILES.values() for stem in stems]
+        if all(path is not None for path in found):
+            return _find_file(directory, image_stem), _find_file(directory, label_stem)  # type: ignore[return-value]
     places = "\n".join(f"  - {d}" for d in searched)
     raise FileNotFoundError(
-        f"Fashion-MNIST {split} files ({image_stem}[.gz], {label_stem}[.gz]) not found. "
+        f"Fashion-MNIST files not found: no directory holds all four ({split}: "
+        f"{image_stem}[.gz], {label_stem}[.gz], and those of the other split). "
         f"Searched:\n{places}\n"
         "Fix: run `make data` (or `bash scripts/install_data.sh`), or put the four official "
         "IDX files in DIR/fashion-mnist and set ANCHORLEARN_DATA=DIR."

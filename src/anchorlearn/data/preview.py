@@ -63,6 +63,15 @@ def _class_counts(data: ClassificationData | SegmentationData) -> dict[str, int]
     return {name: int(n) for name, n in zip(data.class_names, counts, strict=False)}
 
 
+def preview_path(out_png: str | os.PathLike[str]) -> Path:
+    """The file :func:`preview` writes for ``out_png``: ``.png`` is added when the name has
+    no suffix; an existing directory is refused."""
+    out = Path(out_png)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory: give a file name such as {out / 'grid.png'}")
+    return out if out.suffix else out.with_suffix(".png")
+
+
 def preview(
     spec: str, out_png: str | os.PathLike[str], n: int = 32, seed: int = 0
 ) -> dict[str, int]:
@@ -107,7 +116,7 @@ def preview(
             ax.set_title(", ".join(present), fontsize=5)
     fig.suptitle(f"{spec}: {len(data.images)} samples", fontsize=9)
     fig.tight_layout()
-    out = Path(out_png)
+    out = preview_path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=80)
     plt.close(fig)

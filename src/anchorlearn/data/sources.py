@@ -7,6 +7,8 @@ at fault, the expectation and what it found.
 from __future__ import annotations
 
 import os
+import zipfile
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +99,10 @@ def _image_files(directory: Path) -> list[Path]:
     )
 
 
+# PIL modes whose pixels are 8-bit: grey, bilevel, palette and (grey or RGB) with alpha
+_EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"})
+
+
 def _open_image(path: Path) -> Image.Image:
     try:
         with Image.open(path) as img:
@@ -110,6 +116,13 @@ def _stack_images(
     images: list[Image.Image], paths: list[Path], size: tuple[int, int] | None
 ) -> np.ndarray:
     """Stack PIL images into uint8 NHW (all grey) or NHWC RGB, resizing or checking sizes."""
+    for img, path in zip(images, paths, strict=True):
+        if img.mode not in _EIGHT_BIT_MODES:
+            # converting 16-bit or float pixels to 8 bits clips them (most turn white)
+            raise ValueError(
+                f"{path}: image mode {img.mode!r} is not 8-bit; convert the images to 8-bit "
+                "grey or RGB first (e.g. rescale 16-bit values to 0-255)"
+            )
     grey = all(img.mode in ("L", "1") for img in images)
     arrays = []
     for img, path in zip(images, paths, strict=True):
@@ -119,11 +132,24 @@ def _stack_images(
         elif img.size != images[0].size:
             raise ValueError(
                 f"{path}: image size {img.size[1]}x{img.size[0]} differs from "
-                f"{paths[0]} ({images[0].size[1]}x{images[0].size[0]}); set resize to load "
-                "images of mixed sizes"
+                f"{paths[0]} ({images[0].size[1]}x{images[0].size[0]}); resize the files to "
+                "one size (or load them with load_image_folder(path, resize=...))"
             )
         arrays.append(np.asarray(img, dtype=np.uint8))
     return np.stack(arrays)
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` archive; a file numpy cannot read that way (not a zip, cut
+    short, a bare ``.npy``, pickled objects) is a ``ValueError`` naming it."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {key: npz[key] for key in npz.files}
+    except (OSError, EOFError, ValueError, TypeError, zipfile.BadZipFile) as err:
+        raise ValueError(
+            f"{path}: not a readable .npz archive of numeric arrays ({type(err).__name__}); "
+            "write one with numpy.savez(path, images=..., labels=...)"
+        ) from err
 
 
 def load_npz_classification(path: str | os.PathLike[str]) -> ClassificationData:
@@ -135,23 +161,29 @@ def load_npz_classification(path: str | os.PathLike[str]) -> ClassificationData:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"npz file not found: {path}")
-    with np.load(path, allow_pickle=False) as npz:
-        missing = [key for key in ("images", "labels") if key not in npz.files]
-        if missing:
-            raise ValueError(
-                f"{path}: missing array(s) {missing}: expected 'images' and 'labels', "
-                f"got {sorted(npz.files)}"
-            )
-        images, labels = npz["images"], npz["labels"]
-        names = [str(n) for n in npz["class_names"]] if "class_names" in npz.files else None
+    arrays = _read_npz(path)
+    missing = [key for key in ("images", "labels") if key not in arrays]
+    if missing:
+        raise ValueError(
+            f"{path}: missing array(s) {missing}: expected 'images' and 'labels', "
+            f"got {sorted(arrays)}"
+        )
+    images, labels = arrays["images"], arrays["labels"]
+    names = [str(n) for n in arrays["class_names"]] if "class_names" in arrays else None
     if images.dtype != np.uint8:
-        raise TypeError(f"{path}: 'images' must have dtype uint8, got {images.dtype}")
+        raise ValueError(f"{path}: 'images' must have dtype uint8, got {images.dtype}")
     if images.ndim not in (3, 4):
         raise ValueError(
             f"{path}: 'images' must have shape (N, H, W) or (N, H, W, C), got {images.shape}"
         )
+    if images.ndim == 4 and images.shape[-1] not in (1, 3, 4):
+        hint = " (it looks like (N, C, H, W): transpose it)" if images.shape[1] in (1, 3, 4) else ""
+        raise ValueError(
+            f"{path}: 'images' must be (N, H, W, C) with C in (1, 3, 4), got shape "
+            f"{images.shape}{hint}"
+        )
     if not np.issubdtype(labels.dtype, np.integer):
-        raise TypeError(f"{path}: 'labels' must have an integer dtype, got {labels.dtype}")
+        raise ValueError(f"{path}: 'labels' must have an integer dtype, got {labels.dtype}")
     if labels.ndim != 1:
         raise ValueError(f"{path}: 'labels' must have shape (N,), got {labels.shape}")
     if len(labels) != len(images):
@@ -178,6 +210,9 @@ def _checked_class_names(labels: np.ndarray, names: list[str] | None, path: Path
             f"{path}: labels must be < {num_classes} (the number of class_names), "
             f"got {labels[i]} at index {i}"
         )
+    repeated = sorted(n for n, c in Counter(names or []).items() if c > 1)
+    if repeated:
+        raise ValueError(f"{path}: class_names must be distinct, {repeated[0]!r} repeats")
     counts = np.bincount(labels, minlength=num_classes)
     empty = np.flatnonzero(counts == 0)
     if len(empty):

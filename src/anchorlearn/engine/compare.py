@@ -92,8 +92,8 @@ def _check_unique_names(configs: Sequence[Any], names: list[str]) -> None:
         if name in seen:
             raise RunError(
                 f"{seen[name]} and {label} are both named {name!r} and would share "
-                f"{name}/seed<k>: give one another name (e.g. --set name=...) or compare them "
-                "into different --out directories"
+                f"{name}/seed<k>: change the `name:` in one of the files (a --set applies to "
+                "every config) or compare them into different --out directories"
             )
         seen[name] = label
 

@@ -149,6 +149,7 @@ OPEN_UNIT_INTERVAL: Range = ((lambda v: 0 < v < 1), "in (0, 1)")
 
 # Ranges of the numeric settings shared by supervised and pretraining configs.
 COMMON_RANGES: dict[str, Range] = {
+    "seed": at_least(0),
     "data.batch_size": at_least(1),
     "data.num_workers": at_least(0),
     "optim.lr": above(0),

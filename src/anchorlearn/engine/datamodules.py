@@ -286,6 +286,14 @@ class ClassificationDataModule(_InMemoryDataModule):
         )
         kept, held = stratified_split(train.labels, self.val_fraction, self.seed)
         val, train = _subset(train, held), _subset(train, kept)
+        for name, split, key in (("validation", val, "val_fraction"), ("test", test, None)):
+            if len(split.labels) == 0:
+                fraction = f"{key}={self.val_fraction}" if key else f"test_fraction={self.test_fraction}"
+                raise ValueError(
+                    f"{self.source}: the {name} split is empty: {fraction} of every class "
+                    f"rounds to 0 images (largest class: {int(np.bincount(train.labels).max())} "
+                    "training images); use more images per class or a larger fraction"
+                )
         self._class_names = list(train.class_names)
         self._splits = {}
         for name, split in (("train", train), ("val", val), ("test", test)):
@@ -337,9 +345,10 @@ class SegmentationDataModule(_InMemoryDataModule):
         imbalance_ratio: long-tail ratio of the item class frequencies.
         ignore_border: 1-pixel ignore band (255) at item edges.
         resize: folder source only: ``None``, an int or ``(height, width)``.
-        val_fraction: fraction of the training scenes (or folder images) held out for
-            validation; a folder has no separate test split, so its validation images are
-            also served as the test split.
+        val_fraction: fraction of the training scenes (or of the folder images left after
+            the test split) held out for validation.
+        test_fraction: folder source only: fraction of the images held out as the test
+            split (fixed: seed 0), before the validation split.
         batch_size: loader batch size.
         num_workers: loader workers.
         seed: scenes, split and shuffling.
@@ -364,6 +373,7 @@ class SegmentationDataModule(_InMemoryDataModule):
         ignore_border: bool = True,
         resize: int | Sequence[int] | None = None,
         val_fraction: float = 0.2,
+        test_fraction: float = 0.2,
         batch_size: int = 32,
         num_workers: int = 0,
         seed: int = 0,
@@ -388,6 +398,7 @@ class SegmentationDataModule(_InMemoryDataModule):
         self.num_val = num_val
         self.resize = resize
         self.val_fraction = _check_fraction(val_fraction, "val_fraction", low_open=True)
+        self.test_fraction = _check_fraction(test_fraction, "test_fraction", low_open=True)
         self.save_hyperparameters()
 
     def _load(self) -> None:
@@ -403,16 +414,19 @@ class SegmentationDataModule(_InMemoryDataModule):
             names = scenes.class_names
         else:
             data = load_segmentation_folder(self.source.partition(":")[2], self.resize)
-            if len(data.images) < 2:
+            if len(data.images) < 3:
                 raise ValueError(
-                    f"{self.source}: need at least 2 images to hold out a validation split, "
-                    f"got {len(data.images)}"
+                    f"{self.source}: need at least 3 images to hold out a validation and a "
+                    f"test split, got {len(data.images)}"
                 )
-            train_idx, val_idx = _holdout(len(data.images), self.val_fraction, self.seed)
+            # a fixed test split (seed 0, as the classification sources'), then validation
+            rest, test_idx = _holdout(len(data.images), self.test_fraction, 0)
+            train_pos, val_pos = _holdout(len(rest), self.val_fraction, self.seed)
+            train_idx, val_idx = rest[train_pos], rest[val_pos]
             pairs = {
                 "train": (data.images[train_idx], data.masks[train_idx]),
                 "val": (data.images[val_idx], data.masks[val_idx]),
-                "test": (data.images[val_idx], data.masks[val_idx]),
+                "test": (data.images[test_idx], data.masks[test_idx]),
             }
             names = data.class_names
         self._class_names = list(names)
