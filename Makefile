@@ -1,9 +1,13 @@
 # Every target sets up .venv (and the offline data) first when needed.
-# TORCH_SPEC: the torch requirement installed before the project. The default takes the
-# CPU build; on a CUDA machine use e.g. `make test TORCH_SPEC=torch`.
+# TORCH_SPEC: the torch requirement installed before the project. pip takes the build of
+# torch 2.13.0 its configured sources offer: the CPU build where pip finds a local CPU wheel
+# (as on the CI machines), otherwise PyPI's, which pulls several GB of CUDA libraries. For a
+# CPU-only build from PyTorch's index: `make test TORCH_INDEX=https://download.pytorch.org/whl/cpu`.
+# On a CUDA machine use e.g. `make test TORCH_SPEC=torch`.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.anchorlearn-installed
 RUN_DIR ?= runs/demo
@@ -16,7 +20,7 @@ setup: $(STAMP) data
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 	$(PY) -m pip install -e ".[dev,faiss]"
 	touch $(STAMP)
 

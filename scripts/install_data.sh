@@ -38,9 +38,20 @@ if [[ "$(id -u)" == 0 ]]; then
 else
     echo "Not root: unpacking $PKG into $CACHE_ROOT ..."
     tmp=$(mktemp -d)
-    (cd "$tmp" && apt-get download "$PKG")
+    trap 'rm -rf "$tmp"' EXIT
+    # apt-get download needs package lists; without root, fetch them into a private directory
+    if ! (cd "$tmp" && apt-get download "$PKG" 2>/dev/null); then
+        mkdir -p "$tmp/lists/partial" "$tmp/cache/archives/partial"
+        apt_opts=(-o "Dir::State::Lists=$tmp/lists" -o "Dir::Cache=$tmp/cache" -o Debug::NoLocking=1)
+        if ! (apt-get "${apt_opts[@]}" update -qq && cd "$tmp" && apt-get "${apt_opts[@]}" download "$PKG"); then
+            echo "Could not download $PKG without root." >&2
+            echo "Run this script as root, or download the four IDX files from" >&2
+            echo "https://github.com/zalandoresearch/fashion-mnist into DIR/fashion-mnist and set" >&2
+            echo "ANCHORLEARN_DATA=DIR." >&2
+            exit 1
+        fi
+    fi
     mkdir -p "$CACHE_ROOT"
     dpkg -x "$tmp"/*.deb "$CACHE_ROOT"
-    rm -rf "$tmp"
 fi
 echo "Fashion-MNIST installed."

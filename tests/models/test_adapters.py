@@ -12,6 +12,18 @@ def test_timm_missing_names_the_extra() -> None:
         create_model("timm:resnet18")
 
 
+def test_a_broken_optional_import_is_an_import_error_with_the_fix(monkeypatch) -> None:
+    from anchorlearn.models import adapters
+
+    def broken(name):  # what a torchvision built for another torch raises on import
+        raise RuntimeError("operator torchvision::nms does not exist")
+
+    monkeypatch.setattr(adapters.importlib, "import_module", broken)
+    with pytest.raises(ImportError, match=r"importing 'timm' failed .*torchvision==") as info:
+        adapters._import_optional("timm", "timm")
+    assert "does not replace torch" in str(info.value)
+
+
 def test_timm_adapter() -> None:
     pytest.importorskip("timm")
     model = create_model("timm:resnet18", num_classes=4)

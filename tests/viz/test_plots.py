@@ -26,6 +26,34 @@ def test_tsne_with_anchors(tmp_path: Path) -> None:
     assert out == tmp_path / "sub" / "tsne.png" and _is_png(out)
 
 
+def test_tsne_prototypes_that_are_not_classes_get_one_neutral_colour(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    calls = []
+    original = Axes.scatter
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "scatter", spy)
+    labels = torch.arange(3).repeat(12)
+    features = torch.randn(36, 8) + 4 * torch.eye(3, 8)[labels]
+    prototypes = torch.randn(7, 8)  # 7 clusters of 3 classes
+    plot_tsne(features, labels, tmp_path / "a.png", anchors=prototypes, anchors_are_classes=False)
+    assert calls[-1]["c"] == "white" and calls[-1]["marker"] == "*"
+    plot_tsne(features, labels, tmp_path / "b.png", anchors=torch.eye(3, 8) * 4)
+    assert list(calls[-1]["c"]) == [0, 1, 2]
+
+
+def test_tsne_of_a_collapsed_embedding_is_drawn(tmp_path: Path) -> None:
+    # identical points: the PCA initialisation of scikit-learn's t-SNE divides by zero
+    out = plot_tsne(np.zeros((50, 16)), np.arange(50) % 10, tmp_path / "z.png")
+    assert _is_png(out)
+    with pytest.raises(ValueError, match="must be finite"):
+        plot_tsne(np.full((10, 4), np.nan), np.zeros(10), tmp_path / "n.png")
+
+
 def test_tsne_subsamples(tmp_path: Path) -> None:
     out = plot_tsne(
         np.random.default_rng(0).normal(size=(60, 4)),

@@ -372,6 +372,7 @@ def evaluate_pretrained(
             max_points=ev.tsne_points,
             seed=cfg.seed,
             title=f"{cfg.name}: test embedding, stars = {kind} (k={k})",
+            anchors_are_classes=False,
         )
     return metrics
 

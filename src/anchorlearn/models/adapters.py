@@ -26,12 +26,20 @@ __all__ = [
 
 
 def _import_optional(module: str, package: str) -> ModuleType:
+    # both packages import torchvision, which must be the build made for the installed torch
+    hint = (
+        f"install it with `pip install {package} torchvision==<the release for torch "
+        f"{torch.__version__.split('+')[0]}>` and the same torch index as torch, so that pip "
+        "does not replace torch"
+    )
     try:
         return importlib.import_module(module)
     except ImportError as error:
+        raise ImportError(f"this model needs the optional package {package!r}; {hint}") from error
+    except RuntimeError as error:  # e.g. a torchvision built for another torch
         raise ImportError(
-            f"this model needs the optional package {package!r}; install it with "
-            f"`pip install {package}`"
+            f"importing {package!r} failed ({' '.join(str(error).split())[:200]}); "
+            f"reinstall it: {hint}"
         ) from error
 
 

@@ -47,13 +47,16 @@ def plot_tsne(
     perplexity: float = 30.0,
     seed: int = 0,
     title: str | None = None,
+    anchors_are_classes: bool = True,
 ) -> Path:
     """t-SNE of ``features`` ``(N, D)`` coloured by ``labels`` ``(N,)``.
 
-    At most ``max_points`` samples are drawn at random (seeded). ``anchors`` ``(C, D)``
-    (anchors or prototypes, row ``c`` belonging to class ``c``) are embedded jointly with
-    the samples and drawn as stars in their class colour. The perplexity is lowered to
-    fit small inputs.
+    At most ``max_points`` samples are drawn at random (seeded). ``anchors`` ``(C, D)`` are
+    embedded jointly with the samples and drawn as stars: in their class colour when row
+    ``c`` belongs to class ``c`` (``anchors_are_classes``, e.g. SAR's anchors), white
+    otherwise (e.g. k-means prototypes, which are not classes). The perplexity is lowered
+    to fit small inputs; points that are all identical (a collapsed embedding) start from
+    a random layout, as PCA has no direction to start from.
     """
     from sklearn.manifold import TSNE
 
@@ -81,14 +84,20 @@ def plot_tsne(
         points = np.concatenate([points, anchor_array])
     if len(points) < 3:
         raise ValueError(f"features must hold at least 3 points in all, got {len(points)}")
+    if not np.isfinite(points).all():
+        raise ValueError("features and anchors must be finite to plot a t-SNE, got NaN or inf")
+    # PCA initialisation divides by the spread of the first component (0 for identical points)
+    spread = bool(np.ptp(points, axis=0).max() > 0)
     tsne = TSNE(
         n_components=2,
         perplexity=min(perplexity, (len(points) - 1) / 3),
-        init="pca",
+        init="pca" if spread else "random",
         random_state=seed,
     )
     embedded = tsne.fit_transform(points)
-    num_groups = max(int(labs.max(initial=0)) + 1, num_anchors)
+    num_groups = int(labs.max(initial=0)) + 1
+    if anchors_are_classes:
+        num_groups = max(num_groups, num_anchors)
     cmap = matplotlib.colormaps["tab20" if num_groups > 10 else "tab10"]
     num_colours = cmap.N
     fig = Figure(figsize=(6, 6))
@@ -105,17 +114,12 @@ def plot_tsne(
     )
     if num_anchors:
         stars = embedded[len(feats) :]
-        ax.scatter(
-            stars[:, 0],
-            stars[:, 1],
-            c=np.arange(num_anchors) % num_colours,
-            cmap=cmap,
-            vmin=0,
-            vmax=num_colours - 1,
-            marker="*",
-            s=250,
-            edgecolors="black",
-        )
+        if anchors_are_classes:
+            colour = {"c": np.arange(num_anchors) % num_colours, "cmap": cmap}
+            colour.update(vmin=0, vmax=num_colours - 1)
+        else:
+            colour = {"c": "white"}
+        ax.scatter(stars[:, 0], stars[:, 1], marker="*", s=250, edgecolors="black", **colour)
     ax.set_xticks([])
     ax.set_yticks([])
     if title:
