@@ -153,9 +153,7 @@ def _drift(runs: list[dict[str, Any]]) -> float:
     runs = [r for r in runs if "class_centers" in r]
     if len(runs) < 2:
         return float("nan")
-    labels = [
-        r.get("class_center_labels", list(range(len(r["class_centers"])))) for r in runs
-    ]
+    labels = [r.get("class_center_labels", list(range(len(r["class_centers"])))) for r in runs]
     common = sorted(set(labels[0]).intersection(*labels[1:]))
     if len(common) < 2:
         return float("nan")

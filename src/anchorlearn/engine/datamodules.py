@@ -286,9 +286,11 @@ class ClassificationDataModule(_InMemoryDataModule):
         )
         kept, held = stratified_split(train.labels, self.val_fraction, self.seed)
         val, train = _subset(train, held), _subset(train, kept)
-        for name, split, key in (("validation", val, "val_fraction"), ("test", test, None)):
+        for name, split, fraction in (
+            ("validation", val, f"val_fraction={self.val_fraction}"),
+            ("test", test, f"test_fraction={self.test_fraction}"),
+        ):
             if len(split.labels) == 0:
-                fraction = f"{key}={self.val_fraction}" if key else f"test_fraction={self.test_fraction}"
                 raise ValueError(
                     f"{self.source}: the {name} split is empty: {fraction} of every class "
                     f"rounds to 0 images (largest class: {int(np.bincount(train.labels).max())} "
