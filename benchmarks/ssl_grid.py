@@ -120,7 +120,7 @@ def main() -> int:
             "",
         ]
         args.table.parent.mkdir(parents=True, exist_ok=True)
-        args.table.write_text("\n".join(header) + body + "\n")
+        args.table.write_text("\n".join(header) + "\n" + body + "\n")
     return 0
 
 

@@ -133,7 +133,7 @@ def _run_pretrain(args: argparse.Namespace) -> int:
 def _run_probe(args: argparse.Namespace) -> int:
     from anchorlearn.engine.ssl_runner import probe_checkpoint
 
-    _print_metrics(probe_checkpoint(args.checkpoint, out=args.out))
+    _print_metrics(probe_checkpoint(args.checkpoint, out=args.out, plot_dir=args.plots))
     return 0
 
 
@@ -283,6 +283,9 @@ def _add_probe_parser(subparsers: argparse._SubParsersAction) -> None:
         "--checkpoint", required=True, help="a .ckpt written by anchorlearn pretrain"
     )
     probe.add_argument("--out", default=None, help="write the metrics JSON here")
+    probe.add_argument(
+        "--plots", default=None, metavar="DIR", help="also draw the t-SNE (tsne.png) into DIR"
+    )
     probe.set_defaults(handler=_run_probe)
 
 

@@ -119,14 +119,13 @@ def test_probe_from_the_checkpoint_reproduces_the_run(
     pcl_run: tuple[Path, dict], tmp_path: Path
 ) -> None:
     run_dir, metrics = pcl_run
-    out = tmp_path / "probe.json"
-    assert (
-        main(["probe", "--checkpoint", str(run_dir / "checkpoints/last.ckpt"), "--out", str(out)])
-        == 0
-    )
+    out, plots = tmp_path / "probe.json", tmp_path / "plots"
+    ckpt = str(run_dir / "checkpoints/last.ckpt")
+    assert main(["probe", "--checkpoint", ckpt, "--out", str(out), "--plots", str(plots)]) == 0
     probed = json.loads(out.read_text())
     for key in ("knn", "linear_probe", "alignment", "nmi"):
         assert probed[key] == pytest.approx(metrics[key]), key
+    assert (plots / "tsne.png").stat().st_size > 1000
 
 
 def test_existing_checkpoint_needs_resume_and_resume_continues(

@@ -377,9 +377,11 @@ def evaluate_pretrained(
     return metrics
 
 
-def probe_checkpoint(path: str | Path, *, out: str | Path | None = None) -> dict[str, Any]:
-    """Rebuild a pretraining run from its checkpoint and re-run :func:`evaluate_pretrained`
-    (without plots); with ``out``, write the metrics there as JSON."""
+def probe_checkpoint(
+    path: str | Path, *, out: str | Path | None = None, plot_dir: str | Path | None = None
+) -> dict[str, Any]:
+    """Rebuild a pretraining run from its checkpoint and re-run :func:`evaluate_pretrained`;
+    with ``out``, write the metrics there as JSON; with ``plot_dir``, draw the t-SNE there."""
     path = Path(path)
     ckpt = load_pretrain_checkpoint(path)
     cfg = parse_pretrain_config(ckpt[PRETRAIN_CONFIG_KEY])
@@ -388,7 +390,10 @@ def probe_checkpoint(path: str | Path, *, out: str | Path | None = None) -> dict
         module.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:
         raise RunError(f"{path} does not match its own config: {err}") from err
-    metrics = evaluate_pretrained(module, dm, cfg)
+    if plot_dir is not None:
+        Path(plot_dir).mkdir(parents=True, exist_ok=True)
+        cfg.eval.tsne = True  # asked for, whatever the run itself drew
+    metrics = evaluate_pretrained(module, dm, cfg, plot_dir=plot_dir)
     if out is not None:
         Path(out).write_text(json.dumps(metrics, indent=2))
     return metrics
