@@ -130,7 +130,6 @@ def build_objective(
             "feat_dim": int(model.feat_dim),
             "classifier": model.classifier,
             "class_counts": class_counts,
-            "ignore_index": ignore_index,
         }
         if "etf" in entry.injected:
             if not isinstance(model.classifier, ETFClassifier):
