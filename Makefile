@@ -10,14 +10,21 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.anchorlearn-installed
+# records the torch requirement the venv was installed with: a new TORCH_SPEC or
+# TORCH_INDEX re-runs the installation
+TORCH_RECORD := $(VENV)/.torch-spec
 RUN_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup data demo test test-slow bench lint format clean
+.PHONY: setup data demo test test-slow bench lint format clean FORCE
 
 setup: $(STAMP) data
 
-$(STAMP): pyproject.toml
+$(TORCH_RECORD): FORCE
+	@mkdir -p $(VENV)
+	@echo '$(TORCH_SPEC) $(TORCH_INDEX)' | cmp -s - $@ || echo '$(TORCH_SPEC) $(TORCH_INDEX)' > $@
+
+$(STAMP): pyproject.toml $(TORCH_RECORD)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"

@@ -80,7 +80,22 @@ def test_too_few_images_per_class_for_a_validation_split_is_an_error(tmp_path):
     # 3 images per class: the test split takes one, 10 % of the other two rounds to 0
     np.savez(path, images=np.zeros((9, 4, 4), np.uint8), labels=np.repeat(np.arange(3), 3))
     dm = ClassificationDataModule(f"npz:{path}", batch_size=4)
-    with pytest.raises(ValueError, match=r"the validation split is empty: val_fraction=0\.1"):
+    with pytest.raises(
+        ValueError,
+        match=r"the validation split is empty: val_fraction=0\.1 .*\(largest class: 2 images\)",
+    ):
+        dm.setup()
+
+
+def test_too_few_images_per_class_for_a_test_split_is_an_error(tmp_path):
+    path = tmp_path / "tiny.npz"
+    # 2 images per class: 20 % of them rounds to 0, so no test split can be held out
+    np.savez(path, images=np.zeros((6, 4, 4), np.uint8), labels=np.repeat(np.arange(3), 2))
+    dm = ClassificationDataModule(f"npz:{path}", batch_size=4)
+    with pytest.raises(
+        ValueError,
+        match=r"the test split is empty: test_fraction=0\.2 .*\(largest class: 2 images\)",
+    ):
         dm.setup()
 
 

@@ -518,3 +518,15 @@ def test_shipped_supervised_configs_are_valid(path: str) -> None:
 
     cfg = load_config(path)
     assert cfg.losses and cfg.trainer.max_epochs >= 1
+
+
+def test_cli_eval_split_choices_are_the_evaluable_splits() -> None:
+    # the CLI spells the choices itself so that `--help` does not import torch
+    from anchorlearn.cli import build_parser
+    from anchorlearn.engine.evaluate import SPLITS
+
+    args = build_parser().parse_args(["eval", "--checkpoint", "x.ckpt", "--split", "val"])
+    assert args.split == "val"
+    eval_parser = build_parser()._subparsers._group_actions[0].choices["eval"]
+    (split_action,) = [a for a in eval_parser._actions if a.dest == "split"]
+    assert tuple(split_action.choices) == SPLITS

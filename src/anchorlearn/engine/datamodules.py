@@ -112,6 +112,10 @@ def _check_optional_count(value: int | None, name: str) -> None:
         raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
 
 
+def _largest_class(labels: np.ndarray) -> int:
+    return int(np.bincount(labels).max()) if len(labels) else 0
+
+
 def _subset(data: ClassificationData, indices: np.ndarray) -> ClassificationData:
     return ClassificationData(data.images[indices], data.labels[indices], data.class_names)
 
@@ -275,7 +279,10 @@ class ClassificationDataModule(_InMemoryDataModule):
 
     def _load(self) -> None:
         train, test = load_classification_source(self.source, self.data_root)
+        # largest class of the pool each split is drawn from, for the empty-split error
+        pools: dict[str, int | None] = {"test": None}
         if test is None:
+            pools["test"] = _largest_class(train.labels)
             kept, held = stratified_split(train.labels, self.test_fraction, seed=0)
             train, test = _subset(train, kept), _subset(train, held)
         train = _cap(train, self.max_train_samples, self.seed)
@@ -284,18 +291,22 @@ class ClassificationDataModule(_InMemoryDataModule):
             train,
             long_tailed_indices(train.labels, self.imbalance_ratio, self.profile, self.seed),
         )
+        pools["validation"] = _largest_class(train.labels)
         kept, held = stratified_split(train.labels, self.val_fraction, self.seed)
         val, train = _subset(train, held), _subset(train, kept)
         for name, split, fraction in (
-            ("validation", val, f"val_fraction={self.val_fraction}"),
             ("test", test, f"test_fraction={self.test_fraction}"),
+            ("validation", val, f"val_fraction={self.val_fraction}"),
         ):
-            if len(split.labels) == 0:
-                raise ValueError(
-                    f"{self.source}: the {name} split is empty: {fraction} of every class "
-                    f"rounds to 0 images (largest class: {int(np.bincount(train.labels).max())} "
-                    "training images); use more images per class or a larger fraction"
-                )
+            if len(split.labels) > 0:
+                continue
+            if pools[name] is None:
+                raise ValueError(f"{self.source}: the test split of this data set is empty")
+            raise ValueError(
+                f"{self.source}: the {name} split is empty: {fraction} of every class "
+                f"rounds to 0 images (largest class: {pools[name]} images); use more "
+                "images per class or a larger fraction"
+            )
         self._class_names = list(train.class_names)
         self._splits = {}
         for name, split in (("train", train), ("val", val), ("test", test)):
