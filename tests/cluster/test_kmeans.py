@@ -194,3 +194,81 @@ def test_nearest_centroids_matches_brute_force_across_blocks(monkeypatch, dtype,
     tol = 1e-3 if dtype == torch.float32 else 1e-9
     torch.testing.assert_close(sq_dist.double(), brute.min(dim=1).values, rtol=0, atol=tol)
     assert (sq_dist >= 0).all()
+
+
+def _moved_centroids(x: torch.Tensor, k: int, move: float, g: torch.Generator):
+    """Centroids moved as by a Lloyd update, the rows' nearest centroid before the move and
+    the bound on the distance to it after the move."""
+    old = x[torch.randperm(x.shape[0], generator=g)[:k]].clone()
+    assign, sq_dist = KMEANS_MODULE.nearest_centroids(x, old)
+    new = old + move * torch.randn(old.shape, generator=g, dtype=x.dtype)
+    new[1] = new[0]  # a duplicate centroid
+    new[-1] += 100.0  # a centroid that jumped far (as a re-seeded empty cluster may)
+    x_sq = (x * x).sum(dim=1)
+    upper = KMEANS_MODULE._distance_bound(sq_dist, x_sq, old, new, assign)
+    return new, assign, upper, x_sq
+
+
+@pytest.mark.parametrize("move", [0.05, 5.0])
+def test_distance_bound_holds_after_the_centroids_move(move: float) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 16, generator=g) + 20  # far from 0: round-off matters
+    new, assign, upper, _ = _moved_centroids(x, 50, move, g)
+    true = (x.double() - new.double()[assign]).norm(dim=1)
+    assert (upper.double() >= true).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("data", ["offset mixture", "unit sphere"])
+@pytest.mark.parametrize("share", [0.25, 0.02])  # 0.02: many rows compared with all
+def test_pruned_assignment_finds_the_nearest_centroid(monkeypatch, dtype, data, share) -> None:
+    monkeypatch.setattr(KMEANS_MODULE, "_PRUNE_MAX_CANDIDATES", share)
+    g = torch.Generator().manual_seed(0)
+    n, d, k = 3000, 24, 150
+    if data == "offset mixture":  # far from 0: the round-off of the expanded distances matters
+        centres = torch.randn(30, d, generator=g, dtype=dtype) * 3 + 50
+        x = centres[torch.randint(30, (n,), generator=g)]
+        x = x + torch.randn(n, d, generator=g, dtype=dtype)
+    else:
+        x = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=dtype), dim=1)
+    new, assign, upper, x_sq = _moved_centroids(x, k, 0.05, g)
+    x_padded = torch.cat([x, x.new_zeros(1, d)])
+    indices, sq_dist = KMEANS_MODULE._pruned_nearest_centroids(x_padded, x_sq, new, assign, upper)
+    exact = torch.cdist(x.double(), new.double()).pow(2)
+    chosen = exact.gather(1, indices[:, None]).squeeze(1)
+    # the round-off of the expanded squared distances, which the exhaustive search has too
+    scale = float(x_sq.max() + (new * new).sum(dim=1).max())
+    tol = scale * (1e-6 if dtype == torch.float32 else 1e-13)
+    torch.testing.assert_close(chosen, exact.min(dim=1).values, rtol=0, atol=tol)
+    torch.testing.assert_close(sq_dist.double(), chosen, rtol=0, atol=tol)
+    assert sq_dist.dtype == dtype and (sq_dist >= 0).all()
+    # beyond near-ties the same centroid as the exhaustive search
+    assert (indices == exact.argmin(dim=1)).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("spherical", [False, True])
+def test_pruned_lloyd_gives_the_same_clustering(monkeypatch, spherical: bool) -> None:
+    g = torch.Generator().manual_seed(1)
+    centres = torch.randn(40, 32, generator=g) * 2
+    x = centres[torch.randint(40, (4000,), generator=g)] + torch.randn(4000, 32, generator=g)
+    if spherical:
+        x = torch.nn.functional.normalize(x, dim=1)
+    results = []
+    for min_k in (10**9, 1):  # exhaustive, then pruned assignments
+        monkeypatch.setattr(KMEANS_MODULE, "_PRUNE_MIN_K", min_k)
+        results.append(kmeans(x, 200, niter=15, seed=3, backend="torch", spherical=spherical))
+    full, pruned = results
+    assert torch.equal(full.assignments, pruned.assignments)
+    torch.testing.assert_close(full.raw_centroids, pruned.raw_centroids, rtol=0, atol=1e-5)
+    assert full.inertia == pytest.approx(pruned.inertia, rel=1e-6)
+
+
+def test_torch_lloyd_stops_at_a_fixed_point(capsys) -> None:
+    x, labels = planted(spread=0.05)
+    result = kmeans(x, K, niter=50, backend="torch", verbose=True)
+    iterations = capsys.readouterr().out.count("kmeans iteration")
+    assert 1 <= iterations < 50
+    assert adjusted_rand_score(labels, result.assignments.numpy()) == 1.0
+    # one more update from the fixed point changes nothing
+    again = kmeans(x, K, niter=iterations + 1, backend="torch")
+    assert torch.equal(again.raw_centroids, result.raw_centroids)

