@@ -7,12 +7,12 @@ Data, either
   embeddings of the whole Fashion-MNIST training set (60,000 images) under a pretraining
   checkpoint written by ``anchorlearn pretrain``.
 
-Every method runs Lloyd's algorithm for exactly ``--niter`` iterations from one
-initialisation, on ``--threads`` threads (torch, faiss and scikit-learn's OpenMP alike);
-the time shown is the median of ``--repeats`` identical runs:
+Every method runs Lloyd's algorithm for at most ``--niter`` iterations (each stops at a fixed
+point) from one initialisation, on ``--threads`` threads (torch, faiss and scikit-learn's
+OpenMP alike); the time shown is the median of ``--repeats`` identical runs:
 
 - faiss, default: :func:`anchorlearn.cluster.kmeans` with its default seeding (greedy
-  k-means++ on at most 40 k rows for k <= 1000), every point used by Lloyd;
+  k-means++ on at most 40·k rows for k <= 1000), every point used by Lloyd;
 - faiss, random rows: ``init="random"`` (faiss's own seeding, one restart; PCL keeps the
   best of 5);
 - torch: :func:`anchorlearn.cluster.kmeans` with ``backend="torch"`` (default seeding);
@@ -20,8 +20,8 @@ the time shown is the median of ``--repeats`` identical runs:
   k-means++ on every row).
 
 ``--breakdown`` adds, per k, where the time goes: the seeding and the Lloyd iterations timed
-apart (scikit-learn's ``kmeans_plusplus`` on every row, then scikit-learn's and faiss's
-Lloyd from those same seeds, and this package's seeding alone).
+apart (scikit-learn's ``kmeans_plusplus`` on every row, then scikit-learn's, faiss's and the
+torch backend's Lloyd from those same seeds, and this package's seeding alone).
 
 The inertia column is the sum of squared distances of every point to its nearest final
 centroid (comparable across rows); ARI compares with the planted labels when the data are
@@ -117,7 +117,8 @@ def breakdown(
     """Seeding and Lloyd timed apart, as Markdown table rows."""
     import faiss
 
-    from anchorlearn.cluster.kmeans import _init_centroids  # the default seeding alone
+    # the default seeding alone, and the torch backend's Lloyd alone
+    from anchorlearn.cluster.kmeans import _init_centroids, _lloyd
 
     seeds = kmeans_plusplus(x, k, random_state=seed)[0]
 
@@ -134,6 +135,9 @@ def breakdown(
         )
         clus.train(x, init_centroids=np.ascontiguousarray(seeds, dtype=np.float32))
 
+    def torch_lloyd() -> None:
+        _lloyd(torch.from_numpy(x), torch.from_numpy(seeds).float(), niter, False, False)
+
     def ours() -> None:
         _init_centroids(torch.from_numpy(x), k, "k-means++", torch.Generator().manual_seed(seed))
 
@@ -143,6 +147,7 @@ def breakdown(
         ),
         f"scikit-learn Lloyd, {niter} iterations from those seeds": sklearn_lloyd,
         f"faiss Lloyd, {niter} iterations from the same seeds": faiss_lloyd,
+        f"torch-backend Lloyd, {niter} iterations from the same seeds": torch_lloyd,
         "default seeding of anchorlearn.cluster.kmeans": ours,
     }
     return [

@@ -117,11 +117,12 @@ def test_k_equal_n_and_numpy_input() -> None:
     assert sorted(result.assignments.tolist()) == list(range(7))
 
 
-def test_auto_backend_without_faiss_uses_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_backend_is_torch_and_faiss_is_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
     x, truth = planted()
     monkeypatch.setattr(KMEANS_MODULE, "_faiss_available", lambda: False)
     result = kmeans(x, K)
     assert adjusted_rand_score(truth, result.assignments.numpy()) > 0.99
+    assert torch.equal(result.assignments, kmeans(x, K, backend="torch").assignments)
     with pytest.raises(ImportError, match="backend='faiss' needs faiss"):
         kmeans(x, K, backend="faiss")
 

@@ -1,4 +1,4 @@
-"""anchorlearn.cluster: k-means (faiss when installed, torch otherwise) and concentrations."""
+"""anchorlearn.cluster: k-means (torch, or faiss) and concentrations."""
 
 from anchorlearn.cluster.concentration import estimate_concentration
 from anchorlearn.cluster.kmeans import ClusterResult, kmeans

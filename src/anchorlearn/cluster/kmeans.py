@@ -1,4 +1,4 @@
-"""k-means for the E-step of prototypical contrastive learning: faiss when installed, torch else.
+"""k-means for the E-step of prototypical contrastive learning: torch by default, or faiss.
 
 Both backends run Lloyd iterations and return the same :class:`ClusterResult`; the final
 assignments and inertia are always recomputed from the final centroids (one more assignment
@@ -384,10 +384,12 @@ def kmeans(
           On the CPU with ``k >= 128`` each assignment after the first compares a row
           only with the centroids near its own, which the triangle inequality proves
           sufficient (:func:`_pruned_nearest_centroids`: the same assignments as the
-          exhaustive search, with 8 % to 14 % of its distances at ``k = 500`` on
-          real embeddings). Runs on the device of ``x``, in float64 for float64 input
+          exhaustive search, with 9 % to 14 % of its distances at ``k = 500`` in
+          BENCHMARKS.md section 5). Runs on the device of ``x``, in float64 for float64 input
           and float32 otherwise.
-        - ``"auto"``: faiss when installed and ``x`` is on the CPU, torch otherwise.
+        - ``"auto"``: torch. On this package's CPU benchmark (``benchmarks/kmeans_speed.py``,
+          BENCHMARKS.md section 5) the torch backend is 2.2x to 4.3x faster than faiss at
+          ``k = 50`` and ``500``; faiss remains selectable, e.g. to match PCL's runs.
 
     Initialisations, drawn from a ``torch.Generator`` seeded with ``seed``: ``"random"``
     picks ``k`` distinct rows; ``"k-means++"`` is greedy D² sampling (see
@@ -438,7 +440,7 @@ def kmeans(
     check_finite(x, "x")
 
     if backend == "auto":
-        backend = "faiss" if _faiss_available() and x.device.type == "cpu" else "torch"
+        backend = "torch"
     if backend == "faiss" and not _faiss_available():
         raise ImportError(
             "backend='faiss' needs faiss: pip install 'anchorlearn[faiss]' (or faiss-cpu)"
