@@ -197,10 +197,13 @@ def test_nearest_centroids_matches_brute_force_across_blocks(monkeypatch, dtype,
     assert (sq_dist >= 0).all()
 
 
-def _moved_centroids(x: torch.Tensor, k: int, move: float, g: torch.Generator):
-    """Centroids moved as by a Lloyd update, the rows' nearest centroid before the move and
-    the bound on the distance to it after the move."""
-    old = x[torch.randperm(x.shape[0], generator=g)[:k]].clone()
+def _moved_centroids(
+    x: torch.Tensor, k: int, move: float, g: torch.Generator, old: torch.Tensor | None = None
+):
+    """Centroids (``k`` random rows unless given) moved as by a Lloyd update, the rows'
+    nearest centroid before the move and the bound on the distance to it after the move."""
+    if old is None:
+        old = x[torch.randperm(x.shape[0], generator=g)[:k]].clone()
     assign, sq_dist = KMEANS_MODULE.nearest_centroids(x, old)
     new = old + move * torch.randn(old.shape, generator=g, dtype=x.dtype)
     new[1] = new[0]  # a duplicate centroid
@@ -245,6 +248,23 @@ def test_pruned_assignment_finds_the_nearest_centroid(monkeypatch, dtype, data, 
     assert sq_dist.dtype == dtype and (sq_dist >= 0).all()
     # beyond near-ties the same centroid as the exhaustive search
     assert (indices == exact.argmin(dim=1)).float().mean() > 0.99
+
+
+def test_pruned_assignment_with_one_dominant_cluster(monkeypatch) -> None:
+    # groups capped at 200 padded rows: the large cluster is a group of its own
+    monkeypatch.setattr(KMEANS_MODULE, "_PRUNE_GROUP_ROWS", 200)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3000, 8, generator=g)
+    x[:2400] = 0.01 * x[:2400] + 5.0  # 80 % of the rows in one tight blob, one centroid there
+    old = torch.cat([x[2400:2402], torch.full((1, 8), 5.0), x[2402:2549]])
+    new, assign, upper, x_sq = _moved_centroids(x, 150, 0.01, g, old)
+    assert int(torch.bincount(assign).max()) > 200
+    x_padded = torch.cat([x, x.new_zeros(1, 8)])
+    indices, sq_dist = KMEANS_MODULE._pruned_nearest_centroids(x_padded, x_sq, new, assign, upper)
+    exact = torch.cdist(x.double(), new.double()).pow(2)
+    chosen = exact.gather(1, indices[:, None]).squeeze(1)
+    torch.testing.assert_close(chosen, exact.min(dim=1).values, rtol=0, atol=1e-4)
+    torch.testing.assert_close(sq_dist.double(), chosen, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("spherical", [False, True])

@@ -36,6 +36,7 @@ _SEEDING_POINTS_PER_CLUSTER = 40  # k-means++ seeds from at most 40 k random row
 _PRUNE_MIN_K = 128
 _PRUNE_MAX_CANDIDATES = 0.25
 _PRUNE_GROUP = 8
+_PRUNE_GROUP_ROWS = 4096  # a larger cluster forms a group of its own
 _PRUNE_ROUNDOFF = 1e-5  # relative round-off allowed for in squared distances
 
 
@@ -110,7 +111,9 @@ def _pruned_nearest_centroids(
     \ge \lVert x - c_a\rVert` (triangle inequality), so the nearest centroid of ``x`` lies
     among the centroids closer than :math:`2u` to :math:`c_a`. The rows of each cluster
     are compared with the centroids that cover their largest bound only, in batched
-    products over groups of clusters of similar size; a row whose bound reaches past the
+    products over groups of clusters of similar size (at most :data:`_PRUNE_GROUP`
+    clusters and :data:`_PRUNE_GROUP_ROWS` padded rows, so that one large cluster does not
+    pad the others); a row whose bound reaches past the
     :data:`_PRUNE_MAX_CANDIDATES` share of centroids nearest its own is compared with all.
     Bounds and centroid distances carry a margin for float round-off.
 
@@ -135,38 +138,43 @@ def _pruned_nearest_centroids(
             x.index_select(0, rows), centroids, x_sq.index_select(0, rows)
         )
 
-    # the remaining rows, cluster by cluster, in a (k, largest cluster) index matrix
-    # padded with n (the zero row)
+    # the remaining rows, in groups of clusters of similar size: each group's rows in a
+    # (clusters, largest cluster) index matrix padded with n (the zero row)
     rows = (~outlier).nonzero().flatten()
-    own = assign.index_select(0, rows)
-    order = torch.argsort(own, stable=True)
-    rows, own = rows.index_select(0, order), own.index_select(0, order)
-    counts = torch.bincount(own, minlength=k)
     if rows.numel() > 0:
-        width = int(counts.max())
-        rank = torch.arange(rows.numel()) - (torch.cumsum(counts, 0) - counts).index_select(0, own)
-        members = torch.full((k * width,), n, dtype=torch.long)
-        members.index_copy_(0, own * width + rank, rows)
-        members = members.view(k, width)
+        own = assign.index_select(0, rows)
+        counts = torch.bincount(own, minlength=k)
+        by_size = torch.argsort(counts)  # clusters, smallest first
+        position = torch.empty_like(by_size)
+        position[by_size] = torch.arange(k)
+        key = position.index_select(0, own)  # a row's cluster, as its place in by_size
+        order = torch.argsort(key, stable=True)
+        rows, key = rows.index_select(0, order), key.index_select(0, order)
+        sizes = counts.index_select(0, by_size)
+        starts = torch.cumsum(sizes, 0) - sizes
+        rank = torch.arange(rows.numel()) - starts.index_select(0, key)
         reach_padded = torch.cat([reach, reach.new_zeros(1)])
-        cluster_reach = reach_padded.index_select(0, members.view(-1)).view(k, width).amax(1)
-        needed = torch.searchsorted(near_dist, cluster_reach[:, None]).squeeze(1)
-        needed = needed.clamp_(1, cap + 1)
-        by_size = torch.argsort(counts)
-        sizes, widths = counts[by_size].tolist(), needed[by_size].tolist()
-        for start in range(0, k, _PRUNE_GROUP):
-            group = by_size[start : start + _PRUNE_GROUP]
-            p = max(sizes[start : start + _PRUNE_GROUP])
-            m = max(widths[start : start + _PRUNE_GROUP])
-            if p == 0:
-                continue
-            g = group.numel()
-            idx = members.index_select(0, group)[:, :p]
+        size_list, start_list = sizes.tolist(), starts.tolist()
+        a = next(i for i, size in enumerate(size_list) if size > 0)
+        while a < k:
+            b = a + 1  # group a..b-1: at most _PRUNE_GROUP clusters, _PRUNE_GROUP_ROWS padded rows
+            while (
+                b < k and b - a < _PRUNE_GROUP and (b - a + 1) * size_list[b] <= _PRUNE_GROUP_ROWS
+            ):
+                b += 1
+            g, p = b - a, size_list[b - 1]
+            lo, hi = start_list[a], start_list[b - 1] + p
+            idx = torch.full((g, p), n, dtype=torch.long)
+            idx[key[lo:hi] - a, rank[lo:hi]] = rows[lo:hi]
+            group = by_size[a:b]
+            group_reach = reach_padded.index_select(0, idx.view(-1)).view(g, p).amax(dim=1)
+            needed = torch.searchsorted(near_dist.index_select(0, group), group_reach[:, None])
+            m = min(max(int(needed.max()), 1), cap + 1)
             cand = near.index_select(0, group)[:, :m]
             flat = cand.reshape(-1)
             dist = torch.baddbmm(
                 c_sq.index_select(0, flat).view(g, 1, m),
-                x_padded.index_select(0, idx.reshape(-1)).view(g, p, -1),
+                x_padded.index_select(0, idx.view(-1)).view(g, p, -1),
                 centroids.index_select(0, flat).view(g, m, -1).transpose(1, 2),
                 alpha=-2.0,
             )
@@ -175,6 +183,7 @@ def _pruned_nearest_centroids(
             picked = idx[valid]
             indices[picked] = cand.gather(1, arg)[valid]
             distances[picked] = best[valid] + x_sq.index_select(0, picked)
+            a = b
     return indices, distances.clamp_min_(0.0)
 
 
