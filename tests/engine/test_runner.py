@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -73,15 +74,30 @@ class _StopAfter(L.Callback):
             trainer.should_stop = True
 
 
+class _Slow(L.Callback):
+    """Makes each training epoch last ``seconds`` longer (within the epoch, which the
+    training clock times)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            time.sleep(self.seconds)
+
+
 def test_resume_reaches_the_same_result_as_an_uninterrupted_run(tmp_path: Path) -> None:
     cfg = parse_config(digits_config(trainer={"max_epochs": 3, "progress": False}))
     full = fit(cfg, tmp_path / "full", quiet=True, plots=False)
-    fit(cfg, tmp_path / "resumed", quiet=True, plots=False, callbacks=[_StopAfter(2)])
+    slow = _Slow(0.5)
+    fit(cfg, tmp_path / "resumed", quiet=True, plots=False, callbacks=[_StopAfter(2), slow])
     first = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
-    resumed = fit(cfg, tmp_path / "resumed", resume=True, quiet=True, plots=False)
+    resumed = fit(cfg, tmp_path / "resumed", resume=True, quiet=True, plots=False, callbacks=[slow])
     assert resumed["epochs"] == full["epochs"] == 3
-    # the training time adds up over the two attempts (kept in the checkpoint)
-    assert resumed["train_seconds"] > first["train_seconds"] > 0
+    # the training time adds up over the two attempts (kept in the checkpoint): every
+    # epoch takes at least 0.5 s, against the 0.1 s to which the metric is rounded
+    assert first["train_seconds"] >= 1.0
+    assert resumed["train_seconds"] >= first["train_seconds"] + 0.4
     assert resumed["top1"] == pytest.approx(full["top1"], abs=1e-6)
     assert resumed["nc1"] == pytest.approx(full["nc1"], rel=1e-4)
 
