@@ -75,28 +75,21 @@ def test_npz_source(tmp_path):
     assert next(iter(dm.val_dataloader()))[0].shape[1:] == (3, 10, 12)
 
 
-def test_too_few_images_per_class_for_a_validation_split_is_an_error(tmp_path):
+@pytest.mark.parametrize(
+    ("per_class", "message"),
+    [
+        # 3 images per class: the test split takes one, 10 % of the other two rounds to 0
+        (3, r"the validation split is empty: val_fraction=0\.1 .*\(largest class: 2 images\)"),
+        # 2 images per class: 20 % of them rounds to 0, so no test split can be held out
+        (2, r"the test split is empty: test_fraction=0\.2 .*\(largest class: 2 images\)"),
+    ],
+)
+def test_too_few_images_per_class_for_a_split_is_an_error(tmp_path, per_class, message):
     path = tmp_path / "tiny.npz"
-    # 3 images per class: the test split takes one, 10 % of the other two rounds to 0
-    np.savez(path, images=np.zeros((9, 4, 4), np.uint8), labels=np.repeat(np.arange(3), 3))
-    dm = ClassificationDataModule(f"npz:{path}", batch_size=4)
-    with pytest.raises(
-        ValueError,
-        match=r"the validation split is empty: val_fraction=0\.1 .*\(largest class: 2 images\)",
-    ):
-        dm.setup()
-
-
-def test_too_few_images_per_class_for_a_test_split_is_an_error(tmp_path):
-    path = tmp_path / "tiny.npz"
-    # 2 images per class: 20 % of them rounds to 0, so no test split can be held out
-    np.savez(path, images=np.zeros((6, 4, 4), np.uint8), labels=np.repeat(np.arange(3), 2))
-    dm = ClassificationDataModule(f"npz:{path}", batch_size=4)
-    with pytest.raises(
-        ValueError,
-        match=r"the test split is empty: test_fraction=0\.2 .*\(largest class: 2 images\)",
-    ):
-        dm.setup()
+    labels = np.repeat(np.arange(3), per_class)
+    np.savez(path, images=np.zeros((len(labels), 4, 4), np.uint8), labels=labels)
+    with pytest.raises(ValueError, match=message):
+        ClassificationDataModule(f"npz:{path}", batch_size=4).setup()
 
 
 @needs_fashion
