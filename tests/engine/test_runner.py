@@ -541,8 +541,9 @@ def test_cli_eval_split_choices_are_the_evaluable_splits() -> None:
     from anchorlearn.cli import build_parser
     from anchorlearn.engine.evaluate import SPLITS
 
-    args = build_parser().parse_args(["eval", "--checkpoint", "x.ckpt", "--split", "val"])
+    parser = build_parser()
+    args = parser.parse_args(["eval", "--checkpoint", "x.ckpt", "--split", "val"])
     assert args.split == "val"
-    eval_parser = build_parser()._subparsers._group_actions[0].choices["eval"]
+    eval_parser = parser._subparsers._group_actions[0].choices["eval"]
     (split_action,) = [a for a in eval_parser._actions if a.dest == "split"]
     assert tuple(split_action.choices) == SPLITS

@@ -1,8 +1,9 @@
 """k-means for the E-step of prototypical contrastive learning: torch by default, or faiss.
 
 Both backends run Lloyd iterations and return the same :class:`ClusterResult`; the final
-assignments and inertia are always recomputed from the final centroids (one more assignment
-step), so that the two backends and scikit-learn report comparable numbers.
+assignments and inertia always refer to the final centroids (the torch backend's last
+assignment step, one more assignment step after faiss), so that the two backends and
+scikit-learn report comparable numbers.
 """
 
 from __future__ import annotations
