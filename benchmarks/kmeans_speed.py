@@ -7,21 +7,25 @@ Data, either
   embeddings of the whole Fashion-MNIST training set (60,000 images) under a pretraining
   checkpoint written by ``anchorlearn pretrain``.
 
-Every method runs Lloyd's algorithm for at most ``--niter`` iterations (each stops at a fixed
-point) from one initialisation, on ``--threads`` threads (torch, faiss and scikit-learn's
+Every method runs Lloyd's algorithm for at most ``--niter`` iterations on all rows (each stops
+at a fixed point; the torch backend's warm start runs at most ``--niter`` more on its
+subsample first) from one initialisation, on ``--threads`` threads (torch, faiss and scikit-learn's
 OpenMP alike); the time shown is the median of ``--repeats`` identical runs:
 
 - faiss, default: :func:`anchorlearn.cluster.kmeans` with its default seeding (greedy
   k-means++ on at most 40·k rows for k <= 1000), every point used by Lloyd;
 - faiss, random rows: ``init="random"`` (faiss's own seeding, one restart; PCL keeps the
   best of 5);
-- torch: :func:`anchorlearn.cluster.kmeans` with ``backend="torch"`` (default seeding);
+- torch: :func:`anchorlearn.cluster.kmeans` with ``backend="torch"`` (default seeding),
+  with its default warm start (Lloyd on 256·k random rows first, when N > 512·k) and
+  without (``warm_start=0``);
 - scikit-learn: ``KMeans(n_init=1, max_iter=niter, algorithm="lloyd", tol=0)`` (greedy
   k-means++ on every row).
 
 ``--breakdown`` adds, per k, where the time goes: the seeding and the Lloyd iterations timed
 apart (scikit-learn's ``kmeans_plusplus`` on every row, then scikit-learn's, faiss's and the
-torch backend's Lloyd from those same seeds, and this package's seeding alone).
+torch backend's Lloyd from those same seeds, the torch backend's warm start and Lloyd from
+them, and this package's seeding alone).
 
 The inertia column is the sum of squared distances of every point to its nearest final
 centroid (comparable across rows); ARI compares with the planted labels when the data are
@@ -87,9 +91,11 @@ def checkpoint_embeddings(path: str) -> np.ndarray:
     return torch.cat(chunks).float().numpy()
 
 
-def run_anchorlearn(backend: str, init: str | None = None) -> Runner:
+def run_anchorlearn(backend: str, init: str | None = None, **options: int) -> Runner:
     def run(x: np.ndarray, k: int, niter: int, seed: int) -> tuple[float, np.ndarray]:
-        result = kmeans(torch.from_numpy(x), k, niter=niter, seed=seed, backend=backend, init=init)
+        result = kmeans(
+            torch.from_numpy(x), k, niter=niter, seed=seed, backend=backend, init=init, **options
+        )
         return result.inertia, result.assignments.numpy()
 
     return run
@@ -118,7 +124,12 @@ def breakdown(
     import faiss
 
     # the default seeding alone, and the torch backend's Lloyd alone
-    from anchorlearn.cluster.kmeans import _init_centroids, _lloyd
+    from anchorlearn.cluster.kmeans import (
+        _WARM_START_ROWS_PER_CLUSTER,
+        _init_centroids,
+        _lloyd,
+        _warm_started_lloyd,
+    )
 
     seeds = kmeans_plusplus(x, k, random_state=seed)[0]
 
@@ -138,6 +149,17 @@ def breakdown(
     def torch_lloyd() -> None:
         _lloyd(torch.from_numpy(x), torch.from_numpy(seeds).float(), niter, False, False)
 
+    def torch_warm_lloyd() -> None:
+        _warm_started_lloyd(
+            torch.from_numpy(x),
+            torch.from_numpy(seeds).float(),
+            niter,
+            False,
+            False,
+            _WARM_START_ROWS_PER_CLUSTER,
+            torch.Generator().manual_seed(seed),
+        )
+
     def ours() -> None:
         _init_centroids(torch.from_numpy(x), k, "k-means++", torch.Generator().manual_seed(seed))
 
@@ -148,6 +170,7 @@ def breakdown(
         f"scikit-learn Lloyd, {niter} iterations from those seeds": sklearn_lloyd,
         f"faiss Lloyd, {niter} iterations from the same seeds": faiss_lloyd,
         f"torch-backend Lloyd, {niter} iterations from the same seeds": torch_lloyd,
+        "torch-backend warm start, then Lloyd, from the same seeds": torch_warm_lloyd,
         "default seeding of anchorlearn.cluster.kmeans": ours,
     }
     return [
@@ -181,7 +204,8 @@ def main() -> None:
     methods: dict[str, Runner] = {
         "faiss, default seeding": run_anchorlearn("faiss"),
         "faiss, random rows, one restart (PCL: best of 5)": run_anchorlearn("faiss", "random"),
-        "torch, default seeding": run_anchorlearn("torch"),
+        "torch, default seeding and warm start": run_anchorlearn("torch"),
+        "torch, default seeding, no warm start": run_anchorlearn("torch", warm_start=0),
         "scikit-learn (greedy k-means++)": run_sklearn,
     }
     lines = [

@@ -277,6 +277,7 @@ def test_pruned_lloyd_gives_the_same_clustering(monkeypatch, spherical: bool) ->
     results = []
     for min_k in (10**9, 1):  # exhaustive, then pruned assignments
         monkeypatch.setattr(KMEANS_MODULE, "_PRUNE_MIN_K", min_k)
+        monkeypatch.setattr(KMEANS_MODULE, "_BOUNDS_MAX_ELEMENTS", 0)
         results.append(kmeans(x, 200, niter=15, seed=3, backend="torch", spherical=spherical))
     full, pruned = results
     assert torch.equal(full.assignments, pruned.assignments)
@@ -293,3 +294,71 @@ def test_torch_lloyd_stops_at_a_fixed_point(capsys) -> None:
     # one more update from the fixed point changes nothing
     again = kmeans(x, K, niter=iterations + 1, backend="torch")
     assert torch.equal(again.raw_centroids, result.raw_centroids)
+
+
+def _plain_and_bounded(monkeypatch, x: torch.Tensor, k: int, **options):
+    """kmeans with exhaustive assignments, then with distance bounds (no warm start)."""
+    results = []
+    for elements in (0, 1 << 25):
+        monkeypatch.setattr(KMEANS_MODULE, "_BOUNDS_MAX_ELEMENTS", elements)
+        results.append(kmeans(x, k, backend="torch", warm_start=0, **options))
+    return results
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("spherical", [False, True])
+def test_bounded_lloyd_gives_the_same_clustering(monkeypatch, dtype, spherical: bool) -> None:
+    g = torch.Generator().manual_seed(1)
+    centres = torch.randn(40, 32, generator=g, dtype=dtype) * 2 + 30  # far from 0: round-off
+    x = centres[torch.randint(40, (4000,), generator=g)]
+    x = x + torch.randn(4000, 32, generator=g, dtype=dtype)
+    if spherical:
+        x = torch.nn.functional.normalize(x, dim=1)
+    full, bounded = _plain_and_bounded(monkeypatch, x, 25, niter=30, seed=3, spherical=spherical)
+    assert torch.equal(full.assignments, bounded.assignments)
+    # the same means up to float32 round-off (the bounded sums are kept in float64)
+    torch.testing.assert_close(full.raw_centroids, bounded.raw_centroids, rtol=1e-5, atol=1e-6)
+    # the inertia from the float64 cluster sums, against the distances recomputed
+    recomputed = (x.double() - bounded.raw_centroids.double()[bounded.assignments]).pow(2).sum()
+    assert bounded.inertia == pytest.approx(float(recomputed), rel=1e-9)
+    # the exhaustive path sums float32 expanded distances: round-off of |x|^2 relative
+    assert full.inertia == pytest.approx(bounded.inertia, rel=1e-4)
+
+
+def test_bounded_lloyd_skips_rows_and_reaches_the_fixed_point(capsys) -> None:
+    x, _ = planted(spread=1.0)
+    result = kmeans(x, K, niter=50, backend="torch", init="random", seed=2, verbose=True)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "iteration" in line]
+    compared = [int(line.split(" of ")[0].rsplit(" ", 1)[1]) for line in lines]
+    assert len(lines) < 50 and lines[-1].endswith(" 0 changed cluster")
+    assert min(compared) < K * PER // 2  # later steps compare few rows with every centroid
+    sq_dist = torch.cdist(x.double(), result.raw_centroids.double()).square()
+    assert torch.equal(result.assignments, sq_dist.argmin(dim=1))
+
+
+def test_warm_start_runs_on_a_subsample_first(capsys) -> None:
+    x, labels = planted()  # 480 rows
+    result = kmeans(x, K, backend="torch", warm_start=20, verbose=True)
+    out = capsys.readouterr().out
+    assert "kmeans warm start on 120 random rows of 480" in out
+    assert out.index("warm start") < out.index("kmeans on all 480 rows")
+    assert adjusted_rand_score(labels, result.assignments.numpy()) == 1.0
+    kmeans(x, K, backend="torch", warm_start=40, verbose=True)  # 2 * 240 rows: not more than N
+    kmeans(x, K, backend="torch", verbose=True)  # default 256 per cluster
+    assert "warm start" not in capsys.readouterr().out
+    plain = kmeans(x, K, backend="torch", warm_start=0)
+    assert plain.inertia == pytest.approx(result.inertia, rel=1e-4)  # the same optimum
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "256"])
+def test_bad_warm_start_raises(bad) -> None:
+    x, _ = planted()
+    with pytest.raises(ValueError, match="warm_start must be None or an int >= 0"):
+        kmeans(x, K, warm_start=bad)
+
+
+@needs_faiss
+def test_warm_start_is_for_the_torch_backend() -> None:
+    x, _ = planted()
+    with pytest.raises(ValueError, match="warm_start applies to the torch backend only"):
+        kmeans(x, K, backend="faiss", warm_start=10)

@@ -12,6 +12,7 @@ import importlib.util
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import numpy as np
@@ -24,8 +25,8 @@ __all__ = ["ClusterResult", "kmeans"]
 
 Backend = Literal["auto", "faiss", "torch"]
 Init = Literal["k-means++", "random"]
-# centroids, and the assignment to them with its squared distances when already known
-Fitted = tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]
+# centroids, and the assignment to them with its inertia when already known
+Fitted = tuple[torch.Tensor, tuple[torch.Tensor, float] | None]
 
 # rows x centroids per block of the distance matrix
 _CPU_BLOCK_ELEMENTS = 1 << 18
@@ -39,6 +40,10 @@ _PRUNE_MAX_CANDIDATES = 0.25
 _PRUNE_GROUP = 8
 _PRUNE_GROUP_ROWS = 4096  # a larger cluster forms a group of its own
 _PRUNE_ROUNDOFF = 1e-5  # relative round-off allowed for in squared distances
+# below _PRUNE_MIN_K clusters on the CPU: Lloyd with per-pair distance bounds, a (k, N)
+# float matrix, up to this many elements (128 MiB in float32), plain Lloyd above
+_BOUNDS_MAX_ELEMENTS = 1 << 25
+_WARM_START_ROWS_PER_CLUSTER = 256  # default warm start of the torch backend
 
 
 @dataclass(frozen=True)
@@ -248,31 +253,153 @@ def _distance_bound(
     return (sq_dist + slack).sqrt_().add_(shift.index_select(0, assign))
 
 
+def _own_sq_distances(
+    x: torch.Tensor, centroids: torch.Tensor, assign: torch.Tensor
+) -> torch.Tensor:
+    """Squared distance of each row to its assigned centroid, as a difference (exact up to
+    float round-off), in row blocks that stay in cache."""
+    out = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
+    block = max(1, _CPU_BLOCK_ELEMENTS // max(1, x.shape[1]))
+    for start in range(0, x.shape[0], block):
+        diff = x[start : start + block] - centroids.index_select(0, assign[start : start + block])
+        out[start : start + block] = (diff * diff).sum(dim=1)
+    return out
+
+
+def _mean_update(
+    sums: torch.Tensor,
+    counts: torch.Tensor,
+    centroids: torch.Tensor,
+    x: torch.Tensor,
+    sq_dist: torch.Tensor | Callable[[], torch.Tensor],
+) -> tuple[torch.Tensor, int]:
+    """The Lloyd update: the mean of each cluster; a cluster left empty takes the row
+    farthest from its centroid (the next farthest for the next empty one; ``sq_dist`` holds
+    each row's squared distance to its centroid, or computes it, only then). Returns the
+    new centroids and the number of clusters re-seeded."""
+    nonempty = counts > 0
+    means = (sums / counts.clamp_min(1)[:, None].to(sums.dtype)).to(centroids.dtype)
+    updated = torch.where(nonempty[:, None], means, centroids)
+    empty = (~nonempty).nonzero().flatten()
+    if empty.numel() > 0:
+        far = sq_dist() if callable(sq_dist) else sq_dist
+        farthest = far.topk(min(empty.numel(), x.shape[0])).indices
+        updated[empty[: farthest.numel()]] = x[farthest]
+    return updated, empty.numel()
+
+
+def _bounded_lloyd(
+    x: torch.Tensor, centroids: torch.Tensor, niter: int, spherical: bool, verbose: bool
+) -> Fitted:
+    r""":func:`_lloyd` for few clusters on the CPU: Lloyd with Elkan's distance bounds
+    (Elkan 2003), so that an assignment step recomputes only the rows whose nearest
+    centroid may have changed.
+
+    For every row ``i`` and centroid ``j`` a lower bound :math:`l_{ji}` on
+    :math:`\lVert x_i - c_j\rVert` is kept in a ``(k, N)`` matrix, and an upper bound
+    :math:`u_i` on the distance to the row's own centroid. When the centroids move by
+    :math:`\delta_j` the triangle inequality gives :math:`u_i + \delta_{a_i}` and
+    :math:`l_{ji} - \delta_j` as new bounds; a row whose smallest lower bound (over the
+    other centroids) stays at or above its upper bound keeps its centroid, every other row
+    is compared with all centroids (one matrix product over those rows), which makes its
+    bounds exact again. The bounds carry a margin for the round-off of the expanded
+    squared distances. The cluster sums are kept in float64 and updated from the rows that
+    changed cluster only; the inertia comes from them,
+    :math:`\sum_i\lVert x_i\rVert^2 - 2\sum_j c_j\cdot s_j + \sum_j n_j\lVert c_j\rVert^2`.
+    """
+    n, k = x.shape[0], centroids.shape[0]
+    x_sq = (x * x).sum(dim=1)
+    x_slack = x_sq * (2 * _PRUNE_ROUNDOFF)
+    c_sq = (centroids * centroids).sum(dim=1)
+    # the first assignment: all (k, N) squared distances, which become the first bounds
+    sq = torch.addmm(c_sq[:, None], centroids, x.t(), alpha=-2.0).add_(x_sq).clamp_min_(0.0)
+    best, assign = sq.min(dim=0)
+    slack = x_slack + float(c_sq.max()) * 2 * _PRUNE_ROUNDOFF
+    lower = sq.sub_(slack).clamp_min_(0.0).sqrt_()
+    lower[assign, torch.arange(n, device=x.device)] = math.inf  # not a bound on the others
+    upper = best.add_(slack).sqrt_()
+    del sq, best
+    counts = torch.bincount(assign, minlength=k)
+    # exact float64 sums (the inertia below subtracts large terms), in cache-sized blocks
+    sums = torch.zeros(centroids.shape, dtype=torch.float64, device=x.device)
+    total_sq = torch.zeros((), dtype=torch.float64, device=x.device)
+    block = max(1, _CPU_BLOCK_ELEMENTS // max(1, x.shape[1]))
+    for start in range(0, n, block):
+        rows64 = x[start : start + block].double()
+        sums.index_add_(0, assign[start : start + block], rows64)
+        total_sq += (rows64 * rows64).sum()
+    ones = torch.ones(n, dtype=counts.dtype, device=x.device)
+
+    def inertia() -> float:
+        c = centroids.double()
+        total = total_sq - 2 * (c * sums).sum() + (counts * (c * c).sum(dim=1)).sum()
+        return max(float(total), 0.0)
+
+    for it in range(niter):
+        updated, reseeded = _mean_update(
+            sums, counts, centroids, x, partial(_own_sq_distances, x, centroids, assign)
+        )
+        if spherical:
+            updated = F.normalize(updated, dim=1)
+        shift = (updated - centroids).norm(dim=1)
+        centroids = updated
+        c_sq = (centroids * centroids).sum(dim=1)
+        upper += shift.index_select(0, assign)
+        lower -= shift[:, None]
+        rows = (lower.amin(dim=0) < upper).nonzero().flatten()
+        moved = 0
+        if rows.numel() > 0:
+            dist = torch.addmm(c_sq[None, :], x.index_select(0, rows), centroids.t(), alpha=-2.0)
+            dist += x_sq.index_select(0, rows)[:, None]
+            best, new = dist.clamp_min_(0.0).min(dim=1)
+            margin = x_slack.index_select(0, rows).add_(float(c_sq.max()) * 2 * _PRUNE_ROUNDOFF)
+            lower[:, rows] = dist.sub_(margin[:, None]).clamp_min_(0.0).sqrt_().t()
+            lower[new, rows] = math.inf
+            upper[rows] = best.add_(margin).sqrt_()
+            old = assign.index_select(0, rows)
+            changed = (new != old).nonzero().flatten()
+            moved = changed.numel()
+            if moved > 0:
+                src, dst, which = old[changed], new[changed], rows[changed]
+                x_moved = x.index_select(0, which).double()
+                sums.index_add_(0, src, x_moved, alpha=-1).index_add_(0, dst, x_moved)
+                counts.index_add_(0, src, ones[:moved], alpha=-1).index_add_(0, dst, ones[:moved])
+                assign[which] = dst
+        if verbose:
+            print(
+                f"kmeans iteration {it + 1}/{niter}: inertia {inertia():.6g}, "
+                f"{reseeded} empty cluster(s) re-seeded, {rows.numel()} of {n} rows compared "
+                f"with every centroid, {moved} changed cluster"
+            )
+        if reseeded == 0 and moved == 0:
+            break
+    return centroids, (assign, inertia())
+
+
 def _lloyd(
     x: torch.Tensor, centroids: torch.Tensor, niter: int, spherical: bool, verbose: bool
 ) -> Fitted:
     """At most ``niter`` Lloyd iterations (mean update, then assignment), stopping early at
     a fixed point (no assignment changed: a further update would return the same
-    centroids). An empty cluster is re-seeded with the farthest points. On the CPU with
-    ``k >= _PRUNE_MIN_K`` the assignments after the first are computed by
-    :func:`_pruned_nearest_centroids`, which gives the same result with fewer distances.
-    Returns the centroids and the final assignment to them."""
-    k = centroids.shape[0]
+    centroids). An empty cluster is re-seeded with the farthest points. On the CPU, with
+    fewer than ``_PRUNE_MIN_K`` clusters the iterations keep distance bounds
+    (:func:`_bounded_lloyd`, while its ``(k, N)`` matrix stays under
+    ``_BOUNDS_MAX_ELEMENTS``), and from ``_PRUNE_MIN_K`` on the assignments after the first
+    are computed by :func:`_pruned_nearest_centroids`; both give the assignments of the
+    exhaustive search with fewer distances. Returns the centroids and the final assignment
+    to them with its inertia."""
+    n, k = x.shape[0], centroids.shape[0]
+    cpu = x.device.type == "cpu"
+    if cpu and k < _PRUNE_MIN_K and k * n <= _BOUNDS_MAX_ELEMENTS:
+        return _bounded_lloyd(x, centroids, niter, spherical, verbose)
     x_sq = (x * x).sum(dim=1)
-    prune = x.device.type == "cpu" and k >= _PRUNE_MIN_K
+    prune = cpu and k >= _PRUNE_MIN_K
     x_padded = torch.cat([x, x.new_zeros(1, x.shape[1])]) if prune else x
     assign, sq_dist = nearest_centroids(x, centroids, x_sq)
     for it in range(niter):
         counts = torch.bincount(assign, minlength=k)
         sums = torch.zeros_like(centroids).index_add_(0, assign, x)
-        nonempty = counts > 0
-        updated = torch.where(
-            nonempty[:, None], sums / counts.clamp_min(1)[:, None].to(x.dtype), centroids
-        )
-        empty = (~nonempty).nonzero().flatten()
-        if empty.numel() > 0:
-            farthest = sq_dist.topk(min(empty.numel(), x.shape[0])).indices
-            updated[empty[: farthest.numel()]] = x[farthest]
+        updated, reseeded = _mean_update(sums, counts, centroids, x, sq_dist)
         if spherical:
             updated = F.normalize(updated, dim=1)
         if prune:
@@ -284,13 +411,37 @@ def _lloyd(
         if verbose:
             print(
                 f"kmeans iteration {it + 1}/{niter}: inertia {float(sq_dist.sum()):.6g}, "
-                f"{empty.numel()} empty cluster(s) re-seeded"
+                f"{reseeded} empty cluster(s) re-seeded"
             )
-        converged = empty.numel() == 0 and bool(torch.equal(new_assign, assign))
+        converged = reseeded == 0 and bool(torch.equal(new_assign, assign))
         assign = new_assign
         if converged:
             break
-    return centroids, (assign, sq_dist)
+    return centroids, (assign, float(sq_dist.double().sum()))
+
+
+def _warm_started_lloyd(
+    x: torch.Tensor,
+    centroids: torch.Tensor,
+    niter: int,
+    spherical: bool,
+    verbose: bool,
+    rows_per_cluster: int,
+    generator: torch.Generator,
+) -> Fitted:
+    """:func:`_lloyd` on all rows, started from :func:`_lloyd` on ``rows_per_cluster * k``
+    random rows when there are more than twice as many rows (``rows_per_cluster`` 0: no
+    warm start)."""
+    n, k = x.shape[0], centroids.shape[0]
+    sample = rows_per_cluster * k
+    if rows_per_cluster > 0 and n > 2 * sample:
+        rows = torch.randperm(n, generator=generator)[:sample].to(x.device)
+        if verbose:
+            print(f"kmeans warm start on {sample} random rows of {n}")
+        centroids = _lloyd(x.index_select(0, rows), centroids, niter, spherical, verbose)[0]
+        if verbose:
+            print(f"kmeans on all {n} rows")
+    return _lloyd(x, centroids, niter, spherical, verbose)
 
 
 def _best_restart(
@@ -300,7 +451,7 @@ def _best_restart(
     seed: int,
     spherical: bool,
     init: Init,
-    refine: Callable[[torch.Tensor], Fitted],
+    refine: Callable[[torch.Tensor, torch.Generator], Fitted],
 ) -> Fitted:
     """``nredo`` restarts, each seeded by :func:`_init_centroids` and improved by ``refine``;
     the fit of lowest inertia (the first on ties). One restart is not scored."""
@@ -310,13 +461,14 @@ def _best_restart(
         start = _init_centroids(x, k, init, generator)
         if spherical:
             start = F.normalize(start, dim=1)
-        fitted = refine(start)
+        fitted = refine(start, generator)
         if nredo == 1:
             return fitted
         centroids, assigned = fitted
         if assigned is None:
-            assigned = nearest_centroids(x, centroids)
-        inertia = float(assigned[1].double().sum())
+            indices, sq_dist = nearest_centroids(x, centroids)
+            assigned = (indices, float(sq_dist.double().sum()))
+        inertia = assigned[1]
         if best is None or inertia < best[0]:
             best = (inertia, (centroids, assigned))
     assert best is not None
@@ -356,7 +508,7 @@ def _faiss_kmeans(
         clus.train(data)
         return torch.from_numpy(np.array(clus.centroids, dtype=np.float32).reshape(k, d))
 
-    def refine(start: torch.Tensor) -> Fitted:
+    def refine(start: torch.Tensor, generator: torch.Generator) -> Fitted:
         clus = make(1)
         clus.train(data, init_centroids=np.ascontiguousarray(start.numpy()))
         return torch.from_numpy(np.array(clus.centroids, dtype=np.float32).reshape(k, d)), None
@@ -374,6 +526,7 @@ def kmeans(
     backend: Backend = "auto",
     spherical: bool = False,
     init: Init | None = None,
+    warm_start: int | None = None,
     verbose: bool = False,
 ) -> ClusterResult:
     r"""Cluster the rows of ``x`` into ``k`` groups with Lloyd's k-means.
@@ -387,19 +540,28 @@ def kmeans(
           every point (no subsampling), started from the centroids of the initialisation
           below (``init="random"`` leaves the seeding to faiss, seeded with ``seed``). An
           empty cluster is repaired by splitting a large one.
-        - ``"torch"``: distances are computed in row blocks through
+        - ``"torch"``: distances through
           :math:`\lVert x\rVert^2 - 2x\cdot c + \lVert c\rVert^2`; a cluster left empty
           by an assignment step is re-seeded with the point farthest from its centroid
           (the next farthest for the next empty one). Stops when no assignment changed.
-          On the CPU with ``k >= 128`` each assignment after the first compares a row
-          only with the centroids near its own, which the triangle inequality proves
-          sufficient (:func:`_pruned_nearest_centroids`: the same assignments as the
-          exhaustive search, with 9 % to 14 % of its distances at ``k = 500`` in
-          BENCHMARKS.md section 5). Runs on the device of ``x``, in float64 for float64 input
-          and float32 otherwise.
+          On the CPU the assignment steps skip distances that the triangle inequality
+          proves unneeded, with the assignments of the exhaustive search: below
+          ``k = 128`` through Elkan's per-pair distance bounds (:func:`_bounded_lloyd`,
+          which keeps a ``(k, N)`` float matrix and falls back to plain Lloyd above
+          ``2**25`` elements), from ``k = 128`` on by comparing each row with the
+          centroids near its own only (:func:`_pruned_nearest_centroids`). Runs on the
+          device of ``x`` (exhaustive assignments off the CPU), in float64 for float64
+          input and float32 otherwise.
         - ``"auto"``: torch. On this package's CPU benchmark (``benchmarks/kmeans_speed.py``,
-          BENCHMARKS.md section 5) the torch backend is 2.2x to 4.3x faster than faiss at
+          BENCHMARKS.md section 5) the torch backend is several times faster than faiss at
           ``k = 50`` and ``500``; faiss remains selectable, e.g. to match PCL's runs.
+
+    Warm start (torch backend): when ``N > 2 * warm_start * k``, each restart first runs
+    Lloyd (at most ``niter`` iterations) on ``warm_start * k`` random rows, drawn from the
+    seeded generator, and then at most ``niter`` iterations on all rows from there. The
+    iterations on all rows then start near a fixed point, where few rows change cluster
+    and the distance bounds skip most of the work. ``warm_start=None`` means 256 rows per
+    cluster; ``0`` turns the warm start off (plain Lloyd from the seeding).
 
     Initialisations, drawn from a ``torch.Generator`` seeded with ``seed``: ``"random"``
     picks ``k`` distinct rows; ``"k-means++"`` is greedy D² sampling (see
@@ -423,6 +585,8 @@ def kmeans(
         backend: ``"auto"``, ``"faiss"`` or ``"torch"``.
         spherical: normalise the centroids during the iterations.
         init: ``"k-means++"``, ``"random"`` or ``None`` (k-means++ for ``k <= 1000``).
+        warm_start: rows per cluster of the warm start (torch backend; ``None``: 256,
+            ``0``: none). Must stay ``None`` with ``backend="faiss"``.
         verbose: print progress.
 
     Returns:
@@ -447,10 +611,18 @@ def kmeans(
         raise ValueError(f"init must be one of (None, 'k-means++', 'random'), got {init!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if warm_start is not None and (
+        isinstance(warm_start, bool) or not isinstance(warm_start, int) or warm_start < 0
+    ):
+        raise ValueError(f"warm_start must be None or an int >= 0, got {warm_start!r}")
     check_finite(x, "x")
 
     if backend == "auto":
         backend = "torch"
+    if backend == "faiss" and warm_start is not None:
+        raise ValueError(
+            "warm_start applies to the torch backend only; leave it None with backend='faiss'"
+        )
     if backend == "faiss" and not _faiss_available():
         raise ImportError(
             "backend='faiss' needs faiss: pip install 'anchorlearn[faiss]' (or faiss-cpu)"
@@ -464,6 +636,7 @@ def kmeans(
         centroids = centroids.to(device=work.device, dtype=work.dtype)
         assigned = None
     else:
+        rows = _WARM_START_ROWS_PER_CLUSTER if warm_start is None else warm_start
         centroids, assigned = _best_restart(
             work,
             k,
@@ -471,13 +644,18 @@ def kmeans(
             seed,
             spherical,
             init,
-            lambda start: _lloyd(work, start, niter, spherical, verbose),
+            lambda start, generator: _warm_started_lloyd(
+                work, start, niter, spherical, verbose, rows, generator
+            ),
         )
-    assignments, sq_dist = assigned or nearest_centroids(work, centroids)
+    if assigned is None:
+        indices, sq_dist = nearest_centroids(work, centroids)
+        assigned = (indices, float(sq_dist.double().sum()))
+    assignments, inertia = assigned
     return ClusterResult(
         centroids=F.normalize(centroids, dim=1).float(),
         assignments=assignments,
-        inertia=float(sq_dist.double().sum()),
+        inertia=inertia,
         counts=torch.bincount(assignments, minlength=k),
         raw_centroids=centroids.float(),
     )
