@@ -30,8 +30,11 @@ them, and this package's seeding alone).
 The inertia column is the sum of squared distances of every point to its nearest final
 centroid (comparable across rows); ARI compares with the planted labels when the data are
 the mixture and k = 50.
+``--inertia-seeds S`` adds, untimed, the inertia of the torch backend with and without its
+warm start divided by scikit-learn's, for seeds 0 to S - 1 (one seed's inertia says little
+about a seeding or a warm start).
 Usage: ``python benchmarks/kmeans_speed.py [--out FILE] [--ks 50 500] [--niter 20]
-[--threads 1] [--repeats 3] [--checkpoint CKPT] [--breakdown]``.
+[--threads 1] [--repeats 3] [--checkpoint CKPT] [--breakdown] [--inertia-seeds S]``.
 """
 
 from __future__ import annotations
@@ -178,6 +181,27 @@ def breakdown(
     ]
 
 
+def inertia_over_seeds(x: np.ndarray, k: int, niter: int, seeds: int, threads: int) -> list[str]:
+    """Inertia of the torch backend with and without its warm start relative to
+    scikit-learn's, seed by seed (untimed), as Markdown table rows."""
+    methods = {
+        "torch, default seeding and warm start": run_anchorlearn("torch"),
+        "torch, default seeding, no warm start": run_anchorlearn("torch", warm_start=0),
+    }
+    ratios: dict[str, list[float]] = {name: [] for name in methods}
+    with threadpool_limits(threads):
+        for seed in range(seeds):
+            reference = run_sklearn(x, k, niter, seed)[0]
+            for name, run in methods.items():
+                ratios[name].append(run(x, k, niter, seed)[0] / reference)
+    rows = []
+    for name, values in ratios.items():
+        per_seed = " ".join(f"{v:.5f}" for v in values)
+        lower = sum(v <= 1.0 for v in values)
+        rows.append(f"| {k} | {name} | {np.mean(values):.5f} | {lower} of {seeds} | {per_seed} |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="also write the Markdown table here")
@@ -190,9 +214,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs; the median is shown")
     parser.add_argument("--checkpoint", default=None, help="cluster real embeddings instead")
     parser.add_argument("--breakdown", action="store_true", help="time seeding and Lloyd apart")
+    parser.add_argument(
+        "--inertia-seeds",
+        type=int,
+        default=0,
+        help="also compare the inertia with scikit-learn's over this many seeds (untimed)",
+    )
     args = parser.parse_args()
     if args.repeats < 1 or args.threads < 1:
         parser.error("--repeats and --threads must be >= 1")
+    if args.inertia_seeds < 0:
+        parser.error("--inertia-seeds must be >= 0")
 
     torch.set_num_threads(args.threads)
     if args.checkpoint:
@@ -244,6 +276,16 @@ def main() -> None:
         lines += ["", "| k | part | time (s) |", "|---:|---|---:|"]
         for k in args.ks:
             lines += breakdown(x, k, args.niter, args.seed, args.repeats, args.threads)
+    if args.inertia_seeds:
+        lines += [
+            "",
+            f"Inertia / scikit-learn's inertia, seeds 0 to {args.inertia_seeds - 1}:",
+            "",
+            "| k | method | mean | at or below scikit-learn | per seed |",
+            "|---:|---|---:|---:|---|",
+        ]
+        for k in args.ks:
+            lines += inertia_over_seeds(x, k, args.niter, args.inertia_seeds, args.threads)
     table = "\n".join(lines)
     print(table)
     if args.out:

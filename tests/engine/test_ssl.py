@@ -176,6 +176,11 @@ def test_more_clusters_than_samples_fails_before_training(tmp_path: Path) -> Non
         ({"eval": {"knn_temperature": 0.0}}, r"eval\.knn_temperature must be > 0"),
         ({"optim": {"lr": -0.1}}, r"optim\.lr must be > 0"),
         ({"model": {"momentum": 1.0}}, r"model\.momentum must be in \[0, 1\)"),
+        ({"cluster": {"warm_start": -1}}, r"cluster\.warm_start must be >= 0"),
+        (
+            {"cluster": {"backend": "faiss", "warm_start": 8}},
+            r"cluster\.warm_start=8 applies to the torch backend only",
+        ),
     ],
 )
 def test_config_errors_name_the_key(changes: dict, message: str) -> None:
@@ -184,6 +189,26 @@ def test_config_errors_name_the_key(changes: dict, message: str) -> None:
         raw[key] = {**raw[key], **value} if isinstance(value, dict) and key in raw else value
     with pytest.raises(ConfigError, match=message):
         parse_pretrain_config(raw)
+
+
+def test_cluster_warm_start_reaches_every_kmeans_of_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import anchorlearn.engine.ssl_module as ssl_module
+    import anchorlearn.engine.ssl_runner as ssl_runner
+
+    seen = []
+
+    def recording_kmeans(*args, **kwargs):
+        seen.append(kwargs["warm_start"])
+        return kmeans(*args, **kwargs)
+
+    monkeypatch.setattr(ssl_module, "kmeans", recording_kmeans)
+    monkeypatch.setattr(ssl_runner, "kmeans", recording_kmeans)
+    # 256 samples > 2 * 4 * 12: the warm start applies at both granularities
+    cfg = parse_pretrain_config(tiny_config("pcl", cluster={"warm_start": 4}))
+    pretrain(cfg, tmp_path / "run", quiet=True)
+    assert seen == [4] * (len(KS) + 1)  # the E-step at each k, then the test-set clustering
 
 
 def test_method_defaults_and_shipped_configs() -> None:

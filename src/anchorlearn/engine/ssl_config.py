@@ -83,6 +83,9 @@ class ClusterConfig:
     nredo: int = 1
     backend: str = "auto"
     init: str = "auto"  # k-means seeding: auto (k-means++ up to k = 1000), k-means++, random
+    # torch backend: Lloyd first on warm_start * k sampled rows when N > 2 * warm_start * k
+    # (None: the library default, 256; 0: off); must stay unset with backend faiss
+    warm_start: int | None = None
 
 
 @dataclass
@@ -176,6 +179,7 @@ _RANGES = {
     **COMMON_RANGES,
     "data.max_train_samples": at_least(1),
     "data.max_test_samples": at_least(1),
+    "cluster.warm_start": at_least(0),
     "model.momentum": UNIT_INTERVAL,
     "model.temperature": above(0),
     "eval.probe_weight_decay": at_least(0),
@@ -198,6 +202,11 @@ def parse_pretrain_config(raw: dict[str, Any]) -> PretrainConfig:
     ks = cfg.cluster.num_clusters
     if not ks or any(k < 2 for k in ks):
         raise ConfigError(f"cluster.num_clusters must list cluster counts >= 2, got {ks}")
+    if cfg.cluster.backend == "faiss" and cfg.cluster.warm_start is not None:
+        raise ConfigError(
+            f"cluster.warm_start={cfg.cluster.warm_start} applies to the torch backend only: "
+            "remove it or set cluster.backend to auto or torch"
+        )
     if cfg.cluster.warmup_epochs < 0:
         raise ConfigError(f"cluster.warmup_epochs must be >= 0, got {cfg.cluster.warmup_epochs}")
     if cfg.method != "moco" and cfg.cluster.warmup_epochs >= cfg.trainer.max_epochs:

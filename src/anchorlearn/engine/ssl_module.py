@@ -99,6 +99,7 @@ def gather_and_cluster(
     seed: int = 0,
     backend: str = "auto",
     init: str = "auto",
+    warm_start: int | None = None,
 ) -> EStepResult:
     """The E-step of PCL on embeddings that may be spread over DDP ranks.
 
@@ -111,8 +112,8 @@ def gather_and_cluster(
 
     Per granularity ``k`` in ``num_clusters``: :func:`~anchorlearn.cluster.kmeans` (``niter``
     iterations, ``nredo`` restarts, seeded with ``seed``, initialised by ``init``:
-    ``"k-means++"``, ``"random"`` or ``"auto"``, the library default; centroids
-    L2-normalised) and
+    ``"k-means++"``, ``"random"`` or ``"auto"``, the library default; ``warm_start`` as
+    there; centroids L2-normalised) and
     :func:`~anchorlearn.cluster.estimate_concentration`, measured to the centroids before
     normalisation (as PCL) and rescaled to mean ``temperature``.
     Collective calls are made on the device of ``features`` (a CUDA tensor under NCCL).
@@ -156,6 +157,7 @@ def gather_and_cluster(
                     seed=seed + g,
                     backend=backend,
                     init=None if init == "auto" else init,
+                    warm_start=warm_start,
                 )
                 prototypes = clusters.centroids.to(device)
                 assignments = clusters.assignments.to(device)
@@ -368,6 +370,7 @@ class EStepCallback(L.Callback):
         nredo: int = 1,
         backend: str = "auto",
         init: str = "auto",
+        warm_start: int | None = None,
         seed: int = 0,
         batch_size: int = 1024,
         verbose: bool = True,
@@ -377,6 +380,7 @@ class EStepCallback(L.Callback):
         self.nredo = nredo
         self.backend = backend
         self.init = init
+        self.warm_start = warm_start
         self.seed = seed
         self.batch_size = batch_size
         self.verbose = verbose
@@ -408,6 +412,7 @@ class EStepCallback(L.Callback):
             seed=self.seed * 1000 + trainer.current_epoch,
             backend=self.backend,
             init=self.init,
+            warm_start=self.warm_start,
         )
         module.set_estep(result, trainer.current_epoch)
         return result

@@ -184,6 +184,7 @@ def pretrain(
         nredo=cfg.cluster.nredo,
         backend=cfg.cluster.backend,
         init=cfg.cluster.init,
+        warm_start=cfg.cluster.warm_start,
         seed=cfg.seed,
         verbose=not quiet,
     )
@@ -353,6 +354,7 @@ def evaluate_pretrained(
         seed=cfg.seed,
         backend=c.backend,
         init=None if c.init == "auto" else c.init,  # type: ignore[arg-type]
+        warm_start=c.warm_start,
     )
     metrics["coagulation"] = coagulation(test["embedding"], clusters.assignments)
     metrics.update(clustering_scores(clusters.assignments, test["labels"]))
