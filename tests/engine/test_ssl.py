@@ -77,6 +77,7 @@ def test_one_epoch_run_of_each_method_writes_metrics(tmp_path: Path, method: str
     assert (run_dir / "logs" / "version_0" / "metrics.csv").exists()
     if method == "moco":
         assert stored["estep_share"] == 0.0
+        assert stored["estep_embed_seconds_mean"] == stored["estep_cluster_seconds_mean"] == 0.0
     else:
         assert 0.0 < stored["estep_share"] < 1.0
 
@@ -88,6 +89,10 @@ def test_pcl_run_writes_the_run_directory(pcl_run: tuple[Path, dict]) -> None:
     assert 0.0 <= metrics["linear_probe"] <= 1.0
     assert 0.0 <= metrics["knn"] <= 1.0
     assert metrics["estep_seconds_mean"] > 0.0
+    # the E-step is the embedding, then the clustering (each mean rounded to 0.01 s)
+    embed, cluster = metrics["estep_embed_seconds_mean"], metrics["estep_cluster_seconds_mean"]
+    assert embed >= 0.0 and cluster >= 0.0
+    assert embed + cluster == pytest.approx(metrics["estep_seconds_mean"], abs=0.02)
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["loss"]["protonce_weight"] == 1.0
     assert config["loss"]["align_weight"] == 0.0

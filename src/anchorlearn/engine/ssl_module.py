@@ -359,7 +359,10 @@ class EStepCallback(L.Callback):
     :meth:`ContrastivePretrainModule.set_estep`.
 
     Every epoch logs ``time/estep_s`` (0 without an E-step) and ``time/train_epoch_s`` (the
-    epoch without its E-step); both are also kept in :attr:`timings`, one dict per epoch.
+    epoch without its E-step); both are also kept in :attr:`timings`, one dict per epoch,
+    with the E-step's two parts: ``estep_embed_s`` (embedding the training set) and
+    ``estep_cluster_s`` (:func:`gather_and_cluster`: the gather, k-means at every
+    granularity, phi and the broadcast).
     """
 
     def __init__(
@@ -387,6 +390,7 @@ class EStepCallback(L.Callback):
         self.timings: list[dict[str, float]] = []
         self._epoch_start = 0.0
         self._estep_seconds = 0.0
+        self._estep_parts = {"estep_embed_s": 0.0, "estep_cluster_s": 0.0}
 
     @torch.no_grad()
     def run_estep(self, trainer: L.Trainer, module: ContrastivePretrainModule) -> EStepResult:
@@ -394,6 +398,7 @@ class EStepCallback(L.Callback):
         dm = trainer.datamodule
         images = dm.labelled_dataset("train").tensors[0]
         rank, world = trainer.global_rank, trainer.world_size
+        began = time.perf_counter()
         indices = torch.arange(rank, images.shape[0], world)
         chunks = []
         for start in range(0, indices.shape[0], self.batch_size):
@@ -401,6 +406,7 @@ class EStepCallback(L.Callback):
             chunks.append(module.moco.embed(dm.preprocess(batch), momentum=True).float())
         dim = module.moco.dim
         features = torch.cat(chunks) if chunks else torch.empty(0, dim, device=module.device)
+        embedded = time.perf_counter()
         result = gather_and_cluster(
             features,
             indices.to(module.device),
@@ -415,17 +421,25 @@ class EStepCallback(L.Callback):
             warm_start=self.warm_start,
         )
         module.set_estep(result, trainer.current_epoch)
+        self._estep_parts = {
+            "estep_embed_s": embedded - began,
+            "estep_cluster_s": time.perf_counter() - embedded,
+        }
         return result
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._estep_seconds = 0.0
+        self._estep_parts = {"estep_embed_s": 0.0, "estep_cluster_s": 0.0}
         if pl_module.uses_prototypes and trainer.current_epoch >= self.warmup_epochs:
             start = time.perf_counter()
             self.run_estep(trainer, pl_module)
             self._estep_seconds = time.perf_counter() - start
             if self.verbose and trainer.is_global_zero:
+                parts = self._estep_parts
                 print(
-                    f"E-step epoch {trainer.current_epoch}: {self._estep_seconds:.1f} s",
+                    f"E-step epoch {trainer.current_epoch}: {self._estep_seconds:.1f} s "
+                    f"(embedding {parts['estep_embed_s']:.1f} s, "
+                    f"clustering {parts['estep_cluster_s']:.1f} s)",
                     file=sys.stderr,
                 )
         self._epoch_start = time.perf_counter()
@@ -443,6 +457,7 @@ class EStepCallback(L.Callback):
             {
                 "epoch": trainer.current_epoch,
                 "estep_s": self._estep_seconds,
+                **self._estep_parts,
                 "train_epoch_s": epoch_seconds,
             }
         )

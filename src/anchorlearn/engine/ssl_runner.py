@@ -206,7 +206,9 @@ def pretrain(
         {
             "train_seconds": round(train_seconds, 1),
             "epochs": int(trainer.current_epoch),
-            "estep_seconds_mean": (round(estep_total / len(with_estep), 2) if with_estep else 0.0),
+            "estep_seconds_mean": _mean_seconds(with_estep, "estep_s"),
+            "estep_embed_seconds_mean": _mean_seconds(with_estep, "estep_embed_s"),
+            "estep_cluster_seconds_mean": _mean_seconds(with_estep, "estep_cluster_s"),
             "train_epoch_seconds_mean": (
                 round(epoch_total / len(estep.timings), 2) if estep.timings else 0.0
             ),
@@ -220,6 +222,12 @@ def pretrain(
         metrics["ddp_max_state_diff"] = module.rank_state_divergence
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def _mean_seconds(rows: list[dict[str, float]], key: str) -> float:
+    """Mean of ``key`` over the timing rows, 0 when there are none (a row from a checkpoint
+    written before the key existed counts as 0)."""
+    return round(sum(row.get(key, 0.0) for row in rows) / len(rows), 2) if rows else 0.0
 
 
 def linear_probe_accuracy(
