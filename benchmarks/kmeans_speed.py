@@ -30,11 +30,13 @@ them, and this package's seeding alone).
 The inertia column is the sum of squared distances of every point to its nearest final
 centroid (comparable across rows); ARI compares with the planted labels when the data are
 the mixture and k = 50.
-``--inertia-seeds S`` adds, untimed, the inertia of the torch backend with and without its
-warm start divided by scikit-learn's, for seeds 0 to S - 1 (one seed's inertia says little
-about a seeding or a warm start).
+``--inertia-seeds S`` adds the inertia of the torch backend with and without its warm start
+(or with each warm start of ``--warm-starts``, in rows per cluster) divided by
+scikit-learn's, for seeds 0 to S - 1 (one seed's inertia says little about a seeding or a
+warm start), with the median over the seeds of one timed run each.
 Usage: ``python benchmarks/kmeans_speed.py [--out FILE] [--ks 50 500] [--niter 20]
-[--threads 1] [--repeats 3] [--checkpoint CKPT] [--breakdown] [--inertia-seeds S]``.
+[--threads 1] [--repeats 3] [--checkpoint CKPT] [--breakdown] [--inertia-seeds S
+[--warm-starts R ...]]``.
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ def checkpoint_embeddings(path: str) -> np.ndarray:
     return torch.cat(chunks).float().numpy()
 
 
-def run_anchorlearn(backend: str, init: str | None = None, **options: int) -> Runner:
+def run_anchorlearn(backend: str, init: str | None = None, **options: int | None) -> Runner:
     def run(x: np.ndarray, k: int, niter: int, seed: int) -> tuple[float, np.ndarray]:
         result = kmeans(
             torch.from_numpy(x), k, niter=niter, seed=seed, backend=backend, init=init, **options
@@ -102,6 +104,37 @@ def run_anchorlearn(backend: str, init: str | None = None, **options: int) -> Ru
         return result.inertia, result.assignments.numpy()
 
     return run
+
+
+def cpu_description() -> str:
+    """The CPU's model name and its widest vector extension: faiss's speed depends on it
+    far more than torch's and scikit-learn's."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        return model
+    widest = next((f for f in ("avx512f", "avx2", "avx") if f in flags), None)
+    return f"{model} ({widest or 'no AVX'})" if flags else model
+
+
+def library_versions() -> str:
+    import sklearn
+
+    try:
+        import faiss
+
+        faiss_text = f"faiss {faiss.__version__} ({faiss.get_compile_options().strip()})"
+    except ImportError:
+        faiss_text = "no faiss"
+    return f"{faiss_text}, scikit-learn {sklearn.__version__}"
 
 
 def run_sklearn(x: np.ndarray, k: int, niter: int, seed: int) -> tuple[float, np.ndarray]:
@@ -181,25 +214,48 @@ def breakdown(
     ]
 
 
-def inertia_over_seeds(x: np.ndarray, k: int, niter: int, seeds: int, threads: int) -> list[str]:
-    """Inertia of the torch backend with and without its warm start relative to
-    scikit-learn's, seed by seed (untimed), as Markdown table rows."""
+def inertia_over_seeds(
+    x: np.ndarray, k: int, niter: int, seeds: int, threads: int, warm_starts: list[int] | None
+) -> list[str]:
+    """Inertia of the torch backend relative to scikit-learn's, seed by seed, with each
+    warm start of ``warm_starts`` (rows per cluster; default: the backend's default and 0),
+    as Markdown table rows. Each run is also timed once: the median over the seeds is a
+    rough guide, noisier than the main table's."""
+    options = [None, 0] if warm_starts is None else warm_starts
     methods = {
-        "torch, default seeding and warm start": run_anchorlearn("torch"),
-        "torch, default seeding, no warm start": run_anchorlearn("torch", warm_start=0),
+        _warm_start_name(option): run_anchorlearn("torch", warm_start=option) for option in options
     }
     ratios: dict[str, list[float]] = {name: [] for name in methods}
+    times: dict[str, list[float]] = {name: [] for name in ["scikit-learn", *methods]}
+
+    def timed(name: str, run: Runner, seed: int) -> float:
+        start = time.perf_counter()
+        inertia = run(x, k, niter, seed)[0]
+        times[name].append(time.perf_counter() - start)
+        return inertia
+
     with threadpool_limits(threads):
         for seed in range(seeds):
-            reference = run_sklearn(x, k, niter, seed)[0]
+            reference = timed("scikit-learn", run_sklearn, seed)
             for name, run in methods.items():
-                ratios[name].append(run(x, k, niter, seed)[0] / reference)
-    rows = []
+                ratios[name].append(timed(name, run, seed) / reference)
+    rows = [f"| {k} | scikit-learn | 1 | - | {np.median(times['scikit-learn']):.2f} | - |"]
     for name, values in ratios.items():
         per_seed = " ".join(f"{v:.5f}" for v in values)
         lower = sum(v <= 1.0 for v in values)
-        rows.append(f"| {k} | {name} | {np.mean(values):.5f} | {lower} of {seeds} | {per_seed} |")
+        rows.append(
+            f"| {k} | {name} | {np.mean(values):.5f} | {lower} of {seeds} "
+            f"| {np.median(times[name]):.2f} | {per_seed} |"
+        )
     return rows
+
+
+def _warm_start_name(option: int | None) -> str:
+    if option is None:
+        return "torch, default warm start"
+    if option == 0:
+        return "torch, no warm start"
+    return f"torch, warm start on {option}·k rows"
 
 
 def main() -> None:
@@ -218,13 +274,23 @@ def main() -> None:
         "--inertia-seeds",
         type=int,
         default=0,
-        help="also compare the inertia with scikit-learn's over this many seeds (untimed)",
+        help="also compare the inertia with scikit-learn's over this many seeds",
+    )
+    parser.add_argument(
+        "--warm-starts",
+        type=int,
+        nargs="+",
+        default=None,
+        help="with --inertia-seeds: the torch backend's warm starts to compare, in rows per "
+        "cluster (default: its default and 0)",
     )
     args = parser.parse_args()
     if args.repeats < 1 or args.threads < 1:
         parser.error("--repeats and --threads must be >= 1")
     if args.inertia_seeds < 0:
         parser.error("--inertia-seeds must be >= 0")
+    if args.warm_starts is not None and (not args.inertia_seeds or min(args.warm_starts) < 0):
+        parser.error("--warm-starts needs --inertia-seeds, and values >= 0")
 
     torch.set_num_threads(args.threads)
     if args.checkpoint:
@@ -242,8 +308,8 @@ def main() -> None:
     }
     lines = [
         f"k-means of {data}, {args.niter} Lloyd iterations, one initialisation, seed {args.seed}.",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"torch {torch.__version__}, {args.threads} thread(s) for every method, "
+        f"Machine: {cpu_description()}, {os.cpu_count()} CPU cores; torch {torch.__version__}, "
+        f"{library_versions()}; {args.threads} thread(s) for every method, "
         f"median time of {args.repeats} runs.",
         "",
         "| k | method | time (s) | sklearn time / time | inertia | inertia / best "
@@ -281,11 +347,13 @@ def main() -> None:
             "",
             f"Inertia / scikit-learn's inertia, seeds 0 to {args.inertia_seeds - 1}:",
             "",
-            "| k | method | mean | at or below scikit-learn | per seed |",
-            "|---:|---|---:|---:|---|",
+            "| k | method | mean | at or below scikit-learn | median time (s) | per seed |",
+            "|---:|---|---:|---:|---:|---|",
         ]
         for k in args.ks:
-            lines += inertia_over_seeds(x, k, args.niter, args.inertia_seeds, args.threads)
+            lines += inertia_over_seeds(
+                x, k, args.niter, args.inertia_seeds, args.threads, args.warm_starts
+            )
     table = "\n".join(lines)
     print(table)
     if args.out:

@@ -1,0 +1,40 @@
+"""The k-means benchmark script runs end to end on a small problem and prints its tables."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_kmeans_speed_prints_the_timing_and_inertia_tables(tmp_path: Path) -> None:
+    out = tmp_path / "table.md"
+    args = ["--n", "3000", "--ks", "5", "--repeats", "1", "--inertia-seeds", "2"]
+    args += ["--warm-starts", "0", "100", "--out", str(out)]
+    script = ROOT / "benchmarks" / "kmeans_speed.py"
+    subprocess.run([sys.executable, str(script), *args], check=True, capture_output=True)
+    text = out.read_text()
+    # the machine line names the CPU and faiss's build: faiss's speed depends on both
+    assert "CPU cores" in text and "scikit-learn 1." in text
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("|")]
+    methods = [cells[1].strip() for cells in rows if cells[0].strip() == "5"]
+    assert "scikit-learn (greedy k-means++)" in methods
+    assert "torch, default seeding and warm start" in methods
+    inertia_rows = {cells[1].strip(): cells for cells in rows if len(cells) == 6}
+    assert set(inertia_rows) >= {"torch, no warm start", "torch, warm start on 100·k rows"}
+    for name in ("torch, no warm start", "torch, warm start on 100·k rows"):
+        per_seed = [float(v) for v in inertia_rows[name][5].split()]
+        assert len(per_seed) == 2
+        # k-means from any seeding lands within a few percent of scikit-learn's on 5 clusters
+        assert all(0.8 < v < 1.2 for v in per_seed)
+
+
+def test_kmeans_speed_rejects_warm_starts_without_inertia_seeds() -> None:
+    script = ROOT / "benchmarks" / "kmeans_speed.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--warm-starts", "3"], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "--warm-starts needs --inertia-seeds" in result.stderr
