@@ -94,3 +94,15 @@ def test_bad_input_raises() -> None:
         estimate_concentration(torch.randn(5, 3), c, labels, temperature=0.0)
     with pytest.raises(ValueError, match="percentiles must satisfy"):
         estimate_concentration(torch.randn(5, 3), c, labels, percentiles=(90, 10))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_input_is_estimated_in_float32(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(3)
+    centroids = torch.randn(6, 8, generator=gen)
+    labels = torch.arange(60) % 6
+    x = (centroids[labels] + 0.3 * torch.randn(60, 8, generator=gen)).to(dtype)
+    phi = estimate_concentration(x, centroids.to(dtype), labels)
+    assert phi.dtype == dtype
+    expected = estimate_concentration(x.float(), centroids.to(dtype).float(), labels)
+    torch.testing.assert_close(phi.float(), expected, rtol=1e-2, atol=1e-3)

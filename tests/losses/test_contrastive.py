@@ -226,8 +226,12 @@ def test_protonce_rejects_bad_input() -> None:
         loss_fn(q, [a[0], a[1][:3]], p, c)
     with pytest.raises(ValueError, match="one tensor per granularity"):
         loss_fn(q, a, p[:1], c)
-    with pytest.raises(ValueError, match=r"concentrations\[0\] must be > 0"):
+    with pytest.raises(ValueError, match=r"concentrations\[0\] must be >= .* got minimum -"):
         loss_fn(q, a, p, [-c[0], c[1]])
+    with pytest.raises(ValueError, match=r"prototypes\[1\] must be L2-normalised"):
+        loss_fn(q, a, [p[0], p[1] * 5.0], c)
+    with pytest.raises(ValueError, match=r"prototypes\[0\] must be L2-normalised"):
+        loss_fn(q, a, [torch.zeros_like(p[0]), p[1]], c)
     with pytest.raises(ValueError, match=r"concentrations\[1\] must have shape \(9,\)"):
         loss_fn(q, a, p, [c[0], c[1][:2]])
     with pytest.raises(ValueError, match=r"prototypes\[0\] must be finite"):
@@ -240,6 +244,24 @@ def test_protonce_rejects_bad_input() -> None:
         loss_fn(q, [], [], [])
     with pytest.raises(ValueError, match="num_negatives must be >= 1"):
         ProtoNCE(num_negatives=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_concentrations_down_to_the_floor_give_finite_loss_and_gradient(
+    dtype: torch.dtype,
+) -> None:
+    floor = torch.finfo(dtype).max ** -0.5
+    q = unit(N, D).to(dtype).requires_grad_()
+    a, p, c = make_granularities()
+    p = [proto.to(dtype) for proto in p]
+    tiny = [torch.full(phi.shape, floor * 1.001, dtype=dtype) for phi in c]
+    out = ProtoNCE()(q, a, p, tiny)
+    out["loss"].float().backward()
+    assert torch.isfinite(out["loss"]) and bool(torch.isfinite(q.grad).all())
+    # below the floor (1e-39 in float32 is a subnormal whose inverse overflows): an error
+    below = [torch.full(phi.shape, floor / 10, dtype=dtype) for phi in c]
+    with pytest.raises(ValueError, match=r"concentrations\[0\] must be >= .* overflow"):
+        ProtoNCE()(q, a, p, below)
 
 
 @settings(max_examples=25, deadline=None)

@@ -53,6 +53,21 @@ def test_knn_weights_votes_by_similarity() -> None:
     assert knn_predict(train, labels, test, 2, k=3, temperature=0.1).tolist() == [1]
 
 
+def test_knn_at_a_tiny_temperature_votes_like_the_nearest_neighbour() -> None:
+    # exp(cos / 0.001) overflows float32: the weights must be taken relative to each row's
+    # nearest neighbour. Each test point is a slightly moved training point, its nearest
+    # neighbour by a cosine margin of more than 0.05: every other weight is below e^-50.
+    gen = torch.Generator().manual_seed(0)
+    train = torch.randn(300, 16, generator=gen)
+    labels = torch.randint(0, 5, (300,), generator=gen)
+    test = train[:50] + 0.01 * torch.randn(50, 16, generator=gen)
+    top2 = (F.normalize(test, dim=1) @ F.normalize(train, dim=1).T).topk(2, dim=1)
+    assert torch.equal(top2.indices[:, 0], torch.arange(50))
+    assert bool((top2.values[:, 0] - top2.values[:, 1] > 0.05).all())
+    predicted = knn_predict(train, labels, test, 5, k=200, temperature=1e-3)
+    assert torch.equal(predicted, labels[:50])
+
+
 def test_coagulation_and_clustering_scores() -> None:
     labels = torch.arange(3).repeat(10)
     tight = F.one_hot(labels, 3).float() + 0.01 * torch.randn(30, 3)

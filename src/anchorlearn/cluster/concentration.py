@@ -50,7 +50,8 @@ def estimate_concentration(
         percentiles: ``(low, high)`` with ``0 <= low <= high <= 100``.
 
     Returns:
-        ``(k,)`` strictly positive concentrations in the dtype and device of ``x``.
+        ``(k,)`` strictly positive concentrations in the dtype and device of ``x`` (computed
+        in float32 for float16 and bfloat16 input).
     """
     x = check_matrix(x, "x")
     centroids = check_matrix(centroids, "centroids", cols=x.shape[1])
@@ -74,7 +75,24 @@ def estimate_concentration(
     if not 0.0 <= low <= high <= 100.0:
         raise ValueError(f"percentiles must satisfy 0 <= low <= high <= 100, got {percentiles}")
 
-    x = x.detach()
+    out_dtype = x.dtype
+    # torch.quantile takes float32 and float64 only
+    x = x.detach().float() if x.dtype in (torch.float16, torch.bfloat16) else x.detach()
+    phi = _concentration(x, centroids, assignments, k, temperature, eps, low, high)
+    return phi.to(out_dtype)
+
+
+def _concentration(
+    x: torch.Tensor,
+    centroids: torch.Tensor,
+    assignments: torch.Tensor,
+    k: int,
+    temperature: float,
+    eps: float,
+    low: float,
+    high: float,
+) -> torch.Tensor:
+    """:func:`estimate_concentration` on validated float32 or float64 input."""
     labels = assignments.long().to(x.device)
     dist = (x - centroids.detach().to(x)[labels]).norm(dim=1)
     counts = torch.bincount(labels, minlength=k).to(x.dtype)

@@ -123,6 +123,11 @@ def gather_and_cluster(
             f"features must be (n, D) and indices (n,), got {tuple(features.shape)} and "
             f"{tuple(indices.shape)}"
         )
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= num_samples):
+        raise ValueError(
+            f"indices must lie in [0, {num_samples}) (num_samples), got values in "
+            f"[{int(indices.min())}, {int(indices.max())}]"
+        )
     ks = [int(k) for k in num_clusters]
     if _distributed():
         full = _gather_rows(features.detach().float(), indices.long(), num_samples)

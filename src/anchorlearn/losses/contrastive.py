@@ -83,9 +83,13 @@ def check_prototype_inputs(
     """Validate one E-step result per granularity against the embeddings ``q`` ``(N, D)``.
 
     ``assignments[g]`` is an integer ``(N,)`` tensor in ``[0, k_g)``, ``prototypes[g]`` a
-    finite ``(k_g, D)`` float tensor and, when given, ``concentrations[g]`` a finite,
-    strictly positive ``(k_g,)`` float tensor. Without ``prototypes`` the assignments are
-    only checked to be non-negative.
+    finite ``(k_g, D)`` float tensor with L2-normalised rows (as
+    :func:`~anchorlearn.cluster.kmeans` returns them) and, when given, ``concentrations[g]``
+    a finite ``(k_g,)`` float tensor of at least ``finfo(q.dtype).max ** -0.5`` (about
+    5e-20 in float32, 4e-3 in float16): a logit ``q . c / phi`` then stays below the
+    square root of the largest value of the dtype, so neither it nor a sum of as many such
+    terms overflows. Without ``prototypes`` the assignments are only checked to be
+    non-negative.
     """
     lists = {"assignments": assignments}
     if prototypes is not None:
@@ -114,6 +118,7 @@ def check_prototype_inputs(
                 raise ValueError(f"assignments[{g}] must be >= 0, got minimum {int(labels.min())}")
             continue
         protos = check_matrix(prototypes[g], f"prototypes[{g}]", cols=d)
+        check_l2_normalised(protos, f"prototypes[{g}]")
         num_protos = protos.shape[0]
         if num_protos == 0:
             raise ValueError(f"prototypes[{g}] must hold at least one prototype, got 0 rows")
@@ -134,9 +139,12 @@ def check_prototype_inputs(
                     f"concentrations[{g}] must have shape ({num_protos},), got {tuple(phi.shape)}"
                 )
             check_finite(phi, f"concentrations[{g}]")
-            if not bool((phi > 0).all()):
+            floor = torch.finfo(q.dtype).max ** -0.5
+            if not bool((phi >= floor).all()):
                 raise ValueError(
-                    f"concentrations[{g}] must be > 0, got minimum {float(phi.min()):.3g}"
+                    f"concentrations[{g}] must be >= {floor:.3g} (for {q.dtype} embeddings: "
+                    f"smaller ones overflow the logits q.c/phi), "
+                    f"got minimum {float(phi.min()):.3g}"
                 )
 
 

@@ -113,7 +113,10 @@ def knn_predict(
         sims = F.normalize(test_chunk.float(), dim=1).to(train.device) @ train.T
         top_sims, top_idx = sims.topk(k, dim=1)
         votes = torch.zeros(len(sims), num_classes, device=train.device)
-        votes.scatter_add_(1, labels[top_idx], (top_sims / temperature).exp())
+        # weights relative to each row's nearest neighbour: the same vote, no overflow of
+        # exp(cos / temperature) at small temperatures
+        weights = ((top_sims - top_sims[:, :1]) / temperature).exp()
+        votes.scatter_add_(1, labels[top_idx], weights)
         predictions.append(votes.argmax(dim=1))
     return torch.cat(predictions)
 
