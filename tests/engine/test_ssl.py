@@ -3,6 +3,7 @@ the E-step, its DDP gather / broadcast on two gloo processes, configs and the CL
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -107,6 +108,22 @@ def test_pcl_run_writes_the_run_directory(pcl_run: tuple[Path, dict]) -> None:
     header = (run_dir / "logs" / "version_0" / "metrics.csv").read_text().splitlines()[0]
     for column in ("train/protonce_epoch", "time/estep_s", "time/train_epoch_s"):
         assert column in header, column
+
+
+def test_no_estep_and_no_prototype_loss_during_the_warmup(tmp_path: Path) -> None:
+    raw = tiny_config("pcl", cluster={"warmup_epochs": 1}, trainer={"max_epochs": 2})
+    run_dir = tmp_path / "warm"
+    pretrain(parse_pretrain_config(raw), run_dir, quiet=True)
+    with open(run_dir / "logs" / "version_0" / "metrics.csv", newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("train/protonce_epoch")]
+    by_epoch = {int(row["epoch"]): row for row in rows}
+    assert sorted(by_epoch) == [0, 1]
+    assert float(by_epoch[0]["train/protonce_epoch"]) == 0.0
+    assert float(by_epoch[0]["time/estep_s"]) == 0.0
+    assert float(by_epoch[1]["train/protonce_epoch"]) > 0.0
+    assert float(by_epoch[1]["time/estep_s"]) > 0.0
+    state = load_pretrain_checkpoint(run_dir / "checkpoints" / "last.ckpt")["state_dict"]
+    assert int(state["estep_epoch"]) == 1
 
 
 def test_estep_buffers_have_the_right_shapes_and_index_their_prototypes(
