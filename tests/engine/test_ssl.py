@@ -333,7 +333,7 @@ def ddp_features() -> torch.Tensor:
     return F.normalize(x, dim=1)
 
 
-def ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
+def ddp_worker(rank: int, init_file: str, out_dir: str, poison: bool = False) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
@@ -343,6 +343,15 @@ def ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
         mine = mine[(mine % 3 == 0) == (rank == 0)]
         if rank == 1:
             torch.manual_seed(123)  # a different global RNG state must not matter
+        if poison:
+            # rank 1 sends a NaN row: k-means fails on rank 0, and every rank must raise
+            # rather than wait for a broadcast that never comes
+            x[1] = float("nan")
+            try:
+                gather_and_cluster(x[mine], mine, DDP_N, DDP_KS, niter=10, seed=5)
+            except Exception as err:
+                (Path(out_dir) / f"rank{rank}.err").write_text(f"{type(err).__name__}: {err}")
+            return
         result = gather_and_cluster(x[mine], mine, DDP_N, DDP_KS, niter=10, seed=5)
         torch.save(
             {
@@ -356,12 +365,18 @@ def ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def test_ddp_gather_and_cluster_gives_every_rank_the_same_estep(tmp_path: Path) -> None:
+def spawn_ddp_workers(tmp_path: Path, poison: bool = False) -> None:
+    """Run :func:`ddp_worker` on two processes; they import this module by its path."""
     package_depth = len(ddp_worker.__module__.split("."))
     import_root = Path(__file__).resolve().parents[package_depth - 1]
     with pytest.MonkeyPatch.context() as patch:
         patch.syspath_prepend(str(import_root))
-        mp.spawn(ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+        args = (str(tmp_path / "init"), str(tmp_path), poison)
+        mp.spawn(ddp_worker, args=args, nprocs=2, join=True)
+
+
+def test_ddp_gather_and_cluster_gives_every_rank_the_same_estep(tmp_path: Path) -> None:
+    spawn_ddp_workers(tmp_path)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     single = gather_and_cluster(
         ddp_features(), torch.arange(DDP_N), DDP_N, DDP_KS, niter=10, seed=5
@@ -372,6 +387,13 @@ def test_ddp_gather_and_cluster_gives_every_rank_the_same_estep(tmp_path: Path) 
         for key in ("prototypes", "concentrations", "assignments"):
             assert torch.equal(rank0[key][g], rank1[key][g]), (key, g)
             torch.testing.assert_close(rank0[key][g], getattr(single, key)[g])
+
+
+def test_ddp_estep_failure_on_rank_0_raises_on_every_rank(tmp_path: Path) -> None:
+    spawn_ddp_workers(tmp_path, poison=True)
+    root, other = ((tmp_path / f"rank{r}.err").read_text() for r in (0, 1))
+    assert root.startswith("ValueError") and "finite" in root
+    assert other.startswith("RuntimeError: the E-step failed on rank 0")
 
 
 @pytest.mark.slow
