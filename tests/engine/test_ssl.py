@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,8 +22,9 @@ from anchorlearn.cluster import estimate_concentration, kmeans
 from anchorlearn.engine.config import ConfigError
 from anchorlearn.engine.runner import RunError
 from anchorlearn.engine.ssl_config import load_pretrain_config, parse_pretrain_config
-from anchorlearn.engine.ssl_module import gather_and_cluster
+from anchorlearn.engine.ssl_module import EStepCallback, gather_and_cluster
 from anchorlearn.engine.ssl_runner import (
+    build_pretrain_run,
     linear_probe_accuracy,
     load_pretrain_checkpoint,
     pretrain,
@@ -124,6 +126,30 @@ def test_no_estep_and_no_prototype_loss_during_the_warmup(tmp_path: Path) -> Non
     assert float(by_epoch[1]["time/estep_s"]) > 0.0
     state = load_pretrain_checkpoint(run_dir / "checkpoints" / "last.ckpt")["state_dict"]
     assert int(state["estep_epoch"]) == 1
+
+
+def test_estep_clusters_the_momentum_embeddings_of_the_unaugmented_images() -> None:
+    dm, module = build_pretrain_run(parse_pretrain_config(tiny_config("pcl")))
+    module.train()  # as at an epoch start
+    with torch.no_grad():  # the query encoder differs from the momentum one after training
+        for param in module.moco.encoder_q.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    trainer = SimpleNamespace(datamodule=dm, global_rank=0, world_size=1, current_epoch=3)
+    estep = EStepCallback(0, niter=5, seed=7)
+    results = []
+    for global_seed in (1, 2):  # augmentations would draw from the global generator
+        torch.manual_seed(global_seed)
+        results.append(estep.run_estep(trainer, module))
+    images = dm.labelled_dataset("train").tensors[0]
+    features = module.moco.embed(dm.preprocess(images), momentum=True)
+    expected = gather_and_cluster(
+        features, torch.arange(len(images)), len(images), KS, niter=5, seed=7 * 1000 + 3
+    )
+    for result in results:
+        for g in range(len(KS)):
+            assert torch.equal(result.assignments[g], expected.assignments[g])
+            torch.testing.assert_close(result.prototypes[g], expected.prototypes[g])
+    assert int(module.estep_epoch) == 3
 
 
 def test_estep_buffers_have_the_right_shapes_and_index_their_prototypes(
