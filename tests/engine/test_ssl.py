@@ -29,6 +29,7 @@ from anchorlearn.engine.ssl_runner import (
     load_pretrain_checkpoint,
     pretrain,
 )
+from anchorlearn.models import list_models
 
 NUM_TRAIN = 256
 KS = [6, 12]
@@ -215,6 +216,22 @@ def test_existing_checkpoint_needs_resume_and_resume_continues(
     second_epoch = timings[1]["estep_s"] + timings[1]["train_epoch_s"]
     assert callback_state(resumed, "TrainClock")["seconds"] >= first_clock + 0.9 * second_epoch
     assert (resumed / "logs" / "version_1").is_dir()
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_factory_model_pretrains_or_is_refused_before_training(name: str) -> None:
+    raw = tiny_config("pcl")
+    raw["model"] = {"name": name, "queue_size": 256}
+    cfg = parse_pretrain_config(raw)
+    try:
+        dm, module = build_pretrain_run(cfg)
+    except ConfigError as err:  # dense networks: their features are maps, not vectors
+        assert f"model {name!r} cannot be pretrained" in str(err)
+        assert name == "seg_net"
+        return
+    images = dm.labelled_dataset("train").tensors[0][:4]
+    out = module.moco(*dm.views(images))
+    assert out["q"].shape == out["k"].shape == (4, 128)
 
 
 def test_more_clusters_than_samples_fails_before_training(tmp_path: Path) -> None:

@@ -124,6 +124,15 @@ def build_pretrain_run(cfg: PretrainConfig) -> tuple[TwoViewDataModule, Contrast
         )
     except ValueError as err:
         raise ConfigError(f"model/loss: {err}") from err
+    # a dense (segmentation) network would only fail at the first training step
+    sample = dm.preprocess(dm.labelled_dataset("train").tensors[0][:2])
+    try:
+        moco.embed(sample)
+    except ValueError as err:
+        raise ConfigError(
+            f"model {cfg.model.name!r} cannot be pretrained: {err}; pretraining needs a "
+            "backbone with pooled (N, feat_dim) features, e.g. small_cnn or resnet20"
+        ) from err
     return dm, module
 
 
