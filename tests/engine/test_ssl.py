@@ -326,7 +326,7 @@ def test_single_process_estep_matches_its_parts() -> None:
     with pytest.raises(ValueError, match="cover 59 of 60"):
         gather_and_cluster(x[:59], torch.arange(59), 60, [3])
     for bad in (torch.arange(1, 61), torch.arange(-1, 59)):  # past the end; negative
-        with pytest.raises(ValueError, match=r"indices must lie in \[0, 60\)"):
+        with pytest.raises(ValueError, match=r"indices must lie in \[0, 60\), got 1 value"):
             gather_and_cluster(x, bad, 60, [3])
 
 

@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from anchorlearn.cluster import estimate_concentration, kmeans
+from anchorlearn.losses._checks import check_label_range
 from anchorlearn.losses.contrastive import InfoNCE
 from anchorlearn.losses.pauc import PAUCLoss
 from anchorlearn.models.moco import MoCo
@@ -123,11 +124,7 @@ def gather_and_cluster(
             f"features must be (n, D) and indices (n,), got {tuple(features.shape)} and "
             f"{tuple(indices.shape)}"
         )
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= num_samples):
-        raise ValueError(
-            f"indices must lie in [0, {num_samples}) (num_samples), got values in "
-            f"[{int(indices.min())}, {int(indices.max())}]"
-        )
+    check_label_range(indices, num_samples, None, "indices")
     ks = [int(k) for k in num_clusters]
     if _distributed():
         full = _gather_rows(features.detach().float(), indices.long(), num_samples)
