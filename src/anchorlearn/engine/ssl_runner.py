@@ -218,9 +218,7 @@ def pretrain(
             "estep_seconds_mean": _mean_seconds(with_estep, "estep_s"),
             "estep_embed_seconds_mean": _mean_seconds(with_estep, "estep_embed_s"),
             "estep_cluster_seconds_mean": _mean_seconds(with_estep, "estep_cluster_s"),
-            "train_epoch_seconds_mean": (
-                round(epoch_total / len(estep.timings), 2) if estep.timings else 0.0
-            ),
+            "train_epoch_seconds_mean": _mean_seconds(estep.timings, "train_epoch_s"),
             "estep_share": (
                 round(estep_total / (estep_total + epoch_total), 4) if estep.timings else 0.0
             ),
