@@ -17,7 +17,7 @@ def test_preview_npz_and_bad_spec(tmp_path):
     path = tmp_path / "d.npz"
     np.savez(path, images=np.zeros((4, 5, 5, 3), np.uint8), labels=np.array([0, 1, 1, 1]))
     assert preview(f"npz:{path}", tmp_path / "n.png", n=3) == {"0": 1, "1": 3}
-    with pytest.raises(ValueError, match=r"spec must be one of .* got 'cifar'"):
+    with pytest.raises(ValueError, match=r"spec must be one of .*'voc:ROOT', got 'cifar'"):
         preview("cifar", tmp_path / "x.png")
     with pytest.raises(ValueError, match=r"needs a number IR >= 1, got 'fashion_mnist_lt:x'"):
         preview("fashion_mnist_lt:x", tmp_path / "x.png")
@@ -57,3 +57,45 @@ def test_parser_structure():
     )
     with pytest.raises(SystemExit):
         build_parser().parse_args([])
+
+
+def test_preview_segmentation_set_reads_only_the_sample(tmp_path, capsys, monkeypatch):
+    from tests.data.segfixtures import make_camvid
+
+    from anchorlearn.data import segmentation_sets
+    from anchorlearn.data.preview import _SEGMENTATION_KINDS
+
+    assert segmentation_sets.SEGMENTATION_KINDS == _SEGMENTATION_KINDS
+    root = make_camvid(tmp_path / "data")
+    read = []
+    original = segmentation_sets.SegmentationDataset.__getitem__
+
+    def spy(self, index):
+        read.append(index)
+        return original(self, index)
+
+    monkeypatch.setattr(segmentation_sets.SegmentationDataset, "__getitem__", spy)
+    out = tmp_path / "camvid.png"
+    counts = preview(f"camvid:{root}", out, n=3, seed=2)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(read) == 3 and len(set(read)) == 3
+    # counts are the sampled masks' pixels per class, ignore excluded
+    ds = segmentation_sets.open_segmentation(f"camvid:{root}", "train")
+    masks = np.concatenate([original(ds, i)[1].ravel() for i in sorted(read)])
+    expected = np.bincount(masks[masks != 255], minlength=11)
+    assert list(counts) == ds.class_names
+    assert list(counts.values()) == expected.tolist()
+    assert "pixels per class in 3 of 4 training images" in capsys.readouterr().out
+
+
+def test_cli_preview_segmentation_set(tmp_path, capsys):
+    from tests.data.segfixtures import make_ade20k
+
+    root = make_ade20k(tmp_path)
+    out = tmp_path / "ade.png"
+    assert main(["data", "preview", f"ade20k:{root.parent}", "--out", str(out), "--n", "9"]) == 0
+    assert out.is_file()
+    printed = capsys.readouterr().out
+    assert "pixels per class in 4 of 4 training images" in printed and "  wall " in printed
+    assert main(["data", "preview", f"ade20k:{tmp_path / 'none'}", "--out", str(out)]) == 2
+    assert "ade20k data folder not found" in capsys.readouterr().err

@@ -2,13 +2,17 @@
 
 Spec strings: ``"fashion_mnist"``, ``"fashion_mnist_lt:IR"`` (long-tailed training split,
 exponential profile, seed = ``seed``), ``"digits"``, ``"scenes"`` (500 training scenes,
-default parameters), ``"npz:PATH"``, ``"folder:PATH"``, ``"segfolder:PATH"``.
+default parameters), ``"npz:PATH"``, ``"folder:PATH"``, ``"segfolder:PATH"``, and the
+standard segmentation data sets ``"ade20k:ROOT"``, ``"camvid:ROOT"``, ``"cityscapes:ROOT"``,
+``"pascal_context:ROOT"``, ``"voc:ROOT"`` (see :mod:`anchorlearn.data.segmentation_sets`;
+only the ``n`` sampled training images are read, and their pixels counted).
 """
 
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +27,52 @@ from anchorlearn.data.sources import (
     load_segmentation_folder,
 )
 
-__all__ = ["load_preview_data", "preview"]
+__all__ = ["SampledSegmentation", "load_preview_data", "preview", "sample_segmentation"]
 
 _PREVIEW_SCENES = 500
+# the kinds of anchorlearn.data.segmentation_sets (not imported here: it needs torch)
+_SEGMENTATION_KINDS = ("ade20k", "camvid", "cityscapes", "pascal_context", "voc")
+
+
+@dataclass
+class SampledSegmentation:
+    """``n`` images drawn from a large segmentation data set, of any sizes.
+
+    Attributes:
+        images: uint8 ``(H, W, 3)`` arrays.
+        masks: int64 ``(H, W)`` arrays of train ids or :data:`IGNORE_INDEX`.
+        class_names: one name per class.
+        palette: uint8 ``(num_classes, 3)`` colours.
+        total: the number of images in the split sampled from.
+    """
+
+    images: list[np.ndarray]
+    masks: list[np.ndarray]
+    class_names: list[str]
+    palette: np.ndarray
+    total: int
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def sample_segmentation(spec: str, n: int, seed: int = 0) -> SampledSegmentation:
+    """``n`` random training images (all when fewer) of a standard segmentation data set
+    ``spec`` (``"KIND:ROOT"``), in index order; only those files are read."""
+    from anchorlearn.data.segmentation_sets import open_segmentation
+
+    dataset = open_segmentation(spec, "train")
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(len(dataset), size=min(n, len(dataset)), replace=False))
+    pairs = [dataset[int(i)] for i in chosen]
+    return SampledSegmentation(
+        [image for image, _ in pairs],
+        [mask for _, mask in pairs],
+        dataset.class_names,
+        dataset.palette,
+        len(dataset),
+    )
 
 
 def load_preview_data(spec: str, seed: int = 0) -> ClassificationData | SegmentationData:
@@ -50,13 +97,26 @@ def load_preview_data(spec: str, seed: int = 0) -> ClassificationData | Segmenta
         return load_classification_source(spec)[0]
     raise ValueError(
         "spec must be one of 'fashion_mnist', 'fashion_mnist_lt:IR', 'digits', 'scenes', "
-        f"'npz:PATH', 'folder:PATH', 'segfolder:PATH', got {spec!r}"
+        "'npz:PATH', 'folder:PATH', 'segfolder:PATH', "
+        + ", ".join(f"'{kind}:ROOT'" for kind in _SEGMENTATION_KINDS)
+        + f", got {spec!r}"
     )
 
 
-def _class_counts(data: ClassificationData | SegmentationData) -> dict[str, int]:
+def _is_segmentation_set(spec: str) -> bool:
+    kind, sep, root = spec.partition(":")
+    return bool(sep and root) and kind in _SEGMENTATION_KINDS
+
+
+def _class_counts(
+    data: ClassificationData | SegmentationData | SampledSegmentation,
+) -> dict[str, int]:
     if isinstance(data, ClassificationData):
         counts = np.bincount(data.labels, minlength=data.num_classes)
+    elif isinstance(data, SampledSegmentation):
+        counts = np.zeros(data.num_classes, dtype=np.int64)
+        for mask in data.masks:
+            counts += np.bincount(mask[mask != IGNORE_INDEX], minlength=data.num_classes)
     else:
         values = data.masks[data.masks != IGNORE_INDEX].astype(np.int64)
         counts = np.bincount(values, minlength=data.num_classes)
@@ -79,7 +139,9 @@ def preview(
     counts (images per class, or pixels per class for segmentation, ignore excluded).
 
     Classification samples are titled with their class name; segmentation samples show the
-    image with its mask overlaid in a colour map (ignore pixels in white).
+    image with its mask overlaid in a colour map (ignore pixels in white). For a standard
+    segmentation data set (``"KIND:ROOT"``) only ``n`` training images are read, and the
+    counts are those of their pixels.
 
     Returns:
         class name -> count.
@@ -91,10 +153,18 @@ def preview(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data = load_preview_data(spec, seed)
+    if _is_segmentation_set(spec):
+        data: ClassificationData | SegmentationData | SampledSegmentation
+        data = sample_segmentation(spec, n, seed)
+        chosen = np.arange(len(data.images))
+        title = f"{spec}: {len(chosen)} of {data.total} training images"
+    else:
+        data = load_preview_data(spec, seed)
+        rng = np.random.default_rng(seed)
+        size = min(n, len(data.images))
+        chosen = np.sort(rng.choice(len(data.images), size=size, replace=False))
+        title = f"{spec}: {len(data.images)} samples"
     counts = _class_counts(data)
-    rng = np.random.default_rng(seed)
-    chosen = np.sort(rng.choice(len(data.images), size=min(n, len(data.images)), replace=False))
     cols = min(8, len(chosen))
     rows = math.ceil(len(chosen) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.45 * rows), squeeze=False)
@@ -106,23 +176,36 @@ def preview(
         ax.imshow(image, cmap="gray" if image.ndim == 2 else None, interpolation="nearest")
         if isinstance(data, ClassificationData):
             ax.set_title(data.class_names[data.labels[i]], fontsize=7)
+            continue
+        mask = data.masks[i]
+        if isinstance(data, SampledSegmentation):
+            # every train id is a real class here: all drawn in the data set's colours
+            overlay = np.ones((*mask.shape, 4))
+            labelled = mask != IGNORE_INDEX
+            overlay[labelled, :3] = data.palette[mask[labelled]] / 255.0
+            overlay[..., 3] = np.where(labelled, 0.55, 0.9)
+            present = [data.class_names[c] for c in np.unique(mask) if c < IGNORE_INDEX]
+            label = ", ".join(present[:4]) + (", ..." if len(present) > 4 else "")
         else:
-            mask = data.masks[i]
             overlay = colours(mask % 20)
             overlay[..., 3] = np.where(mask == 0, 0.0, 0.55)
             overlay[mask == IGNORE_INDEX] = (1.0, 1.0, 1.0, 0.9)
-            ax.imshow(overlay, interpolation="nearest")
             present = [data.class_names[c] for c in np.unique(mask) if 0 < c < IGNORE_INDEX]
-            ax.set_title(", ".join(present), fontsize=5)
-    fig.suptitle(f"{spec}: {len(data.images)} samples", fontsize=9)
+            label = ", ".join(present)
+        ax.imshow(overlay, interpolation="nearest")
+        ax.set_title(label, fontsize=5)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     out = preview_path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=80)
     plt.close(fig)
-    unit = "images" if isinstance(data, ClassificationData) else "pixels"
     width = max(len(name) for name in counts)
-    print(f"{spec}: {unit} per class")
+    if isinstance(data, SampledSegmentation):
+        print(f"{spec}: pixels per class in {len(chosen)} of {data.total} training images")
+    else:
+        unit = "images" if isinstance(data, ClassificationData) else "pixels"
+        print(f"{spec}: {unit} per class")
     for name, count in counts.items():
         print(f"  {name:<{width}}  {count}")
     return counts
