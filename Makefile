@@ -15,6 +15,7 @@ STAMP := $(VENV)/.anchorlearn-installed
 TORCH_RECORD := $(VENV)/.torch-spec
 RUN_DIR ?= runs/demo
 PYTEST_ARGS ?=
+TIMM_PACKAGES ?= torchvision==0.28.0 timm==1.0.31
 
 .PHONY: setup data demo test test-slow bench lint format clean FORCE
 
@@ -28,7 +29,10 @@ $(STAMP): pyproject.toml $(TORCH_RECORD)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
-	$(PY) -m pip install -e ".[dev,faiss]"
+	$(PY) -m pip install -e ".[dev,faiss,pretrained]"
+	# timm's encoders and the torchvision release of torch 2.13 it imports, without letting
+	# pip replace torch (see src/anchorlearn/models/_torchvision_compat.py)
+	$(PY) -m pip install --no-deps $(TIMM_PACKAGES)
 	touch $(STAMP)
 
 data:

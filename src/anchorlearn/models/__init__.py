@@ -7,19 +7,29 @@ Every model exposes ``classifier`` (its final ``nn.Linear`` or 1x1 ``nn.Conv2d``
 
 from anchorlearn.models.cnn import SmallCNN, small_cnn
 from anchorlearn.models.etf import FixedETFModel
+from anchorlearn.models.heads import DecodeHead, DeepLabV3PlusHead, FCNHead, MLPHead
 from anchorlearn.models.moco import MoCo
 from anchorlearn.models.registry import create_model, list_models, register_model
 from anchorlearn.models.resnet_cifar import CifarResNet, resnet20, resnet32
 from anchorlearn.models.segmentation import SmallUNet, seg_net
+from anchorlearn.models.segmentor import EncoderDecoder, deeplabv3plus, fcn, mlp_head
 
 __all__ = [
     "CifarResNet",
+    "DecodeHead",
+    "DeepLabV3PlusHead",
+    "EncoderDecoder",
+    "FCNHead",
     "FixedETFModel",
+    "MLPHead",
     "MoCo",
     "SmallCNN",
     "SmallUNet",
     "create_model",
+    "deeplabv3plus",
+    "fcn",
     "list_models",
+    "mlp_head",
     "register_model",
     "resnet20",
     "resnet32",
