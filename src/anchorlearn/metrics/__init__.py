@@ -17,7 +17,7 @@ from anchorlearn.metrics.geometry import (
     feature_geometry,
     nc1,
 )
-from anchorlearn.metrics.segmentation import SegmentationIoU, mean_iou
+from anchorlearn.metrics.segmentation import SegmentationIoU, format_iou_table, mean_iou
 from anchorlearn.metrics.ssl import (
     alignment,
     clustering_scores,
@@ -39,6 +39,7 @@ __all__ = [
     "coagulation",
     "compactness_separability",
     "feature_geometry",
+    "format_iou_table",
     "group_accuracy",
     "group_means",
     "knn_accuracy",

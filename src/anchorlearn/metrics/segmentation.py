@@ -1,37 +1,54 @@
-"""Semantic segmentation metrics: per-class IoU and mIoU accumulated over batches.
+"""Semantic segmentation metrics accumulated over batches: per-class IoU and accuracy,
+mIoU, mAcc and aAcc, as reported by mmsegmentation.
 
-IoU is computed by torchmetrics' ``MulticlassJaccardIndex`` (``average=None``) with
-``ignore_index`` pixels excluded. A class absent from both the predictions and the targets
-of every accumulated batch has an undefined IoU: it is reported as NaN and excluded from
-the mean (and from group means), as mmsegmentation does.
+Every batch adds to a ``(C, C)`` confusion matrix (rows: target class, columns: predicted
+class) of the pixels whose target is not ``ignore_index``; predictions on ignored pixels do
+not count. From the matrix, with ``TP_c`` its diagonal, ``T_c`` its row sums and ``P_c``
+its column sums:
+
+- ``iou[c] = TP_c / (T_c + P_c - TP_c)``, NaN for a class absent from both the targets and
+  the predictions;
+- ``acc[c] = TP_c / T_c`` (the class's recall), NaN for a class absent from the targets;
+- ``miou`` and ``macc``: the means over the non-NaN classes (the undefined ones are left
+  out, as in mmsegmentation), and ``miou_<group>`` / ``macc_<group>`` within class groups;
+- ``aacc = sum_c TP_c / sum_c T_c``: the accuracy over all labelled pixels.
+
+The counts are int64 and exact; the ratios are float64.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torchmetrics.classification import MulticlassJaccardIndex
 
 from anchorlearn.losses._checks import check_label_range, check_labels_tensor, check_num_classes
 from anchorlearn.metrics.classification import ClassGroups, class_group_names, group_means
 
-__all__ = ["SegmentationIoU", "mean_iou"]
+__all__ = ["SegmentationIoU", "format_iou_table", "mean_iou"]
 
 
 class SegmentationIoU(nn.Module):
-    """Accumulating per-class IoU / mIoU with optional group (e.g. head/tail) means.
+    """Accumulating confusion matrix with per-class IoU / accuracy, mIoU, mAcc, aAcc and
+    optional group (e.g. head/tail) means.
 
     Args:
         num_classes: number of classes ``C``.
         ignore_index: target value excluded from the metric (255 by default).
         class_to_group: optional mapping class -> group name (or a sequence of ``C`` names);
-            ``compute()`` then adds ``miou_<group>`` for each group.
+            ``compute()`` then adds ``miou_<group>`` and ``macc_<group>`` for each group.
 
     ``update(preds, targets)`` takes logits ``(B, C, H, W)`` or labels ``(B, H, W)`` and
     targets ``(B, H, W)`` of the same spatial size (upsample logits first).
+
+    The buffer ``confusion`` ``(C, C)`` (int64, not saved in ``state_dict``) moves with
+    ``.to()``; it holds this process's pixels only: under DDP, sum it over the processes
+    (``torch.distributed.all_reduce(metric.confusion)``) before ``compute()``.
     """
+
+    confusion: torch.Tensor
 
     def __init__(
         self,
@@ -49,8 +66,8 @@ class SegmentationIoU(nn.Module):
         self.class_to_group = (
             None if class_to_group is None else class_group_names(class_to_group, num_classes)
         )
-        self.jaccard = MulticlassJaccardIndex(
-            num_classes, average=None, ignore_index=ignore_index, zero_division=math.nan
+        self.register_buffer(
+            "confusion", torch.zeros(num_classes, num_classes, dtype=torch.long), persistent=False
         )
 
     def update(self, preds: torch.Tensor, targets: torch.Tensor) -> None:
@@ -82,21 +99,40 @@ class SegmentationIoU(nn.Module):
                 f"got {tuple(labels.shape)}"
             )
         check_label_range(targets, self.num_classes, self.ignore_index, "targets")
-        self.jaccard.update(labels.long(), targets.long())
+        num_cells = self.num_classes**2
+        cells = targets.long() * self.num_classes + labels.to(targets.device).long()
+        if self.ignore_index is not None:  # one extra bin, dropped, for the ignored pixels
+            cells = torch.where(targets == self.ignore_index, num_cells, cells)
+        counts = torch.bincount(cells.reshape(-1), minlength=num_cells + 1)[:num_cells]
+        self.confusion += counts.reshape(self.confusion.shape).to(self.confusion.device)
 
     def compute(self) -> dict[str, float | torch.Tensor]:
-        """``{"iou": (C,) tensor with NaN for absent classes, "miou": float,
-        "miou_<group>": float for each group}``."""
-        iou = self.jaccard.compute().double().cpu()
-        result: dict[str, float | torch.Tensor] = {"iou": iou, "miou": float(iou.nanmean())}
+        """``{"iou": (C,), "acc": (C,)}`` float64 tensors with NaN for undefined classes,
+        ``"miou"``, ``"macc"``, ``"aacc"`` floats and ``"miou_<group>"``,
+        ``"macc_<group>"`` floats for each group (see the module docstring)."""
+        confusion = self.confusion.double().cpu()
+        tp = confusion.diagonal()
+        target_count = confusion.sum(dim=1)
+        union = target_count + confusion.sum(dim=0) - tp
+        iou = torch.where(union > 0, tp / union, math.nan)
+        acc = torch.where(target_count > 0, tp / target_count, math.nan)
+        labelled = float(target_count.sum())
+        result: dict[str, float | torch.Tensor] = {
+            "iou": iou,
+            "miou": float(iou.nanmean()),
+            "acc": acc,
+            "macc": float(acc.nanmean()),
+            "aacc": float(tp.sum()) / labelled if labelled else math.nan,
+        }
         if self.class_to_group is not None:
-            for name, value in group_means(iou, self.class_to_group).items():
-                result[f"miou_{name}"] = value
+            for key, values in (("miou", iou), ("macc", acc)):
+                for name, value in group_means(values, self.class_to_group).items():
+                    result[f"{key}_{name}"] = value
         return result
 
     def reset(self) -> None:
         """Forget every accumulated batch."""
-        self.jaccard.reset()
+        self.confusion.zero_()
 
 
 def mean_iou(
@@ -111,3 +147,45 @@ def mean_iou(
     metric = SegmentationIoU(num_classes, ignore_index, class_to_group).to(targets.device)
     metric.update(preds, targets)
     return metric.compute()
+
+
+def format_iou_table(class_names: Sequence[str], result: dict[str, float | torch.Tensor]) -> str:
+    """A printable table of ``result`` (from :meth:`SegmentationIoU.compute`): one row per
+    class with its IoU and accuracy in percent (``nan`` for an undefined value), then the
+    summary lines ``aAcc``, ``mIoU`` and ``mAcc``.
+
+    ``class_names`` has one name per class, in class order.
+    """
+    if isinstance(class_names, str) or not isinstance(class_names, Sequence):
+        raise TypeError(
+            f"class_names must be a sequence of names, got {type(class_names).__name__}"
+        )
+    missing = [k for k in ("iou", "acc", "miou", "macc", "aacc") if k not in result]
+    if missing:
+        raise ValueError(
+            f"result must come from SegmentationIoU.compute() with keys iou, acc, miou, "
+            f"macc, aacc, got no {', '.join(missing)}"
+        )
+    iou, acc = (torch.as_tensor(result[k], dtype=torch.float64).reshape(-1) for k in ("iou", "acc"))
+    if not len(class_names) == iou.numel() == acc.numel():
+        raise ValueError(
+            f"class_names must have one name per class ({iou.numel()} in result), "
+            f"got {len(class_names)}"
+        )
+    names = [str(name) for name in class_names]
+    width = max([len("Class"), len("aAcc"), *(len(n) for n in names)])
+    rows = [f"{'Class':<{width}}  {'IoU':>6}  {'Acc':>6}", "-" * (width + 16)]
+    rows += [
+        f"{name:<{width}}  {_percent(i):>6}  {_percent(a):>6}"
+        for name, i, a in zip(names, iou.tolist(), acc.tolist(), strict=True)
+    ]
+    rows.append("-" * (width + 16))
+    rows += [
+        f"{label:<{width}}  {_percent(float(result[key])):>6}"
+        for label, key in (("aAcc", "aacc"), ("mIoU", "miou"), ("mAcc", "macc"))
+    ]
+    return "\n".join(rows)
+
+
+def _percent(value: float) -> str:
+    return "nan" if math.isnan(value) else f"{100 * value:.2f}"
