@@ -38,3 +38,21 @@ def test_kmeans_speed_rejects_warm_starts_without_inertia_seeds() -> None:
     )
     assert result.returncode == 2
     assert "--warm-starts needs --inertia-seeds" in result.stderr
+
+
+def test_seg_speed_times_both_variants_with_the_gate_open(tmp_path: Path) -> None:
+    out, raw = tmp_path / "table.md", tmp_path / "raw.json"
+    args = ["--encoder", "hrnet_w18", "--size", "64", "--batch", "1", "--steps", "1"]
+    args += ["--warmup", "1", "--classes", "5", "--infer-repeats", "1"]
+    args += ["--out", str(out), "--json", str(raw)]
+    script = ROOT / "benchmarks" / "seg_speed.py"
+    subprocess.run([sys.executable, str(script), *args], check=True, capture_output=True)
+    import json
+
+    result = json.loads(raw.read_text())
+    assert result["sar_gate_open_at_end"] is True
+    assert result["feat_dim"] == 18 + 36 + 72 + 144
+    assert set(result["step_seconds"]) == {"ce", "ce+sar"}
+    assert all(t > 0 for t in result["step_seconds"].values())
+    assert result["slide_images_per_second"] > 0
+    assert "| hrnet_w18 (270) | 5 | 64² x 1 | fp32 |" in out.read_text()

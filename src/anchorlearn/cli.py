@@ -37,7 +37,8 @@ def _add_data_parser(subparsers: argparse._SubParsersAction) -> None:
         help="write a PNG grid of samples and print the class counts",
         description=(
             "SPEC: fashion_mnist | fashion_mnist_lt:IR | digits | scenes | npz:PATH | "
-            "folder:PATH | segfolder:PATH"
+            "folder:PATH | segfolder:PATH | ade20k:ROOT | cityscapes:ROOT | "
+            "pascal_context:ROOT | voc:ROOT | camvid:ROOT"
         ),
     )
     show.add_argument("spec", metavar="SPEC", help="the data source")
@@ -52,7 +53,7 @@ def _train(args: argparse.Namespace, load: Callable[..., Any], train: Callable[.
     ``--out`` (default ``out_dir/name/seed<k>``), print the metrics."""
     cfg = load(args.config, [*args.set, *_flag_overrides(args)])
     out = args.out or f"{cfg.out_dir}/{cfg.name}/seed{cfg.seed}"
-    metrics = train(cfg, out, resume=args.resume)
+    metrics = train(cfg, out, resume=args.resume, **({"plots": False} if args.no_plots else {}))
     if metrics is not None:
         _print_metrics(metrics)
         print(f"run directory: {out}")
@@ -69,8 +70,52 @@ def _run_fit(args: argparse.Namespace) -> int:
 def _run_eval(args: argparse.Namespace) -> int:
     from anchorlearn.engine.runner import evaluate_checkpoint
 
-    _print_metrics(evaluate_checkpoint(args.checkpoint, out=args.out, split=args.split))
+    inference = {
+        key: value
+        for key, value in (
+            ("mode", args.mode),
+            ("crop_size", args.crop_size),
+            ("stride", args.stride),
+            ("scales", args.scales),
+            ("flip", True if args.flip else None),
+        )
+        if value is not None
+    }
+    metrics = evaluate_checkpoint(
+        args.checkpoint,
+        out=args.out,
+        split=args.split,
+        inference=inference,
+        save_masks=args.save_masks,
+    )
+    _print_metrics(metrics)
     return 0
+
+
+def _int_pair(text: str) -> list[int]:
+    """``--crop-size`` / ``--stride``: ``H,W`` or one number for both."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected H,W such as 512,512, got {text!r}") from None
+    if len(values) == 1:
+        values *= 2
+    if len(values) != 2 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected two positive integers H,W, got {text!r}")
+    return values
+
+
+def _scale_list(text: str) -> list[float]:
+    """``--scales``: comma-separated positive numbers."""
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers such as 0.5,1.0,1.5, got {text!r}"
+        ) from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive scales, got {text!r}")
+    return values
 
 
 def _run_compare(args: argparse.Namespace) -> int:
@@ -86,7 +131,7 @@ def _run_compare(args: argparse.Namespace) -> int:
     overrides = list(args.set)
     if args.epochs is not None:
         overrides.append(f"trainer.max_epochs={args.epochs}")
-    results = run_grid(args.configs, seeds, args.out, overrides=overrides)
+    results = run_grid(args.configs, seeds, args.out, overrides=overrides, jobs=args.jobs)
     if not results:
         return 0
     segmentation = "miou" in next(iter(results.values()))[0]
@@ -156,7 +201,7 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
     overrides = [
         # strings JSON-quoted, so that --precision 32 stays the string "32"
         f"trainer.{flag}={json.dumps(getattr(args, flag))}"
-        for flag in ("accelerator", "devices", "precision")
+        for flag in ("accelerator", "devices", "precision", "num_nodes")
         if getattr(args, flag) is not None
     ]
     if args.seed is not None:
@@ -183,6 +228,9 @@ def _add_trainer_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--devices", type=int, default=None, help="processes / GPUs (DDP if > 1)")
     parser.add_argument(
+        "--num-nodes", type=int, default=None, help="machines (DDP across nodes; torchrun / SLURM)"
+    )
+    parser.add_argument(
         "--precision", default=None, help="Lightning precision, e.g. 32-true, bf16-mixed"
     )
     parser.add_argument("--seed", type=int, default=None, help="override the config's seed")
@@ -199,6 +247,9 @@ def _add_fit_parser(subparsers: argparse._SubParsersAction) -> None:
     fit.add_argument("--out", default=None, help="run directory (default out_dir/name/seedN)")
     fit.add_argument(
         "--resume", action="store_true", help="continue from the run directory's last.ckpt"
+    )
+    fit.add_argument(
+        "--no-plots", action="store_true", help="skip the pictures (t-SNE is slow on a CPU)"
     )
     _add_trainer_flags(fit)
     fit.set_defaults(handler=_run_fit)
@@ -219,6 +270,19 @@ def _add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
         help="val: the held-out part of the training data, for choosing settings without "
         "looking at the test split (default: test)",
     )
+    seg = ev.add_argument_group(
+        "segmentation data sets", "override the run's inference section for this evaluation"
+    )
+    seg.add_argument("--mode", choices=("whole", "slide"), default=None, help="inference mode")
+    seg.add_argument("--crop-size", type=_int_pair, default=None, metavar="H,W")
+    seg.add_argument("--stride", type=_int_pair, default=None, metavar="H,W")
+    seg.add_argument(
+        "--scales", type=_scale_list, default=None, metavar="S1,S2,...", help="e.g. 0.75,1.0,1.25"
+    )
+    seg.add_argument("--flip", action="store_true", help="also average the flipped image")
+    seg.add_argument(
+        "--save-masks", default=None, metavar="DIR", help="write colour prediction PNGs to DIR"
+    )
     ev.set_defaults(handler=_run_eval)
 
 
@@ -236,6 +300,12 @@ def _add_compare_parser(subparsers: argparse._SubParsersAction) -> None:
     cmp_.add_argument("--out", required=True, help="output directory")
     cmp_.add_argument("--epochs", type=int, default=None, help="override trainer.max_epochs")
     cmp_.add_argument("--columns", default=None, help="comma-separated metric columns")
+    cmp_.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs trained at a time, each a single-thread process (default 1: in this process)",
+    )
     cmp_.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override for all"
     )

@@ -43,3 +43,48 @@ def test_two_process_fit_keeps_regularizer_state_identical(tmp_path: Path) -> No
     # statistics (averaged over the ranks at every epoch end) agree bit for bit.
     assert metrics["ddp_max_state_diff"] == 0.0
     assert 0.0 <= metrics["top1"] <= 1.0
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 CPU cores for 2 processes")
+def test_two_process_segmentation_by_steps_validates_on_shards_and_agrees(tmp_path: Path) -> None:
+    from tests.data.segfixtures import make_camvid
+
+    from anchorlearn.engine.runner import evaluate_checkpoint
+
+    config = {
+        "name": "ddp_seg",
+        "task": "segmentation",
+        "data": {"source": f"camvid:{make_camvid(tmp_path)}", "crop_size": [32, 48]},
+        "model": {"name": "seg_net", "kwargs": {"width": 4, "feat_dim": 8}},
+        "losses": ["ce", {"name": "sar", "update_conf": 0.3}],
+        "optim": {"name": "adamw", "lr": 0.003, "schedule": "poly"},
+        "trainer": {"max_steps": 4, "val_every_n_steps": 4, "progress": False},
+        "inference": {"batch_size": 2},
+    }
+    config["data"]["batch_size"] = 2
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "anchorlearn.cli", "fit", "--config", str(path)),
+            *("--out", str(out), "--devices", "2", "--accelerator", "cpu", "--no-plots"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["ddp_world_size"] == 2 and metrics["steps"] == 4
+    assert metrics["ddp_max_state_diff"] == 0.0
+    # validation on the two shards, confusion matrices summed: the score of the whole split
+    rows = (out / "logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    logged = [r.split(",")[header.index("val/miou")] for r in rows[1:]]
+    logged = [float(v) for v in logged if v]
+    whole = evaluate_checkpoint(out / "checkpoints" / "last.ckpt", split="val")
+    assert logged[-1] == pytest.approx(whole["miou"], abs=1e-6)

@@ -547,3 +547,18 @@ def test_cli_eval_split_choices_are_the_evaluable_splits() -> None:
     eval_parser = parser._subparsers._group_actions[0].choices["eval"]
     (split_action,) = [a for a in eval_parser._actions if a.dest == "split"]
     assert tuple(split_action.choices) == SPLITS
+
+
+def test_compare_jobs_trains_in_processes_with_the_same_results(tmp_path: Path, capsys) -> None:
+    from anchorlearn.engine.compare import run_grid
+
+    configs = [("ce", digits_config(losses=["ce"], trainer={"max_epochs": 1, "progress": False}))]
+    here = run_grid(configs, [0, 1], tmp_path / "here")
+    parallel = run_grid(configs, [0, 1], tmp_path / "parallel", jobs=2)
+    assert [r["top1"] for r in parallel["ce"]] == [r["top1"] for r in here["ce"]]
+    assert (tmp_path / "parallel" / "ce" / "seed1" / "fit.log").stat().st_size > 0
+    assert (tmp_path / "parallel" / "ce" / "seed0" / "plots" / "tsne.png").exists()
+    assert not (tmp_path / "parallel" / "ce" / "seed1" / "plots").exists()
+    bad = [("broken", digits_config(model={"name": "small_cnn", "kwargs": {"width": -1}}))]
+    with pytest.raises(RunError, match=r"broken seed 0 \(exit 2, see .*fit\.log\)"):
+        run_grid(bad, [0], tmp_path / "bad", jobs=2)

@@ -9,12 +9,17 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from .config import apply_overrides, config_to_dict, load_config, parse_config
 from .runner import RunError, check_finished_run, fit
@@ -48,6 +53,7 @@ def run_grid(
     *,
     overrides: Sequence[str] = (),
     quiet: bool = False,
+    jobs: int = 1,
 ) -> dict[str, list[dict[str, Any]]]:
     """Train every config with every seed under ``out/<name>/seed<k>``, skipping finished runs.
 
@@ -57,32 +63,86 @@ def run_grid(
     seed]}`` in config order. A finished run is reused only if it was trained with the
     settings asked for now (its ``config.yaml``; only how it reported and where it ran may
     differ), and two configs of one grid may not share a name: either would put other
-    runs' numbers in a row.
+    runs' numbers in a row. ``jobs > 1`` trains that many runs at a time, each in its own
+    single-thread ``anchorlearn fit`` process.
     """
     out = Path(out)
     grid = [[_resolve(item, seed, overrides) for seed in seeds] for item in configs]
     _check_unique_names(configs, [runs[0].name for runs in grid if runs])
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    pending = []
+    for cfgs in grid:
+        for cfg in cfgs:
+            run_dir = out / cfg.name / f"seed{cfg.seed}"
+            if (run_dir / "metrics.json").exists():
+                check_finished_run(run_dir, config_to_dict(cfg), _normalised_config)
+                print(f"[compare] {cfg.name} seed {cfg.seed}: already done, kept")
+            else:
+                pending.append((cfg, run_dir))
+    if jobs == 1:
+        for cfg, run_dir in pending:
+            print(f"[compare] {cfg.name} seed {cfg.seed}: training -> {run_dir}")
+            resume = (run_dir / "checkpoints" / "last.ckpt").exists()
+            # Pictures (t-SNE is slow on a CPU) for the first seed only.
+            metrics = fit(cfg, run_dir, resume=resume, quiet=quiet, plots=cfg.seed == seeds[0])
+            if metrics is None:  # a non-zero DDP rank
+                return {}
+            print(f"[compare] {cfg.name} seed {cfg.seed}: {_short(metrics)}")
+    else:
+        _run_in_processes(pending, jobs, first_seed=seeds[0])
     results: dict[str, list[dict[str, Any]]] = {}
     for cfgs in grid:
         for cfg in cfgs:
-            seed = cfg.seed
-            run_dir = out / cfg.name / f"seed{seed}"
-            done = run_dir / "metrics.json"
-            if done.exists():
-                check_finished_run(run_dir, config_to_dict(cfg), _normalised_config)
-                metrics = json.loads(done.read_text())
-                print(f"[compare] {cfg.name} seed {seed}: already done, kept")
-            else:
-                print(f"[compare] {cfg.name} seed {seed}: training -> {run_dir}")
-                resume = (run_dir / "checkpoints" / "last.ckpt").exists()
-                # Pictures (t-SNE is slow on a CPU) for the first seed only.
-                plots = seed == seeds[0]
-                metrics = fit(cfg, run_dir, resume=resume, quiet=quiet, plots=plots)
-                if metrics is None:  # a non-zero DDP rank
-                    continue
-                print(f"[compare] {cfg.name} seed {seed}: {_short(metrics)}")
-            results.setdefault(cfg.name, []).append({"seed": seed, **metrics})
+            done = out / cfg.name / f"seed{cfg.seed}" / "metrics.json"
+            results.setdefault(cfg.name, []).append(
+                {"seed": cfg.seed, **json.loads(done.read_text())}
+            )
     return results
+
+
+def _run_in_processes(pending: list, jobs: int, *, first_seed: int) -> None:
+    """Train ``pending`` ``(config, run_dir)`` pairs in up to ``jobs`` processes of one
+    thread each (``anchorlearn fit``), logging each to ``run_dir/fit.log``; on a CPU several
+    single-thread processes often finish a grid sooner than one multi-thread process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    queue = list(pending)
+    running: list[tuple[subprocess.Popen, Any, Path, Any]] = []
+    failed = []
+    while queue or running:
+        while queue and len(running) < jobs:
+            cfg, run_dir = queue.pop(0)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            request = run_dir / "requested_config.yaml"
+            request.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+            command = [sys.executable, "-m", "anchorlearn", "fit", "--config", str(request)]
+            command += ["--out", str(run_dir)]
+            if (run_dir / "checkpoints" / "last.ckpt").exists():
+                command.append("--resume")
+            if cfg.seed != first_seed:
+                command.append("--no-plots")
+            log = (run_dir / "fit.log").open("a")
+            print(f"[compare] {cfg.name} seed {cfg.seed}: training -> {run_dir} (log: fit.log)")
+            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+            running.append((proc, cfg, run_dir, log))
+        time.sleep(1.0)
+        for item in list(running):
+            proc, cfg, run_dir, log = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            log.close()
+            done = run_dir / "metrics.json"
+            if proc.returncode == 0 and done.exists():
+                metrics = json.loads(done.read_text())
+                print(f"[compare] {cfg.name} seed {cfg.seed}: {_short(metrics)}")
+            else:
+                failed.append(
+                    f"{cfg.name} seed {cfg.seed} (exit {proc.returncode}, see "
+                    f"{run_dir / 'fit.log'})"
+                )
+    if failed:
+        raise RunError("runs failed: " + "; ".join(failed) + "; finished runs are kept")
 
 
 def _check_unique_names(configs: Sequence[Any], names: list[str]) -> None:

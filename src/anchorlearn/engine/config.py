@@ -25,6 +25,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "ExperimentConfig",
+    "InferenceConfig",
     "LossConfig",
     "ModelConfig",
     "OptimConfig",
@@ -60,6 +61,15 @@ class DataConfig:
     num_train_scenes: int = 2000
     num_val_scenes: int = 500
     scene_imbalance_ratio: float = 10.0
+    # segmentation data sets in their standard layouts (ade20k:, cityscapes:, camvid:, ...)
+    crop_size: list[int] | None = None
+    base_size: list[int] | None = None
+    ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    cat_max_ratio: float = 0.75
+    photometric: bool = True
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
 
 
 @dataclass
@@ -88,6 +98,10 @@ class OptimConfig:
     weight_decay: float = 5e-4
     schedule: str = "cosine"
     warmup_epochs: int = 0
+    warmup_steps: int = 0
+    poly_power: float = 0.9
+    min_lr: float = 0.0
+    backbone_lr_mult: float = 1.0
 
 
 @dataclass
@@ -99,6 +113,27 @@ class TrainerConfig:
     log_every_n_steps: int = 20
     progress: bool = True
     deterministic: bool = False
+    max_steps: int | None = None
+    val_every_n_steps: int | None = None
+    checkpoint_every_n_steps: int | None = None
+    accumulate_grad_batches: int = 1
+    num_nodes: int = 1
+    sync_batchnorm: bool = False
+    channels_last: bool = False
+
+
+@dataclass
+class InferenceConfig:
+    """How segmentation images are scored (validation, test, ``eval``): see
+    :func:`anchorlearn.inference.segment`. ``crop_size`` and ``stride`` are ``[h, w]``;
+    ``scales`` resize the image before the network (logits are scored at full size)."""
+
+    mode: str = "whole"
+    crop_size: list[int] | None = None
+    stride: list[int] | None = None
+    scales: list[float] = field(default_factory=lambda: [1.0])
+    flip: bool = False
+    batch_size: int = 1
 
 
 @dataclass
@@ -114,6 +149,7 @@ class ExperimentConfig:
     losses: list[LossConfig] = field(default_factory=lambda: [LossConfig()])
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
 
 
 # Full precision or mixed precision (Lightning's "16" and "bf16" mean the mixed ones). The
@@ -126,9 +162,10 @@ _CHOICES = {
     "task": ("classification", "segmentation"),
     "data.profile": ("exp", "step"),
     "optim.name": ("sgd", "adamw"),
-    "optim.schedule": ("cosine", "constant"),
+    "optim.schedule": ("cosine", "constant", "poly"),
     "trainer.accelerator": ("cpu", "gpu", "cuda", "mps", "auto"),
     "trainer.precision": PRECISIONS,
+    "inference.mode": ("whole", "slide"),
 }
 
 
@@ -156,9 +193,18 @@ COMMON_RANGES: dict[str, Range] = {
     "optim.momentum": UNIT_INTERVAL,
     "optim.weight_decay": at_least(0),
     "optim.warmup_epochs": at_least(0),
+    "optim.warmup_steps": at_least(0),
+    "optim.poly_power": above(0),
+    "optim.min_lr": at_least(0),
+    "optim.backbone_lr_mult": at_least(0),
     "trainer.max_epochs": at_least(1),
     "trainer.devices": at_least(1),
+    "trainer.num_nodes": at_least(1),
     "trainer.log_every_n_steps": at_least(1),
+    "trainer.max_steps": at_least(1),
+    "trainer.val_every_n_steps": at_least(1),
+    "trainer.checkpoint_every_n_steps": at_least(1),
+    "trainer.accumulate_grad_batches": at_least(1),
 }
 
 _RANGES: dict[str, Range] = {
@@ -170,6 +216,8 @@ _RANGES: dict[str, Range] = {
     "data.num_train_scenes": at_least(1),
     "data.num_val_scenes": at_least(1),
     "data.scene_imbalance_ratio": at_least(1),
+    "data.cat_max_ratio": ((lambda v: 0 < v <= 1), "in (0, 1]"),
+    "inference.batch_size": at_least(1),
 }
 
 
@@ -275,7 +323,68 @@ def parse_config(raw: dict[str, Any]) -> ExperimentConfig:
     if not cfg.losses:
         raise ConfigError("losses must list at least one loss")
     check_ranges(cfg, _RANGES)
+    check_step_settings(cfg.trainer, cfg.optim)
+    _check_segmentation_settings(cfg)
     return cfg
+
+
+def check_step_settings(t: TrainerConfig, o: OptimConfig) -> None:
+    """Iteration-based settings (``trainer.max_steps`` and what goes with it) are coherent."""
+    if t.max_steps is None:
+        for key in ("val_every_n_steps", "checkpoint_every_n_steps"):
+            if getattr(t, key) is not None:
+                raise ConfigError(
+                    f"trainer.{key} needs trainer.max_steps (iteration-based training); "
+                    "epoch-based runs validate and checkpoint every epoch"
+                )
+        if o.warmup_steps:
+            raise ConfigError(
+                "optim.warmup_steps needs trainer.max_steps; epoch-based runs use "
+                "optim.warmup_epochs"
+            )
+        return
+    if o.warmup_epochs:
+        raise ConfigError(
+            "optim.warmup_epochs is for epoch-based runs; with trainer.max_steps use "
+            "optim.warmup_steps"
+        )
+    if o.warmup_steps >= t.max_steps:
+        raise ConfigError(
+            f"optim.warmup_steps ({o.warmup_steps}) must be below trainer.max_steps ({t.max_steps})"
+        )
+    if o.min_lr > o.lr:
+        raise ConfigError(f"optim.min_lr ({o.min_lr}) must not exceed optim.lr ({o.lr})")
+
+
+def _pair(value: list | None, key: str, kind: type) -> None:
+    if value is None:
+        return
+    if len(value) != 2 or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
+        raise ConfigError(f"{key} must be a list of two {kind.__name__}s [h, w], got {value!r}")
+    if min(value) <= 0:
+        raise ConfigError(f"{key} must be positive, got {value!r}")
+
+
+def _check_segmentation_settings(cfg: ExperimentConfig) -> None:
+    d, inf = cfg.data, cfg.inference
+    _pair(d.crop_size, "data.crop_size", int)
+    _pair(d.base_size, "data.base_size", int)
+    _pair(inf.crop_size, "inference.crop_size", int)
+    _pair(inf.stride, "inference.stride", int)
+    if len(d.ratio_range) != 2 or not 0 < d.ratio_range[0] <= d.ratio_range[1]:
+        raise ConfigError(
+            f"data.ratio_range must be [low, high] with 0 < low <= high, got {d.ratio_range!r}"
+        )
+    if not inf.scales or any(s <= 0 for s in inf.scales):
+        raise ConfigError(f"inference.scales must be positive numbers, got {inf.scales!r}")
+    if inf.mode == "slide":
+        if inf.crop_size is None or inf.stride is None:
+            raise ConfigError("inference.mode slide needs inference.crop_size and inference.stride")
+        if any(s > c for s, c in zip(inf.stride, inf.crop_size, strict=True)):
+            raise ConfigError(
+                f"inference.stride {inf.stride} must not exceed inference.crop_size "
+                f"{inf.crop_size} (windows would leave gaps)"
+            )
 
 
 def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:

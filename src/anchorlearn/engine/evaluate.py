@@ -20,7 +20,14 @@ from anchorlearn.metrics.segmentation import SegmentationIoU
 
 from .module import SupervisedModule, training_counts, upsample_logits
 
-__all__ = ["SPLITS", "collect_outputs", "evaluate_module", "reference_points", "write_run_plots"]
+__all__ = [
+    "SPLITS",
+    "collect_outputs",
+    "evaluate_module",
+    "reference_points",
+    "regularizer_state",
+    "write_run_plots",
+]
 
 SPLITS = ("test", "val")
 
@@ -126,16 +133,23 @@ def evaluate_module(
         metrics["groups"] = {names[c]: g for c, g in groups.items()}
     geometry = feature_geometry(outputs["features"], outputs["labels"])
     metrics.update({k: _num(v) for k, v in geometry.items()})
-    for name, term in zip(module.objective.names, module.objective.terms, strict=True):
-        if isinstance(term, SemanticAnchorRegularizer):
-            # -1: the gate never opened, so the pull was never active.
-            metrics[f"{name}_gate_open_step"] = int(term.gate_open_step)
-            metrics[f"{name}_steps"] = int(term.step)
+    metrics.update(regularizer_state(module))
     centers = class_centers(outputs["features"], outputs["labels"])
     metrics["class_centers"] = centers.tolist()
     # which class each row is: a class absent from the (sub)sample has no row
     metrics["class_center_labels"] = torch.unique(outputs["labels"]).tolist()
     return metrics
+
+
+def regularizer_state(module: SupervisedModule) -> dict[str, int]:
+    """For every SAR term: the step its gate first opened (-1: never, so the pull was never
+    active) and the training steps it has seen."""
+    state = {}
+    for name, term in zip(module.objective.names, module.objective.terms, strict=True):
+        if isinstance(term, SemanticAnchorRegularizer):
+            state[f"{name}_gate_open_step"] = int(term.gate_open_step)
+            state[f"{name}_steps"] = int(term.step)
+    return state
 
 
 def segmentation_groups(pixel_counts: np.ndarray) -> dict[int, str]:
@@ -161,13 +175,24 @@ def reference_points(module: SupervisedModule) -> tuple[str, torch.Tensor] | Non
     return None
 
 
-def write_run_plots(module: SupervisedModule, dm: Any, run_dir: Path, *, task: str) -> None:
-    """t-SNE of test features (anchors marked), anchor similarity, training curves."""
+def write_run_plots(
+    module: SupervisedModule,
+    dm: Any,
+    run_dir: Path,
+    *,
+    task: str,
+    outputs: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """t-SNE of test features (anchors marked), anchor similarity, training curves.
+
+    ``outputs``: test ``features`` and ``labels`` collected before (otherwise collected
+    here with :func:`collect_outputs`)."""
     from anchorlearn.viz.plots import plot_anchor_similarity, plot_training_curves, plot_tsne
 
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
-    outputs = collect_outputs(module, dm, max_points=2000)
+    if outputs is None:
+        outputs = collect_outputs(module, dm, max_points=2000)
     ref = reference_points(module)
     plot_tsne(
         outputs["features"],
@@ -188,7 +213,14 @@ def write_run_plots(module: SupervisedModule, dm: Any, run_dir: Path, *, task: s
     if history:
         wanted = _curve_columns(history)
         if wanted:
-            plot_training_curves(history, plots / "training_curves.png", metrics=wanted)
+            # iteration-based runs (one long epoch) are drawn against the optimiser step
+            by_step = "val/miou" in wanted
+            plot_training_curves(
+                history,
+                plots / "training_curves.png",
+                metrics=wanted,
+                x="step" if by_step else "epoch",
+            )
 
 
 def _training_history(logs: Path) -> list[dict[str, float]]:
@@ -203,7 +235,10 @@ def _training_history(logs: Path) -> list[dict[str, float]]:
 
 def _curve_columns(history: list[dict[str, float]]) -> list[str]:
     header = set().union(*history)
-    keep = ("train/loss_epoch", "train/acc_epoch", "val/acc", "val/pixel_acc")
+    if "val/miou" in header:  # an iteration-based segmentation run
+        keep: tuple[str, ...] = ("train/loss_step", "val/miou", "val/aacc")
+    else:
+        keep = ("train/loss_epoch", "train/acc_epoch", "val/acc", "val/pixel_acc")
     found = [c for c in keep if c in header]
     if not found:
         found = sorted(c for c in header if c.startswith(("train/loss", "val/")))[:3]

@@ -20,36 +20,84 @@ __all__ = [
     "average_batchnorm_statistics",
     "batchnorm_statistics",
     "build_optimizer",
+    "lr_factor",
+    "parameter_groups",
     "rank_divergence",
     "training_counts",
     "upsample_logits",
 ]
 
 
+def parameter_groups(module: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """The trainable parameters of ``module`` as optimiser groups.
+
+    A model with ``param_groups()`` (the encoder-decoder segmentation models) puts its
+    ``"backbone"`` parameters in a group at ``lr * cfg.backbone_lr_mult``; everything else
+    (the head, the losses' own parameters such as SAR's projector) trains at ``lr``.
+    """
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    model = getattr(module, "model", None)
+    if cfg.backbone_lr_mult == 1.0 or not hasattr(model, "param_groups"):
+        if cfg.backbone_lr_mult != 1.0:
+            raise ValueError(
+                f"optim.backbone_lr_mult={cfg.backbone_lr_mult} needs a model with a backbone "
+                f"(an encoder-decoder segmentation model), got {type(model).__name__}"
+            )
+        return [{"params": trainable, "name": "all"}]
+    backbone_ids = {id(p) for p in model.param_groups()["backbone"] if p.requires_grad}
+    backbone = [p for p in trainable if id(p) in backbone_ids]
+    rest = [p for p in trainable if id(p) not in backbone_ids]
+    return [
+        {"params": backbone, "lr": cfg.lr * cfg.backbone_lr_mult, "name": "backbone"},
+        {"params": rest, "lr": cfg.lr, "name": "head"},
+    ]
+
+
+def lr_factor(step: int, *, total: int, warmup: int, cfg: OptimConfig) -> float:
+    """The learning-rate multiplier at optimiser step ``step`` (0-based) of ``total``.
+
+    A linear warm-up over ``warmup`` steps, then ``constant`` (1), ``cosine`` (1 -> 0) or
+    ``poly`` (``(1 - t) ** poly_power``, t the fraction of the steps after the warm-up; the
+    schedule of DeepLab and mmsegmentation). ``cfg.min_lr`` is a floor for ``poly`` and
+    ``cosine``: the factor decays to ``min_lr / lr`` instead of 0.
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+    if cfg.schedule == "poly":
+        decay = (1.0 - progress) ** cfg.poly_power
+    else:
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    floor = cfg.min_lr / cfg.lr
+    return floor + (1.0 - floor) * decay
+
+
 def build_optimizer(module: L.LightningModule, cfg: OptimConfig):
-    """SGD or AdamW over the trainable parameters of ``module``, with an optional linear
-    warm-up (``cfg.warmup_epochs``) and a per-step cosine or constant schedule after it."""
-    params = [p for p in module.parameters() if p.requires_grad]
+    """SGD or AdamW over the trainable parameters of ``module`` (per-module learning rates:
+    :func:`parameter_groups`), with a linear warm-up (``cfg.warmup_epochs``, or
+    ``cfg.warmup_steps`` for iteration-based runs) and a per-step cosine, poly or constant
+    schedule after it (:func:`lr_factor`)."""
+    groups = parameter_groups(module, cfg)
     if cfg.name == "sgd":
         opt = torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
     else:
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.schedule == "constant" and cfg.warmup_epochs == 0:
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.schedule == "constant" and cfg.warmup_epochs == 0 and cfg.warmup_steps == 0:
         return opt
     trainer = module.trainer
     total = max(int(trainer.estimated_stepping_batches), 1)
-    per_epoch = max(total // max(int(trainer.max_epochs or 1), 1), 1)
-    warmup = cfg.warmup_epochs * per_epoch
+    if cfg.warmup_steps:
+        warmup = cfg.warmup_steps
+    else:
+        per_epoch = max(total // max(int(trainer.max_epochs or 1), 1), 1)
+        warmup = cfg.warmup_epochs * per_epoch
 
     def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if cfg.schedule == "constant":
-            return 1.0
-        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return lr_factor(step, total=total, warmup=warmup, cfg=cfg)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

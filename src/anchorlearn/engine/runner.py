@@ -27,6 +27,15 @@ from .datamodules import ClassificationDataModule, SegmentationDataModule
 from .evaluate import evaluate_module, write_run_plots
 from .module import SupervisedModule, training_counts
 from .objective import build_objective
+from .segmentation import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SegmentationFilesDataModule,
+    SegmentationModule,
+    StepCheckpoint,
+    evaluate_segmentation,
+    is_segmentation_dataset,
+)
 
 __all__ = [
     "FINISHED_RUN_CHANGES",
@@ -41,6 +50,7 @@ __all__ = [
     "evaluate_checkpoint",
     "fit",
     "load_checkpoint",
+    "load_run",
     "make_trainer",
     "read_checkpoint",
     "resume_differences",
@@ -102,7 +112,41 @@ def check_devices(accelerator: str, devices: int) -> None:
 
 def build_datamodule(cfg: ExperimentConfig):
     d = cfg.data
-    if cfg.task == "classification":
+    files = is_segmentation_dataset(d.source)
+    if files and cfg.task != "segmentation":
+        raise ConfigError(
+            f"data.source {d.source!r} is a segmentation data set: set task: segmentation"
+        )
+    if files != (cfg.trainer.max_steps is not None):
+        raise ConfigError(
+            f"data.source {d.source!r}: "
+            + (
+                "segmentation data sets train by iterations: set trainer.max_steps"
+                if files
+                else "trainer.max_steps (iteration-based training) is for the segmentation data "
+                "sets (ade20k:, cityscapes:, pascal_context:, voc:, camvid:); this source trains "
+                "by epochs (trainer.max_epochs)"
+            )
+        )
+    if files:
+        if d.crop_size is None:
+            raise ConfigError(f"data.source {d.source!r} needs data.crop_size: [h, w]")
+        dm = SegmentationFilesDataModule(
+            d.source,
+            crop_size=tuple(d.crop_size),
+            base_size=None if d.base_size is None else tuple(d.base_size),
+            ratio_range=tuple(d.ratio_range),
+            cat_max_ratio=d.cat_max_ratio,
+            photometric=d.photometric,
+            batch_size=d.batch_size,
+            eval_batch_size=cfg.inference.batch_size,
+            num_workers=d.num_workers,
+            seed=cfg.seed,
+            max_steps=cfg.trainer.max_steps,
+            accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
+            splits=(d.train_split, d.val_split, d.test_split),
+        )
+    elif cfg.task == "classification":
         dm = ClassificationDataModule(
             source=d.source,
             imbalance_ratio=d.imbalance_ratio,
@@ -130,7 +174,15 @@ def build_datamodule(cfg: ExperimentConfig):
     try:
         dm.setup("fit")
     except FileNotFoundError as err:
-        raise RunError(str(err)) from err
+        raise RunError(" ".join(str(err).split())) from err
+    except ValueError as err:
+        if not files or "split" not in str(err):
+            raise
+        raise RunError(
+            f"{' '.join(str(err).split())} (the run's splits: data.train_split="
+            f"{d.train_split!r}, data.val_split={d.val_split!r}, data.test_split="
+            f"{d.test_split!r})"
+        ) from err
     return dm
 
 
@@ -151,15 +203,31 @@ def build_run(cfg: ExperimentConfig) -> tuple[Any, SupervisedModule]:
         class_counts=counts,
         ignore_index=ignore_index,
     )
-    module = SupervisedModule(
-        model,
-        objective,
-        cfg.optim,
-        task=cfg.task,
-        num_classes=dm.num_classes,
-        ignore_index=ignore_index,
-        seed=cfg.seed,
-    )
+    if isinstance(dm, SegmentationFilesDataModule):
+        dm.set_normalization(
+            getattr(model, "input_mean", IMAGENET_MEAN), getattr(model, "input_std", IMAGENET_STD)
+        )
+        module: SupervisedModule = SegmentationModule(
+            model,
+            objective,
+            cfg.optim,
+            num_classes=dm.num_classes,
+            inference=cfg.inference,
+            seed=cfg.seed,
+            channels_last=cfg.trainer.channels_last,
+        )
+    else:
+        module = SupervisedModule(
+            model,
+            objective,
+            cfg.optim,
+            task=cfg.task,
+            num_classes=dm.num_classes,
+            ignore_index=ignore_index,
+            seed=cfg.seed,
+        )
+        if cfg.trainer.channels_last:
+            module.model.to(memory_format=torch.channels_last)
     return dm, module
 
 
@@ -261,6 +329,16 @@ def start_run(
     ``check(path)``; an error when it holds one and ``resume`` is off (a finished or
     interrupted run is never overwritten)."""
     check_devices(t.accelerator, t.devices)
+    if (
+        t.sync_batchnorm
+        and t.devices * t.num_nodes > 1
+        and _resolve_accelerator(t.accelerator) != "gpu"
+    ):
+        raise RunError(
+            "trainer.sync_batchnorm needs GPUs (torch's SyncBatchNorm does not run on the "
+            f"{_resolve_accelerator(t.accelerator)}): set trainer.sync_batchnorm=false; the "
+            "processes' BatchNorm statistics are then averaged before validation and checkpoints"
+        )
     ckpt_path = _resume_from(run_dir, resume, check)
     L.seed_everything(seed, workers=True, verbose=False)
     return ckpt_path
@@ -292,27 +370,45 @@ def make_trainer(
     # last.ckpt rewritten at the end of every epoch (save_last with save_top_k=0 would only
     # write it when training ends, leaving an interrupted run nothing to resume from); no
     # version counter, so a moved run directory keeps writing last.ckpt, never last-v1.ckpt.
-    checkpoint = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="last",
-        monitor=None,
-        save_top_k=1,
-        every_n_epochs=1,
-        save_on_train_epoch_end=True,
-        enable_version_counter=False,
-    )
+    if t.max_steps is None:
+        checkpoint: L.Callback = ModelCheckpoint(
+            dirpath=run_dir / "checkpoints",
+            filename="last",
+            monitor=None,
+            save_top_k=1,
+            every_n_epochs=1,
+            save_on_train_epoch_end=True,
+            enable_version_counter=False,
+        )
+        schedule: dict[str, Any] = {"max_epochs": t.max_epochs}
+    else:
+        # one stream of batches (StepSampler): validation and checkpoints every N steps
+        checkpoint = StepCheckpoint(run_dir / "checkpoints", checkpoint_interval(t))
+        batches = t.accumulate_grad_batches
+        schedule = {
+            "max_steps": t.max_steps,
+            "max_epochs": -1,
+            "val_check_interval": (t.val_every_n_steps or t.max_steps) * batches,
+            "check_val_every_n_epoch": None,
+            "use_distributed_sampler": False,
+            "enable_checkpointing": False,  # StepCheckpoint writes last.ckpt
+        }
     callbacks = [checkpoint, *callbacks]
     if t.progress and not quiet:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
+    distributed = t.devices * t.num_nodes > 1
     return L.Trainer(
-        max_epochs=t.max_epochs,
+        **schedule,
         accelerator=t.accelerator,
         devices=t.devices,
+        num_nodes=t.num_nodes,
         # No buffer broadcast from rank 0: the objectives keep their own state identical
         # across ranks (all-reduced EMA statistics, the E-step's broadcast), which
         # ddp_max_state_diff then really checks.
-        strategy=DDPStrategy(broadcast_buffers=False) if t.devices > 1 else "auto",
+        strategy=DDPStrategy(broadcast_buffers=False) if distributed else "auto",
         precision=t.precision,
+        sync_batchnorm=t.sync_batchnorm and distributed,
+        accumulate_grad_batches=t.accumulate_grad_batches,
         # One log folder per attempt (version_0, version_1 after a resume, ...): a resumed
         # run never deletes the logs of the attempt it continues.
         logger=CSVLogger(run_dir, name="logs"),
@@ -326,6 +422,16 @@ def make_trainer(
     )
 
 
+def checkpoint_interval(t: TrainerConfig) -> int:
+    """Steps between checkpoints of an iteration-based run: ``checkpoint_every_n_steps``,
+    by default ``val_every_n_steps`` or a tenth of the run (at most 1,000 steps)."""
+    if t.checkpoint_every_n_steps is not None:
+        return t.checkpoint_every_n_steps
+    if t.val_every_n_steps is not None:
+        return t.val_every_n_steps
+    return max(1, min(1000, t.max_steps // 10))
+
+
 # Settings that may differ between a run and the config asked for, whether the run is
 # resumed or reused finished: how it reports and where it computes (the batches do not
 # depend on them).
@@ -336,12 +442,14 @@ FINISHED_RUN_CHANGES = frozenset(
         "trainer.progress",
         "trainer.log_every_n_steps",
         "trainer.accelerator",
+        "trainer.val_every_n_steps",
+        "trainer.checkpoint_every_n_steps",
     }
 )
 # A resumed run may also train for longer, but only under a constant learning rate: a cosine
 # schedule is laid out over trainer.max_epochs, so a longer resumed run would continue a
 # different curve (see resume_differences).
-RESUMABLE_CHANGES = FINISHED_RUN_CHANGES | {"trainer.max_epochs"}
+RESUMABLE_CHANGES = FINISHED_RUN_CHANGES | {"trainer.max_epochs", "trainer.max_steps"}
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -373,13 +481,14 @@ def resume_differences(
     """:func:`config_differences`, plus ``trainer.max_epochs`` when the learning-rate
     schedule is not constant (its length is the cosine's length)."""
     differences = config_differences(stored, current, allowed)
-    old, new = stored["trainer"]["max_epochs"], current["trainer"]["max_epochs"]
     schedule = current["optim"]["schedule"]
-    if old != new and schedule != "constant":
-        differences.append(
-            f"trainer.max_epochs: {old!r} -> {new!r} (the {schedule} learning-rate schedule "
-            "is laid out over it; only a constant schedule may be extended)"
-        )
+    for key in ("max_epochs", "max_steps"):
+        old, new = stored["trainer"].get(key), current["trainer"].get(key)
+        if old != new and schedule != "constant":
+            differences.append(
+                f"trainer.{key}: {old!r} -> {new!r} (the {schedule} learning-rate schedule "
+                "is laid out over it; only a constant schedule may be extended)"
+            )
     return differences
 
 
@@ -465,38 +574,74 @@ def fit(
         [StoreConfig(CONFIG_KEY, config_to_dict(cfg)), clock, *(callbacks or [])],
         quiet=quiet,
     )
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
     if not trainer.is_global_zero:
         return None
     module.to(trainer.strategy.root_device)  # Lightning's teardown moved it to the CPU
-    metrics = evaluate_module(module, dm, task=cfg.task)
+    outputs = None
+    if isinstance(dm, SegmentationFilesDataModule):
+        metrics, outputs = evaluate_segmentation(module, dm, progress=not quiet)
+        metrics["steps"] = int(trainer.global_step)
+    else:
+        metrics = evaluate_module(module, dm, task=cfg.task)
+        metrics["epochs"] = int(trainer.current_epoch)
     metrics["train_seconds"] = round(clock.seconds, 1)
-    metrics["epochs"] = int(trainer.current_epoch)
     if t.devices > 1:
         metrics["ddp_world_size"] = int(trainer.world_size)
         metrics["ddp_max_state_diff"] = module.rank_state_divergence
         metrics["ddp_most_divergent_buffer"] = module.most_divergent_buffer
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if plots:
-        write_run_plots(module, dm, run_dir, task=cfg.task)
+        write_run_plots(module, dm, run_dir, task=cfg.task, outputs=outputs)
     return metrics
 
 
-def evaluate_checkpoint(
-    path: str | Path, *, out: str | Path | None = None, split: str = "test"
-) -> dict[str, Any]:
-    """Rebuild the run stored in a checkpoint and evaluate it on its ``split``: ``"test"``,
-    or ``"val"`` (the part of the training data the run held out) for choosing settings
-    without touching the test split."""
+def load_run(
+    path: str | Path, *, inference: dict[str, Any] | None = None
+) -> tuple[ExperimentConfig, Any, SupervisedModule]:
+    """The config, data module and trained module stored in a checkpoint written by
+    :func:`fit`. ``inference`` overrides settings of the run's ``inference`` section (they
+    do not change the model, so any checkpoint of the run fits)."""
     path = Path(path)
     ckpt = load_checkpoint(path)
-    cfg = parse_config(ckpt[CONFIG_KEY])
+    raw = ckpt[CONFIG_KEY]
+    if inference:
+        raw = {**raw, "inference": {**raw.get("inference", {}), **inference}}
+    cfg = parse_config(raw)
     dm, module = build_run(cfg)
     try:
         module.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:
         raise RunError(f"{path} does not match its own config: {err}") from err
-    metrics = evaluate_module(module, dm, task=cfg.task, split=split)
+    return cfg, dm, module
+
+
+def evaluate_checkpoint(
+    path: str | Path,
+    *,
+    out: str | Path | None = None,
+    split: str = "test",
+    inference: dict[str, Any] | None = None,
+    save_masks: str | Path | None = None,
+) -> dict[str, Any]:
+    """Rebuild the run stored in a checkpoint and evaluate it on its ``split``: ``"test"``,
+    or ``"val"`` (the part of the training data the run held out) for choosing settings
+    without touching the test split.
+
+    Segmentation data sets only: ``inference`` overrides settings of the run's
+    ``inference`` section (``{"mode": "slide", "crop_size": [512, 512], ...}``), and
+    ``save_masks`` is a directory for colour-coded prediction PNGs.
+    """
+    cfg, dm, module = load_run(path, inference=inference)
+    if isinstance(dm, SegmentationFilesDataModule):
+        metrics, _ = evaluate_segmentation(module, dm, split=split, save_masks=save_masks)
+    elif inference or save_masks is not None:
+        raise RunError(
+            "inference settings and --save-masks apply to segmentation data sets "
+            f"(ade20k:, cityscapes:, ...); {path} was trained on {cfg.data.source!r}"
+        )
+    else:
+        metrics = evaluate_module(module, dm, task=cfg.task, split=split)
     metrics["split"] = split
     if out is not None:
         Path(out).write_text(json.dumps(metrics, indent=2))

@@ -215,8 +215,35 @@ def parse_pretrain_config(raw: dict[str, Any]) -> PretrainConfig:
             f"in trainer.max_epochs={cfg.trainer.max_epochs}: lower the warm-up or train longer"
         )
     check_ranges(cfg, _RANGES)
+    _refuse_supervised_only_settings(cfg)
     _resolve_loss_weights(cfg)
     return cfg
+
+
+# settings of supervised (segmentation) training that pretraining does not implement, with
+# the value that means "not used"
+_SUPERVISED_ONLY = {
+    "trainer.max_steps": None,
+    "trainer.val_every_n_steps": None,
+    "trainer.checkpoint_every_n_steps": None,
+    "trainer.accumulate_grad_batches": 1,
+    "trainer.num_nodes": 1,
+    "trainer.sync_batchnorm": False,
+    "trainer.channels_last": False,
+    "optim.warmup_steps": 0,
+    "optim.backbone_lr_mult": 1.0,
+}
+
+
+def _refuse_supervised_only_settings(cfg: PretrainConfig) -> None:
+    for key, unused in _SUPERVISED_ONLY.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value != unused:
+            raise ConfigError(
+                f"{key}={value!r} is a setting of `anchorlearn fit`; pretraining is "
+                "epoch-based and does not use it: remove the key"
+            )
 
 
 def _resolve_loss_weights(cfg: PretrainConfig) -> None:

@@ -202,7 +202,7 @@ def pretrain(
     trainer = make_trainer(
         t, run_dir, [clock, estep, config_callback], quiet=quiet, limit_val_batches=0
     )
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
     if not trainer.is_global_zero:
         return None
     train_seconds = clock.seconds

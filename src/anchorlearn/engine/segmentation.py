@@ -1,0 +1,713 @@
+"""Semantic segmentation on data sets in their standard layouts (``ade20k:``, ``cityscapes:``,
+``pascal_context:``, ``voc:``, ``camvid:``), trained by iterations as the field does.
+
+* Data: :class:`SegmentationFilesDataModule` reads files lazily. Loader workers decode, rescale,
+  crop (with a cap on the largest class's share), flip and pad each training sample; the
+  training device then converts the batch to float, applies the photometric distortion and
+  normalises it with the encoder's mean and std.
+* Schedule: ``trainer.max_steps`` optimiser steps as one stream of batches.
+  :class:`StepSampler` lays out every sample of the run from ``(seed, position)`` alone, and
+  every random choice of a sample (scale, crop, flip, photometric distortion) is drawn from its
+  position, so a run resumed from a mid-epoch checkpoint sees exactly the batches the
+  uninterrupted run would have seen.
+* Validation and test: :func:`anchorlearn.inference.segment` (whole image, sliding window,
+  multi-scale + flip) at the labels' full size; aAcc, mIoU, mAcc, per-class IoU and accuracy,
+  head / tail IoU and feature geometry.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from anchorlearn.data.seg_transforms import PhotometricDistortion, RandomRescaleCrop
+from anchorlearn.data.segmentation_sets import SEGMENTATION_KINDS, open_segmentation
+from anchorlearn.inference import segment
+from anchorlearn.metrics.geometry import class_centers, feature_geometry
+from anchorlearn.metrics.segmentation import format_iou_table
+
+from .config import InferenceConfig, OptimConfig
+from .evaluate import regularizer_state
+from .module import SupervisedModule
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "SegmentationFilesDataModule",
+    "SegmentationModule",
+    "StepCheckpoint",
+    "StepSampler",
+    "evaluate_segmentation",
+    "is_segmentation_dataset",
+    "segmentation_groups_by_frequency",
+]
+
+IGNORE_INDEX = 255
+# what an encoder without its own normalisation (a network trained from scratch) gets
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def is_segmentation_dataset(source: str) -> bool:
+    """Whether ``source`` names a data set in a standard layout (``kind:ROOT``)."""
+    kind, sep, root = source.partition(":")
+    return bool(sep and root) and kind in SEGMENTATION_KINDS
+
+
+class StepSampler(Sampler[tuple[int, int]]):
+    """The training samples of an iteration-based run, as ``(position, index)`` pairs.
+
+    The run reads one stream of samples: position ``p`` holds image
+    ``perm(seed, p // N)[p % N]`` (``N`` images, a new permutation every pass). Global batch
+    ``j`` is positions ``[j B W, (j + 1) B W)`` (``B`` the per-process batch size, ``W`` the
+    number of processes); process ``r`` reads its ``r``-th slice of ``B``. The sampler yields
+    the batches ``start_batch .. total_batches - 1`` of this process, so a run resumed after
+    ``k`` batches (``start_batch = k``) continues exactly where it stopped. Its length is the
+    full ``total_batches * B`` whatever ``start_batch`` is (what Lightning counts an epoch by).
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        *,
+        seed: int,
+        batch_size: int,
+        total_batches: int,
+        start_batch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if not 0 <= start_batch <= total_batches:
+            raise ValueError(
+                f"start_batch must lie in [0, total_batches={total_batches}], got {start_batch}"
+            )
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must lie in [0, world_size={world_size}), got {rank}")
+        self.num_samples = num_samples
+        self.seed = seed
+        self.batch_size = batch_size
+        self.total_batches = total_batches
+        self.start_batch = start_batch
+        self.rank = rank
+        self.world_size = world_size
+        self._perms: dict[int, list[int]] = {}
+
+    def _permutation(self, epoch: int) -> list[int]:
+        order = self._perms.get(epoch)
+        if order is None:  # positions are read in order: one pass is cached at a time
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            order = torch.randperm(self.num_samples, generator=generator).tolist()
+            self._perms = {epoch: order}
+        return order
+
+    def position_index(self, position: int) -> int:
+        """The image at stream position ``position``."""
+        epoch, offset = divmod(position, self.num_samples)
+        return self._permutation(epoch)[offset]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        per_global = self.batch_size * self.world_size
+        for batch in range(self.start_batch, self.total_batches):
+            first = batch * per_global + self.rank * self.batch_size
+            for position in range(first, first + self.batch_size):
+                yield position, self.position_index(position)
+
+    def __len__(self) -> int:
+        return self.total_batches * self.batch_size
+
+
+class _StreamLoader(DataLoader):
+    """A loader over a :class:`StepSampler`. Its place in the stream comes from the restored
+    optimiser step (see ``train_dataloader``); its state is the layout of the stream, which a
+    resumed run must share with the checkpoint's."""
+
+    def state_dict(self) -> dict[str, int]:
+        sampler = self.sampler
+        return {
+            "num_samples": sampler.num_samples,
+            "seed": sampler.seed,
+            "batch_size": sampler.batch_size,
+            "world_size": sampler.world_size,
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        changed = {k: (v, state.get(k)) for k, v in self.state_dict().items() if state.get(k) != v}
+        if changed:
+            detail = "; ".join(f"{k}: {old} -> {new}" for k, (new, old) in changed.items())
+            raise ValueError(
+                f"cannot resume: the training stream differs from the checkpoint's ({detail}); "
+                "the data set or the number of processes changed"
+            )
+
+
+def _position_rng(seed: int, position: int) -> np.random.Generator:
+    return np.random.default_rng([seed, position])
+
+
+class _TrainCrops(Dataset):
+    """``dataset[(position, index)]``: image ``index`` rescaled, cropped, flipped and padded by
+    ``transform`` with random choices drawn from ``(seed, position)``; returns uint8 image
+    ``(3, h, w)``, uint8 mask ``(h, w)`` and the position."""
+
+    def __init__(self, dataset: Any, transform: RandomRescaleCrop, seed: int) -> None:
+        self.dataset = dataset
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        position, index = key
+        image, mask = self.dataset[index]
+        image, mask = self.transform(image, mask, _position_rng(self.seed, position))
+        return _image_tensor(image), torch.from_numpy(mask.astype(np.uint8)), position
+
+
+def _image_tensor(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+class _EvalImages(Dataset):
+    """Whole images of a split (optionally a subset): uint8 ``(3, H, W)``, uint8 mask
+    ``(H, W)`` and the image's index in the split."""
+
+    def __init__(self, dataset: Any, indices: list[int]) -> None:
+        self.dataset = dataset
+        self.indices = indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        index = self.indices[i]
+        image, mask = self.dataset[index]
+        return _image_tensor(image), torch.from_numpy(mask.astype(np.uint8)), index
+
+
+def _as_list(batch: list) -> list:
+    return batch
+
+
+class _MaskOnly(Dataset):
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        mask = torch.from_numpy(self.dataset.read_mask(i).astype(np.int64)).reshape(-1)
+        return torch.bincount(mask, minlength=IGNORE_INDEX + 1)[: IGNORE_INDEX + 1]
+
+
+class SegmentationFilesDataModule(L.LightningDataModule):
+    """Iteration-based segmentation data from :func:`anchorlearn.data.open_segmentation`.
+
+    Args:
+        source: ``kind:ROOT`` with kind one of ``ade20k``, ``cityscapes``, ``pascal_context``,
+            ``voc``, ``camvid``.
+        crop_size: training crop ``(h, w)``.
+        base_size: ``(h, w)`` the random rescale is relative to (``None``: each image's own
+            size); the scale ratio is drawn from ``ratio_range``.
+        ratio_range: ``(low, high)`` of the rescale ratio.
+        cat_max_ratio: the largest class may cover at most this share of a crop (up to 10
+            redraws; 1 turns the cap off).
+        photometric: apply :class:`~anchorlearn.data.seg_transforms.PhotometricDistortion`
+            to training batches (on the training device).
+        batch_size: training crops per process and step (before gradient accumulation).
+        eval_batch_size: whole images per validation / test batch (images of one size are
+            stacked; others are run one by one).
+        num_workers: loader workers (decoding and cropping happen there).
+        seed: the sample stream and every random choice of a sample.
+        max_steps: optimiser steps of the run; with ``accumulate_grad_batches`` they define
+            the number of training batches.
+        splits: names of the ``(train, val, test)`` splits of the data set.
+
+    Training batches after :meth:`on_after_batch_transfer`: float ``(B, 3, h, w)`` normalised
+    crops and int64 ``(B, h, w)`` masks (255 = ignore). Validation and test batches stay lists
+    of ``(uint8 image (3, H, W), uint8 mask (H, W), index)``; :meth:`normalize_images` turns
+    images into network input.
+    """
+
+    ignore_index = IGNORE_INDEX
+
+    def __init__(
+        self,
+        source: str,
+        *,
+        crop_size: tuple[int, int],
+        base_size: tuple[int, int] | None = None,
+        ratio_range: tuple[float, float] = (0.5, 2.0),
+        cat_max_ratio: float = 0.75,
+        photometric: bool = True,
+        batch_size: int = 8,
+        eval_batch_size: int = 1,
+        num_workers: int = 0,
+        seed: int = 0,
+        max_steps: int = 1000,
+        accumulate_grad_batches: int = 1,
+        splits: tuple[str, str, str] = ("train", "val", "test"),
+    ) -> None:
+        super().__init__()
+        if not is_segmentation_dataset(source):
+            raise ValueError(
+                f"source must be KIND:ROOT with KIND one of {', '.join(SEGMENTATION_KINDS)}, "
+                f"got {source!r}"
+            )
+        self.source = source
+        self.crop_size = (int(crop_size[0]), int(crop_size[1]))
+        self.base_size = None if base_size is None else (int(base_size[0]), int(base_size[1]))
+        self.ratio_range = (float(ratio_range[0]), float(ratio_range[1]))
+        self.cat_max_ratio = float(cat_max_ratio)
+        self.photometric = bool(photometric)
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size)
+        self.num_workers = int(num_workers)
+        self.seed = int(seed)
+        self.max_steps = int(max_steps)
+        self.accumulate_grad_batches = int(accumulate_grad_batches)
+        self.splits = dict(zip(("train", "val", "test"), splits, strict=True))
+        self.mean = torch.tensor(IMAGENET_MEAN)
+        self.std = torch.tensor(IMAGENET_STD)
+        self._datasets: dict[str, Any] = {}
+        self._pixel_counts: list[int] | None = None
+        self._distortion = PhotometricDistortion()
+        self._transform = RandomRescaleCrop(
+            self.crop_size,
+            base_size=self.base_size,
+            ratio_range=self.ratio_range,
+            cat_max_ratio=self.cat_max_ratio,
+            flip=True,
+            ignore_index=IGNORE_INDEX,
+        )
+
+    # -- data sets --------------------------------------------------------------------------
+    def dataset(self, split: str) -> Any:
+        """The data set of ``split`` (``"train"``, ``"val"`` or ``"test"``), opened once."""
+        if split not in self.splits:
+            raise ValueError(f"split must be one of train, val, test, got {split!r}")
+        if split not in self._datasets:
+            self._datasets[split] = open_segmentation(self.source, self.splits[split])
+        return self._datasets[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        """Open every split (file lists only), so that a missing one fails before training."""
+        for split in self.splits:
+            self.dataset(split)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.dataset("train").class_names)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def palette(self) -> np.ndarray:
+        return self.dataset("train").palette
+
+    in_channels = 3
+
+    @property
+    def train_class_pixel_counts(self) -> list[int]:
+        """Labelled training pixels per class (full-size masks, ignore excluded); counted once
+        with the loader workers, progress on stderr."""
+        if self._pixel_counts is None:
+            self._pixel_counts = self._count_pixels(self.dataset("train"))
+        return self._pixel_counts
+
+    def set_pixel_counts(self, counts: list[int]) -> None:
+        """Reuse counts computed before (a resumed run reads them from its run directory)."""
+        if len(counts) != self.num_classes:
+            raise ValueError(
+                f"counts must have {self.num_classes} entries (one per class), got {len(counts)}"
+            )
+        self._pixel_counts = [int(c) for c in counts]
+
+    def _count_pixels(self, dataset: Any) -> list[int]:
+        loader = DataLoader(
+            _MaskOnly(dataset), batch_size=8, num_workers=self.num_workers, collate_fn=_as_list
+        )
+        total = torch.zeros(IGNORE_INDEX + 1, dtype=torch.int64)
+        start, done, step = time.perf_counter(), 0, max(len(dataset) // 10, 1)
+        for batch in loader:
+            for counts in batch:
+                total += counts
+            done += len(batch)
+            if done // step != (done - len(batch)) // step or done == len(dataset):
+                print(
+                    f"counting training pixels per class: {done}/{len(dataset)} masks "
+                    f"({time.perf_counter() - start:.0f} s)",
+                    file=sys.stderr,
+                )
+        return total[: self.num_classes].tolist()
+
+    # -- normalisation ----------------------------------------------------------------------
+    def set_normalization(self, mean: Any, std: Any) -> None:
+        """Per-channel mean and std (in ``[0, 1]`` units) of the network's input."""
+        self.mean = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
+        self.std = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
+        if self.mean.numel() != 3 or self.std.numel() != 3 or bool((self.std <= 0).any()):
+            raise ValueError(f"mean and std must be 3 values, std > 0; got {mean!r}, {std!r}")
+
+    def normalize_images(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 or ``[0, 1]`` float ``(B, 3, H, W)`` -> normalised float32."""
+        x = images.float()
+        if images.dtype == torch.uint8:
+            x = x / 255.0
+        mean = self.mean.to(x.device)[None, :, None, None]
+        std = self.std.to(x.device)[None, :, None, None]
+        return (x - mean) / std
+
+    # -- loaders ----------------------------------------------------------------------------
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        return int(trainer.global_rank), int(trainer.world_size)
+
+    def train_sampler(self, start_batch: int = 0) -> StepSampler:
+        rank, world = self._world()
+        return StepSampler(
+            len(self.dataset("train")),
+            seed=self.seed,
+            batch_size=self.batch_size,
+            total_batches=self.max_steps * self.accumulate_grad_batches,
+            start_batch=start_batch,
+            rank=rank,
+            world_size=world,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        # Lightning restores the loop state before it asks for the loader: a resumed run
+        # starts after the batches its checkpoint had consumed
+        trainer = self.trainer
+        start = 0 if trainer is None else int(trainer.global_step) * self.accumulate_grad_batches
+        crops = _TrainCrops(self.dataset("train"), self._transform, self.seed)
+        return _StreamLoader(
+            crops,
+            batch_size=self.batch_size,
+            sampler=self.train_sampler(start),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            drop_last=False,
+        )
+
+    def eval_dataloader(self, split: str, *, shard: bool = True) -> DataLoader:
+        """Whole images of ``split``; with ``shard`` (validation under DDP) every process
+        reads its own share (image ``i`` on process ``i % world_size``)."""
+        dataset = self.dataset(split)
+        rank, world = self._world() if shard else (0, 1)
+        indices = list(range(rank, len(dataset), world))
+        return DataLoader(
+            _EvalImages(dataset, indices),
+            batch_size=self.eval_batch_size,
+            num_workers=self.num_workers,
+            collate_fn=_as_list,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("test")
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if not isinstance(batch[0], torch.Tensor):  # validation / test: (image, mask, index)s
+            return batch
+        images, masks, positions = batch
+        trainer = self.trainer
+        if trainer is not None and trainer.training and self.photometric:
+            # the distortion's randomness (and the step's dropout) follow the batch's first
+            # stream position, so that a resumed run repeats them
+            torch.manual_seed(self.seed * 1_000_003 + int(positions[0]))
+            images = self._distortion(images.float() / 255.0)
+        return self.normalize_images(images), masks.long()
+
+
+def _group_same_size(batch: list) -> list[tuple[torch.Tensor, torch.Tensor, list[int]]]:
+    """Stack the images of a list batch into runs of equal size."""
+    groups: list[tuple[list, list, list]] = []
+    for image, mask, index in batch:
+        if groups and groups[-1][0][0].shape == image.shape:
+            groups[-1][0].append(image)
+            groups[-1][1].append(mask)
+            groups[-1][2].append(int(index))
+        else:
+            groups.append(([image], [mask], [int(index)]))
+    return [(torch.stack(i), torch.stack(m), idx) for i, m, idx in groups]
+
+
+def _segment(module: Any, images: torch.Tensor, inference: InferenceConfig) -> torch.Tensor:
+    return segment(
+        module.model,
+        images,
+        mode=inference.mode,
+        crop_size=None if inference.crop_size is None else tuple(inference.crop_size),
+        stride=None if inference.stride is None else tuple(inference.stride),
+        scales=tuple(inference.scales),
+        flip=inference.flip,
+    )
+
+
+def _confusion(preds: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    valid = targets != IGNORE_INDEX
+    index = targets[valid].long() * num_classes + preds[valid].long()
+    return torch.bincount(index, minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes
+    )
+
+
+class SegmentationModule(SupervisedModule):
+    """:class:`SupervisedModule` for iteration-based segmentation: validation runs the
+    configured inference (``inference``) on whole images and logs ``val/miou``,
+    ``val/aacc`` and ``val/macc``; ``channels_last`` keeps the model and its input in
+    channels-last memory format."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        objective: Any,
+        optim: OptimConfig,
+        *,
+        num_classes: int,
+        inference: InferenceConfig,
+        seed: int = 0,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__(
+            model,
+            objective,
+            optim,
+            task="segmentation",
+            num_classes=num_classes,
+            ignore_index=IGNORE_INDEX,
+            seed=seed,
+        )
+        self.inference = inference
+        self.channels_last = channels_last
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self._confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+
+    def on_train_epoch_start(self) -> None:
+        """No per-epoch reseeding: every batch's randomness follows its stream position."""
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        images, labels = batch
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return super().training_step((images, labels), batch_idx)
+
+    def validation_step(self, batch: list, batch_idx: int) -> None:
+        dm = self.trainer.datamodule
+        for images, masks, _ in _group_same_size(batch):
+            logits = _segment(self, dm.normalize_images(images), self.inference)
+            update = _confusion(logits.argmax(1), masks.to(logits.device), self.num_classes)
+            self._confusion += update.cpu()
+
+    def on_validation_epoch_end(self) -> None:
+        confusion = self._confusion.to(self.device)
+        if self.trainer.world_size > 1:
+            confusion = self.trainer.strategy.reduce(confusion, reduce_op="sum")
+        result = _scores(confusion.double().cpu())
+        for key in ("miou", "aacc", "macc"):
+            self.log(f"val/{key}", result[key], prog_bar=key == "miou", rank_zero_only=False)
+        self._confusion.zero_()
+
+
+def _scores(confusion: torch.Tensor) -> dict[str, Any]:
+    """aAcc, mIoU, mAcc and per-class IoU / accuracy of a ``(C, C)`` confusion matrix
+    (rows: ground truth). Classes absent from ground truth and predictions have NaN IoU and
+    are left out of the means; a class absent from ground truth has NaN accuracy."""
+    true_pos = confusion.diagonal()
+    gt = confusion.sum(1)
+    pred = confusion.sum(0)
+    union = gt + pred - true_pos
+    iou = torch.where(union > 0, true_pos / union.clamp_min(1), torch.nan)
+    acc = torch.where(gt > 0, true_pos / gt.clamp_min(1), torch.nan)
+    total = float(gt.sum())
+    return {
+        "aacc": float(true_pos.sum()) / total if total else float("nan"),
+        "miou": float(iou.nanmean()),
+        "macc": float(acc.nanmean()),
+        "iou": iou,
+        "acc": acc,
+    }
+
+
+def segmentation_groups_by_frequency(pixel_counts: list[int]) -> dict[int, str]:
+    """``head``: the more frequent half of the classes by training pixels; ``tail``: the rest."""
+    order = np.argsort(-np.asarray(pixel_counts), kind="stable")
+    half = (len(order) + 1) // 2
+    return {int(c): ("head" if rank < half else "tail") for rank, c in enumerate(order)}
+
+
+def _geometry_sample(
+    features: torch.Tensor, masks: torch.Tensor, per_image: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``per_image`` labelled positions per image of ``features`` ``(B, D, h, w)``, the
+    labels resized to ``(h, w)`` by nearest neighbour."""
+    small = F.interpolate(masks[:, None].float(), size=features.shape[-2:], mode="nearest")
+    labels = small[:, 0].long().reshape(-1).cpu()
+    flat = features.float().permute(0, 2, 3, 1).reshape(-1, features.shape[1]).cpu()
+    keep = torch.nonzero(labels != IGNORE_INDEX).flatten()
+    limit = per_image * features.shape[0]
+    if keep.numel() > limit:
+        keep = keep[torch.randperm(keep.numel(), generator=generator)[:limit]]
+    return flat[keep], labels[keep]
+
+
+def _geometry_input(images: torch.Tensor, inference: InferenceConfig) -> torch.Tensor:
+    """What the features for the geometry metrics are computed on: the image at the first
+    scale (whole mode) or its central crop of ``crop_size`` (slide mode)."""
+    if inference.mode == "slide" and inference.crop_size is not None:
+        h, w = images.shape[-2:]
+        ch, cw = min(inference.crop_size[0], h), min(inference.crop_size[1], w)
+        top, left = (h - ch) // 2, (w - cw) // 2
+        return images[..., top : top + ch, left : left + cw]
+    scale = inference.scales[0]
+    if scale == 1.0:
+        return images
+    size = [max(1, round(s * scale)) for s in images.shape[-2:]]
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def evaluate_segmentation(
+    module: SupervisedModule,
+    dm: SegmentationFilesDataModule,
+    *,
+    split: str = "test",
+    inference: InferenceConfig | None = None,
+    save_masks: str | Path | None = None,
+    max_points: int = 20_000,
+    progress: bool = True,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Score ``module`` on a whole ``split`` with ``inference`` (default: the module's).
+
+    Returns ``(metrics, sample)``: aAcc, mIoU, mAcc (fractions), per-class IoU and accuracy,
+    head / tail IoU (by training pixel frequency), feature geometry and class centres; and
+    up to ``max_points`` labelled feature positions with their labels (for plots). With
+    ``save_masks`` every prediction is written as a colour PNG named after its image.
+    """
+    from anchorlearn.viz.masks import save_mask_png
+
+    inference = inference or module.inference
+    was_training = module.training
+    module.eval()
+    dataset = dm.dataset(split)
+    loader = dm.eval_dataloader(split, shard=False)
+    per_image = max(max_points // max(len(dataset), 1), 1)
+    generator = torch.Generator().manual_seed(0)
+    confusion = torch.zeros(module.num_classes, module.num_classes, dtype=torch.int64)
+    feats, labels = [], []
+    out_dir = None if save_masks is None else Path(save_masks)
+    start, done = time.perf_counter(), 0
+    for batch in loader:
+        for images, masks, indices in _group_same_size(batch):
+            x = dm.normalize_images(images.to(module.device))
+            if inference.mode == "whole" and len(inference.scales) == 1 and not inference.flip:
+                # one pass gives both: what segment() computes, plus the features
+                logits, features = module.model(_geometry_input(x, inference))
+                logits = F.interpolate(
+                    logits.float(), size=x.shape[-2:], mode="bilinear", align_corners=False
+                )
+            else:
+                logits = _segment(module, x, inference)
+                _, features = module.model(_geometry_input(x, inference))
+            preds = logits.argmax(1).cpu()
+            confusion += _confusion(preds, masks, module.num_classes)
+            geometry_masks = masks
+            if inference.mode == "slide" and inference.crop_size is not None:
+                geometry_masks = _geometry_input(masks[:, None].float(), inference)[:, 0]
+            f, y = _geometry_sample(features, geometry_masks, per_image, generator)
+            feats.append(f)
+            labels.append(y)
+            if out_dir is not None:
+                for pred, index in zip(preds, indices, strict=True):
+                    name = Path(dataset.image_path(index)).stem + ".png"
+                    save_mask_png(out_dir / name, pred.numpy(), dm.palette)
+            done += len(indices)
+        if progress and (done % 50 < len(batch) or done == len(dataset)):
+            print(
+                f"evaluating {split}: {done}/{len(dataset)} images "
+                f"({time.perf_counter() - start:.0f} s)",
+                file=sys.stderr,
+            )
+    module.train(was_training)
+    result = _scores(confusion.double())
+    names = dm.class_names
+    groups = segmentation_groups_by_frequency(dm.train_class_pixel_counts)
+    metrics: dict[str, Any] = {"miou": result["miou"], "aacc": result["aacc"]}
+    metrics["macc"] = result["macc"]
+    for group in ("head", "tail"):
+        values = torch.stack([result["iou"][c] for c, g in groups.items() if g == group])
+        metrics[f"{group}_iou"] = _num(values.nanmean())
+    metrics["per_class"] = {n: _num(v) for n, v in zip(names, result["iou"].tolist(), strict=True)}
+    metrics["per_class_acc"] = {
+        n: _num(v) for n, v in zip(names, result["acc"].tolist(), strict=True)
+    }
+    metrics["groups"] = {names[c]: g for c, g in sorted(groups.items())}
+    metrics.update(regularizer_state(module))
+    sample = {"features": torch.cat(feats), "labels": torch.cat(labels)}
+    geometry = feature_geometry(sample["features"], sample["labels"])
+    metrics.update({k: _num(v) for k, v in geometry.items()})
+    metrics["class_centers"] = class_centers(sample["features"], sample["labels"]).tolist()
+    metrics["class_center_labels"] = torch.unique(sample["labels"]).tolist()
+    metrics["inference"] = {
+        "mode": inference.mode,
+        "crop_size": inference.crop_size,
+        "stride": inference.stride,
+        "scales": list(inference.scales),
+        "flip": inference.flip,
+    }
+    if progress:
+        table_input = {"iou": result["iou"], "acc": result["acc"], **metrics}
+        print(format_iou_table(names, table_input), file=sys.stderr)
+    return metrics, sample
+
+
+def _num(value: Any) -> float | None:
+    value = float(value)
+    return None if value != value else value
+
+
+class StepCheckpoint(L.Callback):
+    """Writes ``dirpath/last.ckpt`` every ``every_n_steps`` optimiser steps and when training
+    ends, so that an interrupted iteration-based run resumes mid-epoch. The final write
+    happens even right after a periodic one: under DDP the BatchNorm statistics are averaged
+    over the processes at the end (and before validation), after the last periodic write."""
+
+    def __init__(self, dirpath: str | Path, every_n_steps: int) -> None:
+        self.path = Path(dirpath) / "last.ckpt"
+        self.every_n_steps = int(every_n_steps)
+
+    def _save(self, trainer: L.Trainer) -> None:
+        trainer.save_checkpoint(self.path, weights_only=False)  # the full training state
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if (
+            step > 0
+            and step % self.every_n_steps == 0
+            and not trainer.fit_loop._should_accumulate()
+        ):
+            self._save(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._save(trainer)
