@@ -14,7 +14,7 @@ from tests.data.segfixtures import make_ade20k, make_camvid, make_cityscapes
 
 from anchorlearn.cli import main
 from anchorlearn.engine.config import ConfigError, OptimConfig, parse_config
-from anchorlearn.engine.module import lr_factor
+from anchorlearn.engine.module import lr_factor, parameter_groups
 from anchorlearn.engine.runner import RunError, build_run, evaluate_checkpoint, fit
 from anchorlearn.engine.segmentation import StepSampler, _scores
 
@@ -264,3 +264,25 @@ def test_sync_batchnorm_on_cpu_processes_is_refused_before_training(
     with pytest.raises(RunError, match="sync_batchnorm needs GPUs"):
         fit(parse_config(raw), tmp_path / "run", quiet=True)
     assert not (tmp_path / "run").exists()
+
+
+def test_etf_wrapped_segmentor_keeps_its_backbone_group_and_normalisation(tmp_path: Path) -> None:
+    source = "ade20k:" + str(make_ade20k(tmp_path))
+    raw = seg_config(source, optim__backbone_lr_mult=0.5, data__test_split="val")
+    raw["model"] = {
+        "name": "mlp_head",
+        "kwargs": {"encoder": "efficientnet_lite0", "channels": 160},  # ETF: D >= C = 150
+        "etf_classifier": True,
+    }
+    raw["losses"] = ["ce"]
+    cfg = parse_config(raw)
+    dm, module = build_run(cfg)
+    # the Lite0 weights' normalisation, not the ImageNet default
+    assert dm.mean.tolist() == [0.5, 0.5, 0.5] and dm.std.tolist() == [0.5, 0.5, 0.5]
+    groups = {g["name"]: g for g in parameter_groups(module, cfg.optim)}
+    assert groups["backbone"]["lr"] == pytest.approx(0.0015)
+    encoder = {id(p) for p in module.model.backbone.encoder.parameters()}
+    assert {id(p) for p in groups["backbone"]["params"]} == encoder
+    assert {id(p) for p in module.model.norm.parameters()} <= {
+        id(p) for p in groups["head"]["params"]
+    }

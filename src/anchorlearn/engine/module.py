@@ -36,15 +36,17 @@ def parameter_groups(module: nn.Module, cfg: OptimConfig) -> list[dict]:
     (the head, the losses' own parameters such as SAR's projector) trains at ``lr``.
     """
     trainable = [p for p in module.parameters() if p.requires_grad]
-    model = getattr(module, "model", None)
-    if cfg.backbone_lr_mult == 1.0 or not hasattr(model, "param_groups"):
-        if cfg.backbone_lr_mult != 1.0:
-            raise ValueError(
-                f"optim.backbone_lr_mult={cfg.backbone_lr_mult} needs a model with a backbone "
-                f"(an encoder-decoder segmentation model), got {type(model).__name__}"
-            )
+    if cfg.backbone_lr_mult == 1.0:
         return [{"params": trainable, "name": "all"}]
-    backbone_ids = {id(p) for p in model.param_groups()["backbone"] if p.requires_grad}
+    model = getattr(module, "model", None)
+    try:
+        named = model.param_groups()
+    except AttributeError:
+        raise ValueError(
+            f"optim.backbone_lr_mult={cfg.backbone_lr_mult} needs a model with a backbone "
+            f"(an encoder-decoder segmentation model), got {type(model).__name__}"
+        ) from None
+    backbone_ids = {id(p) for p in named["backbone"] if p.requires_grad}
     backbone = [p for p in trainable if id(p) in backbone_ids]
     rest = [p for p in trainable if id(p) not in backbone_ids]
     return [

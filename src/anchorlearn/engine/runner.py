@@ -244,7 +244,7 @@ def create_model_for_data(name: str, kwargs: dict, dm: Any, source: str) -> nn.M
         kwargs[key] = value
     try:
         return create_model(name, **kwargs)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, ImportError) as err:
         raise ConfigError(f"model {name!r}: {err}") from err
 
 

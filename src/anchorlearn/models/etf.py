@@ -48,6 +48,19 @@ class FixedETFModel(nn.Module):
         self.num_classes = num_classes
         self.norm = nn.BatchNorm2d(feat_dim) if dense else FeatureBatchNorm(feat_dim)
         self.classifier = ETFClassifier(feat_dim, num_classes, seed=seed)
+        # what the engine reads off an encoder-decoder model: its input normalisation
+        for name in ("input_mean", "input_std"):
+            if hasattr(model, name):
+                setattr(self, name, getattr(model, name))
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The wrapped model's ``"backbone"`` group (when it has one) and everything else
+        (its head, the normalisation) as ``"head"``; the ETF itself has no parameters."""
+        if not hasattr(self.backbone, "param_groups"):
+            raise AttributeError(f"{type(self.backbone).__name__} has no param_groups()")
+        backbone = self.backbone.param_groups()["backbone"]
+        ids = {id(p) for p in backbone}
+        return {"backbone": backbone, "head": [p for p in self.parameters() if id(p) not in ids]}
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The normalised features of ``x``."""
