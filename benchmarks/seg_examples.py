@@ -14,8 +14,7 @@ import numpy as np
 import torch
 
 from anchorlearn.engine.runner import RunError, load_run
-from anchorlearn.engine.segmentation import SegmentationFilesDataModule
-from anchorlearn.inference import segment
+from anchorlearn.engine.segmentation import SegmentationFilesDataModule, run_inference
 from anchorlearn.viz.masks import plot_segmentation_examples
 
 
@@ -26,22 +25,12 @@ def predict(run_dir: Path, split: str, indices: list[int]) -> tuple[np.ndarray, 
     if not isinstance(dm, SegmentationFilesDataModule):
         raise RunError(f"{run_dir} is not a run on a segmentation data set")
     module.eval()
-    inf = cfg.inference
     dataset = dm.dataset(split)
     maps = []
     for index in indices:
         image, _ = dataset[index]
         x = dm.normalize_images(torch.from_numpy(image.transpose(2, 0, 1).copy())[None])
-        logits = segment(
-            module.model,
-            x,
-            mode=inf.mode,
-            crop_size=None if inf.crop_size is None else tuple(inf.crop_size),
-            stride=None if inf.stride is None else tuple(inf.stride),
-            scales=tuple(inf.scales),
-            flip=inf.flip,
-        )
-        maps.append(logits.argmax(1)[0].numpy())
+        maps.append(run_inference(module.model, x, cfg.inference).argmax(1)[0].numpy())
     return np.stack(maps), {"dataset": dataset, "palette": dm.palette, "names": dm.class_names}
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 # before any test module imports Lightning or torchmetrics, which import torchvision when it
-# is installed: anchorlearn makes a torchvision built for another torch importable first
-import anchorlearn  # noqa: F401
+# is installed: the engine makes a torchvision built for another torch importable first
+import anchorlearn.engine  # noqa: F401
 
 # Tests run on small tensors; one thread per process keeps the 2-core CI machine responsive
 # and makes timings of parallel test processes comparable.

@@ -53,7 +53,7 @@ def _train(args: argparse.Namespace, load: Callable[..., Any], train: Callable[.
     ``--out`` (default ``out_dir/name/seed<k>``), print the metrics."""
     cfg = load(args.config, [*args.set, *_flag_overrides(args)])
     out = args.out or f"{cfg.out_dir}/{cfg.name}/seed{cfg.seed}"
-    metrics = train(cfg, out, resume=args.resume, **({"plots": False} if args.no_plots else {}))
+    metrics = train(cfg, out, resume=args.resume, plots=not args.no_plots)
     if metrics is not None:
         _print_metrics(metrics)
         print(f"run directory: {out}")
@@ -74,10 +74,11 @@ def _run_eval(args: argparse.Namespace) -> int:
         key: value
         for key, value in (
             ("mode", args.mode),
+            ("base_size", args.base_size),
             ("crop_size", args.crop_size),
             ("stride", args.stride),
             ("scales", args.scales),
-            ("flip", True if args.flip else None),
+            ("flip", args.flip),
         )
         if value is not None
     }
@@ -87,6 +88,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         split=args.split,
         inference=inference,
         save_masks=args.save_masks,
+        accelerator=args.accelerator,
+        precision=args.precision,
     )
     _print_metrics(metrics)
     return 0
@@ -273,13 +276,33 @@ def _add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     seg = ev.add_argument_group(
         "segmentation data sets", "override the run's inference section for this evaluation"
     )
+    ev.add_argument(
+        "--accelerator",
+        choices=("cpu", "gpu", "cuda", "auto"),
+        default="auto",
+        help="where to evaluate (default auto: a CUDA GPU when one is visible)",
+    )
+    ev.add_argument(
+        "--precision",
+        choices=("32", "bf16", "16"),
+        default="32",
+        help="bf16 / 16: mixed precision (autocast) on the GPU (default 32)",
+    )
     seg.add_argument("--mode", choices=("whole", "slide"), default=None, help="inference mode")
+    seg.add_argument(
+        "--base-size", type=_int_pair, default=None, metavar="H,W", help="rescale each image to fit"
+    )
     seg.add_argument("--crop-size", type=_int_pair, default=None, metavar="H,W")
     seg.add_argument("--stride", type=_int_pair, default=None, metavar="H,W")
     seg.add_argument(
         "--scales", type=_scale_list, default=None, metavar="S1,S2,...", help="e.g. 0.75,1.0,1.25"
     )
-    seg.add_argument("--flip", action="store_true", help="also average the flipped image")
+    seg.add_argument(
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also average the horizontally flipped image (--no-flip: do not)",
+    )
     seg.add_argument(
         "--save-masks", default=None, metavar="DIR", help="write colour prediction PNGs to DIR"
     )
@@ -338,6 +361,7 @@ def _add_pretrain_parser(subparsers: argparse._SubParsersAction) -> None:
     pre.add_argument(
         "--resume", action="store_true", help="continue from the run directory's last.ckpt"
     )
+    pre.add_argument("--no-plots", action="store_true", help="skip the t-SNE picture")
     _add_trainer_flags(pre)
     pre.set_defaults(handler=_run_pretrain)
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from anchorlearn.losses._checks import check_positive_int
 
-__all__ = ["MODES", "segment", "slide_windows"]
+__all__ = ["MODES", "scaled_size", "segment", "slide_windows"]
 
 MODES = ("whole", "slide")
 
@@ -174,6 +174,12 @@ def _slide(
 
 
 @torch.no_grad()
+def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
+    """The size :func:`segment` resizes a ``height x width`` image to for ``scale``:
+    ``round(scale * side)`` with halves rounded up, at least 1."""
+    return max(int(height * scale + 0.5), 1), max(int(width * scale + 0.5), 1)
+
+
 def segment(
     model: SegmentationModel,
     images: torch.Tensor,
@@ -278,8 +284,7 @@ def segment(
         if scale == 1.0:
             scaled = images
         else:
-            size = (max(int(height * scale + 0.5), 1), max(int(width * scale + 0.5), 1))
-            scaled = runner.resize(images, size)
+            scaled = runner.resize(images, scaled_size(height, width, scale))
         for flipped in (False, True) if flip else (False,):
             inputs = scaled.flip(-1) if flipped else scaled
             if mode == "whole":

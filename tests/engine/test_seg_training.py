@@ -13,10 +13,15 @@ from PIL import Image
 from tests.data.segfixtures import make_ade20k, make_camvid, make_cityscapes
 
 from anchorlearn.cli import main
-from anchorlearn.engine.config import ConfigError, OptimConfig, parse_config
+from anchorlearn.engine.config import ConfigError, InferenceConfig, OptimConfig, parse_config
 from anchorlearn.engine.module import lr_factor, parameter_groups
 from anchorlearn.engine.runner import RunError, build_run, evaluate_checkpoint, fit
-from anchorlearn.engine.segmentation import StepSampler, _scores
+from anchorlearn.engine.segmentation import (
+    SegmentationFilesDataModule,
+    StepSampler,
+    _logits_and_features,
+    run_inference,
+)
 
 
 def seg_config(source: str, **changes) -> dict:
@@ -124,6 +129,7 @@ def test_backbone_multiplier_needs_a_model_with_a_backbone(camvid: str) -> None:
         ({"data__crop_size": [32]}, "data.crop_size must be a list of two ints"),
         ({"data__ratio_range": [2.0, 0.5]}, "data.ratio_range"),
         ({"inference__mode": "slide"}, "needs inference.crop_size and inference.stride"),
+        ({"inference__crop_size": [32, 32]}, "remove them for mode whole"),
         ({"task": "classification"}, "is a segmentation data set"),
     ],
 )
@@ -168,10 +174,12 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return ckpt["state_dict"]
 
 
+@pytest.mark.parametrize("photometric", [True, False])
 def test_fit_validates_and_checkpoints_by_steps_and_resumes_mid_epoch(
-    camvid: str, tmp_path: Path
+    camvid: str, tmp_path: Path, photometric: bool
 ) -> None:
-    raw = seg_config(camvid, trainer__checkpoint_every_n_steps=2)
+    # dropout (seg_net's, before its classifier) draws from the generator in both cases
+    raw = seg_config(camvid, trainer__checkpoint_every_n_steps=2, data__photometric=photometric)
     cfg = parse_config(raw)
     full = fit(cfg, tmp_path / "full", quiet=True, plots=False)
     assert full["steps"] == 6
@@ -215,15 +223,25 @@ def test_eval_cli_slide_flip_and_masks(camvid: str, tmp_path: Path, capsys) -> N
     assert main(argv) == 0
     metrics = json.loads(out.read_text())
     assert metrics["inference"] == {
-        "mode": "slide", "crop_size": [32, 48], "stride": [16, 24], "scales": [1.0], "flip": True
+        "mode": "slide",
+        "base_size": None,
+        "crop_size": [32, 48],
+        "stride": [16, 24],
+        "scales": [1.0],
+        "flip": True,
     }  # fmt: skip
     written = sorted(masks.glob("*.png"))
     assert len(written) == len(list((Path(camvid[7:]) / "test").glob("*.png")))
     picture = np.asarray(Image.open(written[0]))
     assert picture.shape == (64, 96, 3)
-    whole = evaluate_checkpoint(ckpt)
-    assert whole["inference"]["mode"] == "whole"
+    palette = {tuple(int(v) for v in c) for c in build_run(cfg)[0].palette}
+    assert {tuple(c) for c in picture.reshape(-1, 3).tolist()} <= palette
     assert "miou" in capsys.readouterr().out
+    # back to whole images: the sliding windows of a slide override are dropped
+    whole = evaluate_checkpoint(ckpt, inference={"mode": "whole", "flip": False})
+    assert whole["inference"]["mode"] == "whole" and whole["inference"]["crop_size"] is None
+    assert main(["eval", "--checkpoint", str(ckpt), "--no-flip", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["inference"]["flip"] is False
 
 
 def test_eval_refuses_inference_settings_for_classification_runs(tmp_path: Path) -> None:
@@ -242,19 +260,13 @@ def test_cityscapes_label_ids_train_with_accumulation(tmp_path: Path) -> None:
     raw["trainer"].pop("val_every_n_steps")
     raw["optim"]["warmup_steps"] = 1
     raw["data"]["test_split"] = "val"  # Cityscapes' test labels are not public
-    metrics = fit(parse_config(raw), tmp_path / "run", quiet=True, plots=False)
+    cfg = parse_config(raw)
+    metrics = fit(cfg, tmp_path / "run", quiet=True, plots=False)
     assert metrics["steps"] == 2
     assert len(metrics["per_class"]) == 19
-
-
-def test_scores_of_a_confusion_matrix() -> None:
-    confusion = torch.tensor([[3, 1, 0], [0, 2, 0], [0, 0, 0]], dtype=torch.float64)
-    result = _scores(confusion)
-    assert result["aacc"] == pytest.approx(5 / 6)
-    assert result["iou"][:2].tolist() == pytest.approx([3 / 4, 2 / 3])
-    assert torch.isnan(result["iou"][2]) and torch.isnan(result["acc"][2])
-    assert result["miou"] == pytest.approx((3 / 4 + 2 / 3) / 2)
-    assert result["macc"] == pytest.approx((3 / 4 + 1.0) / 2)
+    # two optimiser steps of two batches each: the stream holds four batches
+    dm, _ = build_run(cfg)
+    assert dm.train_sampler().total_batches == 4
 
 
 def test_sync_batchnorm_on_cpu_processes_is_refused_before_training(
@@ -286,3 +298,96 @@ def test_etf_wrapped_segmentor_keeps_its_backbone_group_and_normalisation(tmp_pa
     assert {id(p) for p in module.model.norm.parameters()} <= {
         id(p) for p in groups["head"]["params"]
     }
+
+
+def test_training_padding_is_zero_after_normalisation(camvid: str) -> None:
+    dm = SegmentationFilesDataModule(camvid, crop_size=(4, 5), photometric=False)
+    dm.set_normalization((0.2, 0.4, 0.6), (0.5, 0.5, 0.5))
+    images = torch.full((2, 3, 4, 5), 255, dtype=torch.uint8)
+    masks = torch.zeros(2, 4, 5, dtype=torch.uint8)
+    sizes = torch.tensor([[4, 5], [2, 3]])
+    x, y = dm.on_after_batch_transfer([images, masks, torch.tensor([0, 1]), sizes], 0)
+    expected = (1.0 - torch.tensor([0.2, 0.4, 0.6])) / 0.5
+    torch.testing.assert_close(x[0], expected[:, None, None].expand(3, 4, 5))
+    torch.testing.assert_close(x[1, :, :2, :3], expected[:, None, None].expand(3, 2, 3))
+    assert x[1, :, 2:].abs().max() == 0 and x[1, :, :, 3:].abs().max() == 0
+    assert y.dtype == torch.int64
+
+
+@pytest.mark.parametrize(
+    "inference",
+    [
+        InferenceConfig(scales=[0.75]),
+        InferenceConfig(base_size=[56, 100], scales=[0.6]),
+        InferenceConfig(base_size=[80, 140], scales=[1.0, 0.5], flip=True),
+    ],
+)
+def test_one_pass_evaluation_equals_the_inference_it_stands_for(inference) -> None:
+    from anchorlearn.models import create_model
+
+    model = create_model("mlp_head", num_classes=4, encoder="efficientnet_lite0", channels=8)
+    model.eval()
+    x = torch.randn(2, 3, 61, 93)
+    logits, features = _logits_and_features(model, x, inference)
+    torch.testing.assert_close(logits, run_inference(model, x, inference))
+    assert logits.shape == (2, 4, 61, 93)
+    assert features.shape[1] == 8
+
+
+def test_eval_reuses_the_pixel_counts_its_run_wrote(camvid: str, tmp_path: Path, monkeypatch):
+    cfg = parse_config(seg_config(camvid, trainer__max_steps=3))
+    fit(cfg, tmp_path / "run", quiet=True, plots=False)
+    counts = json.loads((tmp_path / "run" / "class_counts.json").read_text())
+    assert counts["train_class_counts"]["sky"] > 0
+
+    def no_counting(self, dataset):
+        raise AssertionError("counted the training masks again")
+
+    monkeypatch.setattr(SegmentationFilesDataModule, "_count_pixels", no_counting)
+    metrics = evaluate_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert set(metrics["groups"].values()) == {"head", "tail"}
+
+
+RELEASE_CONFIGS = sorted(
+    str(p)
+    for folder in ("ade20k", "cityscapes", "pascal_context")
+    for p in (Path(__file__).parents[2] / "configs" / folder).glob("*.yaml")
+)
+FIXTURES = {"ade20k": make_ade20k, "cityscapes": make_cityscapes, "pascal_context": None}
+
+
+@pytest.mark.parametrize("path", RELEASE_CONFIGS)
+def test_release_configs_train_a_few_steps_on_fixture_trees(path: str, tmp_path: Path) -> None:
+    """The release's settings, with what a CPU test cannot afford scaled down: HRNet-W18 for
+    W48, 64x64 crops, test images at their own size, no ImageNet download, one process,
+    2 steps."""
+    from tests.data.segfixtures import make_pascal_context
+
+    from anchorlearn.engine.config import load_config
+
+    kind = Path(path).parent.name
+    make = FIXTURES[kind] or make_pascal_context
+    root = make(tmp_path)
+    overrides = [
+        f"data.source={kind}:{root}",
+        "data.crop_size=[64, 64]",
+        "data.batch_size=2",
+        "data.num_workers=0",
+        "model.kwargs.encoder=hrnet_w18",
+        "model.kwargs.encoder_weights=null",
+        "trainer.max_steps=2",
+        "trainer.val_every_n_steps=2",
+        "trainer.accelerator=cpu",
+        "trainer.devices=1",
+        "trainer.precision=32-true",
+        "trainer.progress=false",
+    ]
+    assert load_config(path).inference.base_size is not None  # the release rescales
+    overrides.append("inference.base_size=null")
+    if "slide" in Path(path).read_text():
+        overrides += ["inference.crop_size=[48, 48]", "inference.stride=[32, 32]"]
+    cfg = load_config(path, overrides)
+    assert cfg.model.name == "fcn" and cfg.model.kwargs["dropout"] == 0.0
+    metrics = fit(cfg, tmp_path / "run", quiet=True, plots=False)
+    assert metrics["steps"] == 2 and 0.0 <= metrics["miou"] <= 1.0
+    assert ("sar_gate_open_step" in metrics) == ("_sar" in Path(path).stem)

@@ -234,6 +234,15 @@ class RandomRescaleCrop:
     ) -> tuple[np.ndarray, np.ndarray]:
         """``image`` uint8 ``(H, W, 3)`` and integer ``mask`` ``(H, W)`` -> uint8
         ``(*crop_size, 3)`` and int64 ``crop_size``."""
+        image, mask, _ = self.crop(image, mask, rng)
+        return image, mask
+
+    def crop(
+        self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+        """:meth:`__call__` plus the ``(height, width)`` of the crop's image content: the
+        rest, at the bottom and right, is padding (for a pipeline that pads normalised
+        images with 0 instead, as mmsegmentation does)."""
         _check_sample(image, mask)
         if not isinstance(rng, np.random.Generator):
             raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
@@ -258,7 +267,7 @@ class RandomRescaleCrop:
         out_mask = np.full((crop_h, crop_w), self.ignore_index, dtype=np.int64)
         out_image[: image.shape[0], : image.shape[1]] = image
         out_mask[: mask.shape[0], : mask.shape[1]] = mask
-        return out_image, out_mask
+        return out_image, out_mask, (image.shape[0], image.shape[1])
 
 
 class PhotometricDistortion(nn.Module):
@@ -274,7 +283,8 @@ class PhotometricDistortion(nn.Module):
             32/255 matches a delta of 32 on 0-255 pixels).
         contrast_range: a factor drawn from this range multiplies the pixels.
         saturation_range: a factor drawn from this range multiplies the HSV saturation.
-        hue_delta: degrees; a hue rotation drawn from ``U(-hue_delta, hue_delta)``.
+        hue_delta: degrees; a hue rotation drawn from ``U(-hue_delta, hue_delta)``. The
+            default, 36, is mmsegmentation's ``hue_delta=18`` (OpenCV hue units, 0-180).
         p: probability of each of the four changes.
 
     ``forward(images)``: float ``(B, 3, H, W)`` in ``[0, 1]`` -> the same shape and dtype,
@@ -286,7 +296,7 @@ class PhotometricDistortion(nn.Module):
         brightness_delta: float = 32 / 255,
         contrast_range: tuple[float, float] = (0.5, 1.5),
         saturation_range: tuple[float, float] = (0.5, 1.5),
-        hue_delta: float = 18.0,
+        hue_delta: float = 36.0,
         p: float = 0.5,
     ) -> None:
         super().__init__()

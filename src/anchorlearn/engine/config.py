@@ -125,10 +125,14 @@ class TrainerConfig:
 @dataclass
 class InferenceConfig:
     """How segmentation images are scored (validation, test, ``eval``): see
-    :func:`anchorlearn.inference.segment`. ``crop_size`` and ``stride`` are ``[h, w]``;
-    ``scales`` resize the image before the network (logits are scored at full size)."""
+    :func:`anchorlearn.inference.segment`. ``base_size`` ``[h, w]`` first rescales each
+    image, aspect ratio kept, to fit it (long side <= the larger, short side <= the smaller
+    number: mmsegmentation's test ``Resize``; ``None``: the image's own size); ``scales``
+    then resize it further (multi-scale testing); ``crop_size`` and ``stride`` ``[h, w]``
+    are the sliding windows. Logits are always scored at the labels' full size."""
 
     mode: str = "whole"
+    base_size: list[int] | None = None
     crop_size: list[int] | None = None
     stride: list[int] | None = None
     scales: list[float] = field(default_factory=lambda: [1.0])
@@ -369,6 +373,7 @@ def _check_segmentation_settings(cfg: ExperimentConfig) -> None:
     d, inf = cfg.data, cfg.inference
     _pair(d.crop_size, "data.crop_size", int)
     _pair(d.base_size, "data.base_size", int)
+    _pair(inf.base_size, "inference.base_size", int)
     _pair(inf.crop_size, "inference.crop_size", int)
     _pair(inf.stride, "inference.stride", int)
     if len(d.ratio_range) != 2 or not 0 < d.ratio_range[0] <= d.ratio_range[1]:
@@ -385,6 +390,11 @@ def _check_segmentation_settings(cfg: ExperimentConfig) -> None:
                 f"inference.stride {inf.stride} must not exceed inference.crop_size "
                 f"{inf.crop_size} (windows would leave gaps)"
             )
+    elif inf.crop_size is not None or inf.stride is not None:
+        raise ConfigError(
+            "inference.crop_size and inference.stride are the sliding windows of mode slide; "
+            "remove them for mode whole"
+        )
 
 
 def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:

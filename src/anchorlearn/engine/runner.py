@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -26,7 +27,7 @@ from .config import ConfigError, ExperimentConfig, TrainerConfig, config_to_dict
 from .datamodules import ClassificationDataModule, SegmentationDataModule
 from .evaluate import evaluate_module, write_run_plots
 from .module import SupervisedModule, training_counts
-from .objective import build_objective
+from .objective import LOSSES, build_objective
 from .segmentation import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -192,7 +193,13 @@ def build_run(cfg: ExperimentConfig) -> tuple[Any, SupervisedModule]:
     model = create_model_for_data(cfg.model.name, cfg.model.kwargs, dm, cfg.data.source)
     if cfg.model.etf_classifier:
         model = FixedETFModel(model, dm.num_classes, dense=cfg.task == "segmentation")
-    counts = training_counts(dm)
+    # counting a segmentation data set's pixels reads every training mask: only when a loss
+    # needs the counts (the final evaluation counts them once, for its head / tail groups)
+    needs_counts = any(
+        spec.name in LOSSES and "class_counts" in LOSSES[spec.name].injected for spec in cfg.losses
+    )
+    lazy = isinstance(dm, SegmentationFilesDataModule) and not needs_counts
+    counts = None if lazy else training_counts(dm)
     # segmentation masks mark void pixels; every classification label is a class (a data
     # set of 256+ classes has a class 255)
     ignore_index = getattr(dm, "ignore_index", None)
@@ -580,8 +587,10 @@ def fit(
     module.to(trainer.strategy.root_device)  # Lightning's teardown moved it to the CPU
     outputs = None
     if isinstance(dm, SegmentationFilesDataModule):
+        reuse_class_counts(dm, run_dir)  # a resumed run counted them before
         metrics, outputs = evaluate_segmentation(module, dm, progress=not quiet)
         metrics["steps"] = int(trainer.global_step)
+        write_class_counts(dm, run_dir)
     else:
         metrics = evaluate_module(module, dm, task=cfg.task)
         metrics["epochs"] = int(trainer.current_epoch)
@@ -596,6 +605,17 @@ def fit(
     return metrics
 
 
+def _eval_device(accelerator: str) -> torch.device:
+    resolved = _resolve_accelerator(accelerator)
+    if resolved == "gpu":
+        if torch.cuda.device_count() == 0:
+            raise RunError("--accelerator gpu asked for but no CUDA device is visible")
+        return torch.device("cuda")
+    if resolved == "mps":
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
 def load_run(
     path: str | Path, *, inference: dict[str, Any] | None = None
 ) -> tuple[ExperimentConfig, Any, SupervisedModule]:
@@ -606,8 +626,17 @@ def load_run(
     ckpt = load_checkpoint(path)
     raw = ckpt[CONFIG_KEY]
     if inference:
-        raw = {**raw, "inference": {**raw.get("inference", {}), **inference}}
+        current = dict(raw.get("inference", {}))
+        if inference.get("mode") == "whole":  # the sliding windows of the run do not apply
+            current.pop("crop_size", None)
+            current.pop("stride", None)
+        raw = {**raw, "inference": {**current, **inference}}
     cfg = parse_config(raw)
+    # the checkpoint holds every weight: the pretrained-weight source the run started from
+    # (a file, a package, timm's cache) is not needed, nor loaded, to rebuild it
+    for key, unused in (("encoder_weights", None), ("pretrained", False)):
+        if key in cfg.model.kwargs:
+            cfg.model.kwargs[key] = unused
     dm, module = build_run(cfg)
     try:
         module.load_state_dict(ckpt["state_dict"])
@@ -623,6 +652,8 @@ def evaluate_checkpoint(
     split: str = "test",
     inference: dict[str, Any] | None = None,
     save_masks: str | Path | None = None,
+    accelerator: str = "cpu",
+    precision: str = "32",
 ) -> dict[str, Any]:
     """Rebuild the run stored in a checkpoint and evaluate it on its ``split``: ``"test"``,
     or ``"val"`` (the part of the training data the run held out) for choosing settings
@@ -630,18 +661,31 @@ def evaluate_checkpoint(
 
     Segmentation data sets only: ``inference`` overrides settings of the run's
     ``inference`` section (``{"mode": "slide", "crop_size": [512, 512], ...}``), and
-    ``save_masks`` is a directory for colour-coded prediction PNGs.
+    ``save_masks`` is a directory for colour-coded prediction PNGs. ``accelerator``
+    (``"cpu"``, ``"gpu"``/``"cuda"`` or ``"auto"``) and ``precision`` (``"32"``, or
+    ``"bf16"`` / ``"16"`` autocast) say where and how the network runs.
     """
+    device = _eval_device(accelerator)
+    if precision not in ("32", "bf16", "16"):
+        raise RunError(f"precision must be one of 32, bf16, 16, got {precision!r}")
     cfg, dm, module = load_run(path, inference=inference)
-    if isinstance(dm, SegmentationFilesDataModule):
-        metrics, _ = evaluate_segmentation(module, dm, split=split, save_masks=save_masks)
-    elif inference or save_masks is not None:
+    reuse_class_counts(dm, Path(path).parent.parent)  # run_dir/checkpoints/last.ckpt
+    if not isinstance(dm, SegmentationFilesDataModule) and (inference or save_masks is not None):
         raise RunError(
             "inference settings and --save-masks apply to segmentation data sets "
             f"(ade20k:, cityscapes:, ...); {path} was trained on {cfg.data.source!r}"
         )
-    else:
-        metrics = evaluate_module(module, dm, task=cfg.task, split=split)
+    module.to(device)
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+        if precision != "32"
+        else contextlib.nullcontext()
+    )
+    with autocast:
+        if isinstance(dm, SegmentationFilesDataModule):
+            metrics, _ = evaluate_segmentation(module, dm, split=split, save_masks=save_masks)
+        else:
+            metrics = evaluate_module(module, dm, task=cfg.task, split=split)
     metrics["split"] = split
     if out is not None:
         Path(out).write_text(json.dumps(metrics, indent=2))
@@ -650,6 +694,16 @@ def evaluate_checkpoint(
 
 def _write_run_header(cfg: ExperimentConfig, dm: Any, run_dir: Path) -> None:
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    # a segmentation data set's pixel counts are written after training (counted once then)
+    if not isinstance(dm, SegmentationFilesDataModule):
+        write_class_counts(dm, run_dir)
+
+
+CLASS_COUNTS_FILE = "class_counts.json"
+
+
+def write_class_counts(dm: Any, run_dir: Path) -> None:
+    """``run_dir/class_counts.json``: the training images (or pixels) per class."""
     counts = training_counts(dm)
     if counts is not None:
         names = list(getattr(dm, "class_names", [str(i) for i in range(len(counts))]))
@@ -657,5 +711,15 @@ def _write_run_header(cfg: ExperimentConfig, dm: Any, run_dir: Path) -> None:
             "train_class_counts": {n: int(c) for n, c in zip(names, counts, strict=True)},
             "total": int(np.sum(counts)),
         }
-        (run_dir / "class_counts.json").write_text(json.dumps(payload, indent=2))
+        (run_dir / CLASS_COUNTS_FILE).write_text(json.dumps(payload, indent=2))
         print(f"class counts (train): {payload['train_class_counts']}", file=sys.stderr)
+
+
+def reuse_class_counts(dm: Any, run_dir: Path) -> None:
+    """Give a segmentation data module the pixel counts its run wrote, if it wrote them
+    (counting reads every training mask again)."""
+    path = run_dir / CLASS_COUNTS_FILE
+    if isinstance(dm, SegmentationFilesDataModule) and path.is_file():
+        counts = json.loads(path.read_text())["train_class_counts"]
+        if list(counts) == dm.class_names:
+            dm.set_pixel_counts(list(counts.values()))

@@ -29,11 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from anchorlearn.data.seg_transforms import PhotometricDistortion, RandomRescaleCrop
+from anchorlearn.data.seg_transforms import (
+    PhotometricDistortion,
+    RandomRescaleCrop,
+    keep_ratio_size,
+)
 from anchorlearn.data.segmentation_sets import SEGMENTATION_KINDS, open_segmentation
-from anchorlearn.inference import segment
+from anchorlearn.inference import scaled_size, segment
 from anchorlearn.metrics.geometry import class_centers, feature_geometry
-from anchorlearn.metrics.segmentation import format_iou_table
+from anchorlearn.metrics.segmentation import SegmentationIoU, format_iou_table
 
 from .config import InferenceConfig, OptimConfig
 from .evaluate import regularizer_state
@@ -158,7 +162,8 @@ def _position_rng(seed: int, position: int) -> np.random.Generator:
 class _TrainCrops(Dataset):
     """``dataset[(position, index)]``: image ``index`` rescaled, cropped, flipped and padded by
     ``transform`` with random choices drawn from ``(seed, position)``; returns uint8 image
-    ``(3, h, w)``, uint8 mask ``(h, w)`` and the position."""
+    ``(3, h, w)``, uint8 mask ``(h, w)``, the position and the ``(height, width)`` of the
+    image content (the rest is padding, set to 0 after normalisation)."""
 
     def __init__(self, dataset: Any, transform: RandomRescaleCrop, seed: int) -> None:
         self.dataset = dataset
@@ -168,11 +173,12 @@ class _TrainCrops(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple:
         position, index = key
         image, mask = self.dataset[index]
-        image, mask = self.transform(image, mask, _position_rng(self.seed, position))
-        return _image_tensor(image), torch.from_numpy(mask.astype(np.uint8)), position
+        image, mask, size = self.transform.crop(image, mask, _position_rng(self.seed, position))
+        mask_tensor = torch.from_numpy(mask.astype(np.uint8))
+        return _image_tensor(image), mask_tensor, position, torch.tensor(size)
 
 
 def _image_tensor(image: np.ndarray) -> torch.Tensor:
@@ -426,17 +432,31 @@ class SegmentationFilesDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self.eval_dataloader("test")
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(
+            batch[0], torch.Tensor
+        ):  # a training batch: (images, masks, positions, sizes)
+            # the batch's randomness on the device (photometric distortion, dropout) follows
+            # its first stream position, so that a resumed run repeats it; positions differ
+            # between DDP processes
+            torch.manual_seed(self.seed * 1_000_003 + int(batch[2][0]))
+        return batch
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if not isinstance(batch[0], torch.Tensor):  # validation / test: (image, mask, index)s
             return batch
-        images, masks, positions = batch
+        images, masks, _, sizes = batch
         trainer = self.trainer
         if trainer is not None and trainer.training and self.photometric:
-            # the distortion's randomness (and the step's dropout) follow the batch's first
-            # stream position, so that a resumed run repeats them
-            torch.manual_seed(self.seed * 1_000_003 + int(positions[0]))
             images = self._distortion(images.float() / 255.0)
-        return self.normalize_images(images), masks.long()
+        images = self.normalize_images(images)
+        # padding is 0 after normalisation (the mean colour), as at inference time
+        rows = torch.arange(images.shape[-2], device=images.device)
+        cols = torch.arange(images.shape[-1], device=images.device)
+        content = (rows[None, :, None] < sizes[:, 0, None, None]) & (
+            cols[None, None, :] < sizes[:, 1, None, None]
+        )
+        return images * content[:, None], masks.long()
 
 
 def _group_same_size(batch: list) -> list[tuple[torch.Tensor, torch.Tensor, list[int]]]:
@@ -452,24 +472,35 @@ def _group_same_size(batch: list) -> list[tuple[torch.Tensor, torch.Tensor, list
     return [(torch.stack(i), torch.stack(m), idx) for i, m, idx in groups]
 
 
-def _segment(module: Any, images: torch.Tensor, inference: InferenceConfig) -> torch.Tensor:
-    return segment(
-        module.model,
-        images,
+def network_input(images: torch.Tensor, inference: InferenceConfig) -> torch.Tensor:
+    """``images`` rescaled to ``inference.base_size`` (aspect ratio kept), if set."""
+    if inference.base_size is None:
+        return images
+    size = keep_ratio_size(images.shape[-2], images.shape[-1], tuple(inference.base_size))
+    if size == tuple(images.shape[-2:]):
+        return images
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+
+
+def run_inference(
+    model: torch.nn.Module, images: torch.Tensor, inference: InferenceConfig
+) -> torch.Tensor:
+    """Logits ``(B, C, H, W)`` at the size of the normalised ``images`` ``(B, 3, H, W)``:
+    :func:`anchorlearn.inference.segment` with the run's settings, after the optional
+    rescale to ``inference.base_size``."""
+    x = network_input(images, inference)
+    logits = segment(
+        model,
+        x,
         mode=inference.mode,
         crop_size=None if inference.crop_size is None else tuple(inference.crop_size),
         stride=None if inference.stride is None else tuple(inference.stride),
         scales=tuple(inference.scales),
         flip=inference.flip,
     )
-
-
-def _confusion(preds: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
-    valid = targets != IGNORE_INDEX
-    index = targets[valid].long() * num_classes + preds[valid].long()
-    return torch.bincount(index, minlength=num_classes * num_classes).reshape(
-        num_classes, num_classes
-    )
+    if logits.shape[-2:] != images.shape[-2:]:
+        logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+    return logits
 
 
 class SegmentationModule(SupervisedModule):
@@ -502,7 +533,7 @@ class SegmentationModule(SupervisedModule):
         self.channels_last = channels_last
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self._confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+        self.val_iou = SegmentationIoU(num_classes, IGNORE_INDEX)
 
     def on_train_epoch_start(self) -> None:
         """No per-epoch reseeding: every batch's randomness follows its stream position."""
@@ -516,38 +547,17 @@ class SegmentationModule(SupervisedModule):
     def validation_step(self, batch: list, batch_idx: int) -> None:
         dm = self.trainer.datamodule
         for images, masks, _ in _group_same_size(batch):
-            logits = _segment(self, dm.normalize_images(images), self.inference)
-            update = _confusion(logits.argmax(1), masks.to(logits.device), self.num_classes)
-            self._confusion += update.cpu()
+            logits = run_inference(self.model, dm.normalize_images(images), self.inference)
+            self.val_iou.update(logits, masks)
 
     def on_validation_epoch_end(self) -> None:
-        confusion = self._confusion.to(self.device)
-        if self.trainer.world_size > 1:
-            confusion = self.trainer.strategy.reduce(confusion, reduce_op="sum")
-        result = _scores(confusion.double().cpu())
+        if self.trainer.world_size > 1:  # each process scored its own share of the images
+            total = self.trainer.strategy.reduce(self.val_iou.confusion, reduce_op="sum")
+            self.val_iou.confusion.copy_(total)
+        result = self.val_iou.compute()
         for key in ("miou", "aacc", "macc"):
             self.log(f"val/{key}", result[key], prog_bar=key == "miou", rank_zero_only=False)
-        self._confusion.zero_()
-
-
-def _scores(confusion: torch.Tensor) -> dict[str, Any]:
-    """aAcc, mIoU, mAcc and per-class IoU / accuracy of a ``(C, C)`` confusion matrix
-    (rows: ground truth). Classes absent from ground truth and predictions have NaN IoU and
-    are left out of the means; a class absent from ground truth has NaN accuracy."""
-    true_pos = confusion.diagonal()
-    gt = confusion.sum(1)
-    pred = confusion.sum(0)
-    union = gt + pred - true_pos
-    iou = torch.where(union > 0, true_pos / union.clamp_min(1), torch.nan)
-    acc = torch.where(gt > 0, true_pos / gt.clamp_min(1), torch.nan)
-    total = float(gt.sum())
-    return {
-        "aacc": float(true_pos.sum()) / total if total else float("nan"),
-        "miou": float(iou.nanmean()),
-        "macc": float(acc.nanmean()),
-        "iou": iou,
-        "acc": acc,
-    }
+        self.val_iou.reset()
 
 
 def segmentation_groups_by_frequency(pixel_counts: list[int]) -> dict[int, str]:
@@ -561,20 +571,32 @@ def _geometry_sample(
     features: torch.Tensor, masks: torch.Tensor, per_image: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Up to ``per_image`` labelled positions per image of ``features`` ``(B, D, h, w)``, the
-    labels resized to ``(h, w)`` by nearest neighbour."""
+    labels resized to ``(h, w)`` by nearest neighbour; only the chosen feature vectors leave
+    the device."""
     small = F.interpolate(masks[:, None].float(), size=features.shape[-2:], mode="nearest")
     labels = small[:, 0].long().reshape(-1).cpu()
-    flat = features.float().permute(0, 2, 3, 1).reshape(-1, features.shape[1]).cpu()
     keep = torch.nonzero(labels != IGNORE_INDEX).flatten()
     limit = per_image * features.shape[0]
     if keep.numel() > limit:
         keep = keep[torch.randperm(keep.numel(), generator=generator)[:limit]]
-    return flat[keep], labels[keep]
+    b, h, w = features.shape[0], features.shape[-2], features.shape[-1]
+    index = keep.to(features.device)
+    picked = features.permute(0, 2, 3, 1).reshape(b * h * w, -1)[index]
+    return picked.float().cpu(), labels[keep]
 
 
-def _geometry_input(images: torch.Tensor, inference: InferenceConfig) -> torch.Tensor:
-    """What the features for the geometry metrics are computed on: the image at the first
-    scale (whole mode) or its central crop of ``crop_size`` (slide mode)."""
+def _geometry_input(
+    images: torch.Tensor, inference: InferenceConfig, *, nearest: bool = False
+) -> torch.Tensor:
+    """What the features for the geometry metrics are computed on: the network's input at
+    the first scale (whole mode) or its central crop of ``crop_size`` (slide mode).
+    ``nearest``: resample a label map the same way."""
+    mode = "nearest" if nearest else "bilinear"
+    corners = None if nearest else False
+    if inference.base_size is not None:
+        size = keep_ratio_size(images.shape[-2], images.shape[-1], tuple(inference.base_size))
+        if size != tuple(images.shape[-2:]):
+            images = F.interpolate(images, size=size, mode=mode, align_corners=corners)
     if inference.mode == "slide" and inference.crop_size is not None:
         h, w = images.shape[-2:]
         ch, cw = min(inference.crop_size[0], h), min(inference.crop_size[1], w)
@@ -583,8 +605,26 @@ def _geometry_input(images: torch.Tensor, inference: InferenceConfig) -> torch.T
     scale = inference.scales[0]
     if scale == 1.0:
         return images
-    size = [max(1, round(s * scale)) for s in images.shape[-2:]]
-    return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+    size = scaled_size(images.shape[-2], images.shape[-1], scale)
+    return F.interpolate(images, size=size, mode=mode, align_corners=corners)
+
+
+def _logits_and_features(
+    model: torch.nn.Module, x: torch.Tensor, inference: InferenceConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`run_inference`'s logits of normalised ``x`` and the features of
+    :func:`_geometry_input`. With one scale, no flip and whole images the two come from
+    one forward pass, resized exactly as :func:`run_inference` resizes them."""
+    if inference.mode == "whole" and len(inference.scales) == 1 and not inference.flip:
+        logits, features = model(_geometry_input(x, inference))
+        for size in (network_input(x, inference).shape[-2:], x.shape[-2:]):
+            if logits.shape[-2:] != size:
+                logits = F.interpolate(
+                    logits.float(), size=size, mode="bilinear", align_corners=False
+                )
+        return logits.float(), features
+    _, features = model(_geometry_input(x, inference))
+    return run_inference(model, x, inference), features
 
 
 @torch.no_grad()
@@ -614,28 +654,20 @@ def evaluate_segmentation(
     loader = dm.eval_dataloader(split, shard=False)
     per_image = max(max_points // max(len(dataset), 1), 1)
     generator = torch.Generator().manual_seed(0)
-    confusion = torch.zeros(module.num_classes, module.num_classes, dtype=torch.int64)
+    names = dm.class_names
+    groups = segmentation_groups_by_frequency(dm.train_class_pixel_counts)
+    iou = SegmentationIoU(module.num_classes, IGNORE_INDEX, [groups[c] for c in range(len(names))])
     feats, labels = [], []
     out_dir = None if save_masks is None else Path(save_masks)
     start, done = time.perf_counter(), 0
     for batch in loader:
         for images, masks, indices in _group_same_size(batch):
             x = dm.normalize_images(images.to(module.device))
-            if inference.mode == "whole" and len(inference.scales) == 1 and not inference.flip:
-                # one pass gives both: what segment() computes, plus the features
-                logits, features = module.model(_geometry_input(x, inference))
-                logits = F.interpolate(
-                    logits.float(), size=x.shape[-2:], mode="bilinear", align_corners=False
-                )
-            else:
-                logits = _segment(module, x, inference)
-                _, features = module.model(_geometry_input(x, inference))
+            logits, features = _logits_and_features(module.model, x, inference)
             preds = logits.argmax(1).cpu()
-            confusion += _confusion(preds, masks, module.num_classes)
-            geometry_masks = masks
-            if inference.mode == "slide" and inference.crop_size is not None:
-                geometry_masks = _geometry_input(masks[:, None].float(), inference)[:, 0]
-            f, y = _geometry_sample(features, geometry_masks, per_image, generator)
+            iou.update(preds, masks)
+            geometry_masks = _geometry_input(masks[:, None].float(), inference, nearest=True)
+            f, y = _geometry_sample(features, geometry_masks[:, 0], per_image, generator)
             feats.append(f)
             labels.append(y)
             if out_dir is not None:
@@ -650,14 +682,10 @@ def evaluate_segmentation(
                 file=sys.stderr,
             )
     module.train(was_training)
-    result = _scores(confusion.double())
-    names = dm.class_names
-    groups = segmentation_groups_by_frequency(dm.train_class_pixel_counts)
-    metrics: dict[str, Any] = {"miou": result["miou"], "aacc": result["aacc"]}
-    metrics["macc"] = result["macc"]
+    result = iou.compute()
+    metrics: dict[str, Any] = {k: result[k] for k in ("miou", "aacc", "macc")}
     for group in ("head", "tail"):
-        values = torch.stack([result["iou"][c] for c, g in groups.items() if g == group])
-        metrics[f"{group}_iou"] = _num(values.nanmean())
+        metrics[f"{group}_iou"] = _num(result[f"miou_{group}"])
     metrics["per_class"] = {n: _num(v) for n, v in zip(names, result["iou"].tolist(), strict=True)}
     metrics["per_class_acc"] = {
         n: _num(v) for n, v in zip(names, result["acc"].tolist(), strict=True)
@@ -671,14 +699,14 @@ def evaluate_segmentation(
     metrics["class_center_labels"] = torch.unique(sample["labels"]).tolist()
     metrics["inference"] = {
         "mode": inference.mode,
+        "base_size": inference.base_size,
         "crop_size": inference.crop_size,
         "stride": inference.stride,
         "scales": list(inference.scales),
         "flip": inference.flip,
     }
     if progress:
-        table_input = {"iou": result["iou"], "acc": result["acc"], **metrics}
-        print(format_iou_table(names, table_input), file=sys.stderr)
+        print(format_iou_table(names, result), file=sys.stderr)
     return metrics, sample
 
 

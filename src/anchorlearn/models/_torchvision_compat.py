@@ -14,12 +14,13 @@ raise if called.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from types import ModuleType
 
 import torch
 
-__all__ = ["import_torchvision"]
+__all__ = ["import_torchvision", "torchvision_importable_if_installed"]
 
 _MISSING_OPERATOR = "operator torchvision::nms does not exist"
 _SCHEMAS = (
@@ -53,3 +54,10 @@ def import_torchvision() -> ModuleType:
     import torchvision
 
     return torchvision
+
+
+def torchvision_importable_if_installed() -> None:
+    """:func:`import_torchvision` when torchvision is installed, so that packages importing
+    it later (Lightning, torchmetrics) succeed; nothing (not even the import) otherwise."""
+    if importlib.util.find_spec("torchvision") is not None:
+        import_torchvision()

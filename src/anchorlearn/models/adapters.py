@@ -32,7 +32,10 @@ def _import_optional(module: str, package: str) -> ModuleType:
         f"{torch.__version__.split('+')[0]}>` and the same torch index as torch, so that pip "
         "does not replace torch"
     )
+    from anchorlearn.models._torchvision_compat import torchvision_importable_if_installed
+
     try:
+        torchvision_importable_if_installed()
         return importlib.import_module(module)
     except ImportError as error:
         raise ImportError(f"this model needs the optional package {package!r}; {hint}") from error

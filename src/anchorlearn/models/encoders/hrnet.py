@@ -361,9 +361,9 @@ def _imagenet_weights(timm_name: str) -> Callable[[], dict[str, torch.Tensor]] |
         return None
 
     def state_dict() -> dict[str, torch.Tensor]:
-        import timm
+        from anchorlearn.models.encoders.timm_encoder import import_timm
 
-        return timm.create_model(timm_name, pretrained=True).state_dict()
+        return import_timm().create_model(timm_name, pretrained=True).state_dict()
 
     return state_dict
 
