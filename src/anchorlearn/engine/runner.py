@@ -21,6 +21,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
 from anchorlearn.models import create_model
+from anchorlearn.models.encoders import IMAGENET_MEAN, IMAGENET_STD
 from anchorlearn.models.etf import FixedETFModel
 
 from .config import ConfigError, ExperimentConfig, TrainerConfig, config_to_dict, parse_config
@@ -29,8 +30,6 @@ from .evaluate import evaluate_module, write_run_plots
 from .module import SupervisedModule, training_counts
 from .objective import LOSSES, build_objective
 from .segmentation import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     SegmentationFilesDataModule,
     SegmentationModule,
     StepCheckpoint,

@@ -38,14 +38,13 @@ from anchorlearn.data.segmentation_sets import SEGMENTATION_KINDS, open_segmenta
 from anchorlearn.inference import scaled_size, segment
 from anchorlearn.metrics.geometry import class_centers, feature_geometry
 from anchorlearn.metrics.segmentation import SegmentationIoU, format_iou_table
+from anchorlearn.models.encoders import IMAGENET_MEAN, IMAGENET_STD
 
 from .config import InferenceConfig, OptimConfig
 from .evaluate import regularizer_state
 from .module import SupervisedModule
 
 __all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "SegmentationFilesDataModule",
     "SegmentationModule",
     "StepCheckpoint",
@@ -56,9 +55,6 @@ __all__ = [
 ]
 
 IGNORE_INDEX = 255
-# what an encoder without its own normalisation (a network trained from scratch) gets
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def is_segmentation_dataset(source: str) -> bool:

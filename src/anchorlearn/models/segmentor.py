@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from anchorlearn.losses._checks import check_num_classes, check_positive_int
+from anchorlearn.models.encoders import check_image_batch
 from anchorlearn.models.heads import DecodeHead, DeepLabV3PlusHead, FCNHead, MLPHead
 from anchorlearn.models.registry import register_model
 
@@ -142,14 +143,7 @@ class EncoderDecoder(nn.Module):
         super().__setattr__(name, value)
 
     def _check_input(self, x: object) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"x must have shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}"
-            )
+        x = check_image_batch(x, self.in_channels)
         b, _, h, w = x.shape
         if min(h, w) < self.min_input_size:
             raise ValueError(

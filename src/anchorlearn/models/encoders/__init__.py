@@ -32,7 +32,13 @@ from torch import nn
 
 from anchorlearn.losses._checks import check_positive_int
 
+# the input normalisation of torchvision's and timm's ImageNet weights ([0, 1] units)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 __all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "Encoder",
     "channel_statistics",
     "create_encoder",
@@ -67,15 +73,19 @@ class Encoder(nn.Module):
 
     def check_input(self, x: object) -> torch.Tensor:
         """``x`` if it is a floating-point ``(B, in_channels, H, W)`` tensor, else an error."""
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"x must have shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}"
-            )
-        return x
+        return check_image_batch(x, self.in_channels)
+
+
+def check_image_batch(x: object, in_channels: int) -> torch.Tensor:
+    """``x`` if it is a floating-point ``(B, in_channels, H, W)`` tensor, else a
+    ``TypeError`` / ``ValueError`` naming ``x``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if x.ndim != 4 or x.shape[1] != in_channels:
+        raise ValueError(f"x must have shape (B, {in_channels}, H, W), got {tuple(x.shape)}")
+    return x
 
 
 def channel_statistics(values: Sequence[float], in_channels: int) -> tuple[float, ...]:

@@ -46,13 +46,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from anchorlearn.losses._checks import check_positive_int
-from anchorlearn.models.encoders import Encoder, channel_statistics
+from anchorlearn.models.encoders import IMAGENET_MEAN, IMAGENET_STD, Encoder, channel_statistics
 from anchorlearn.models.pretrained import load_pretrained
 
 __all__ = [
     "CLASSIFICATION_HEAD_PREFIXES",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "HRNetEncoder",
     "HighResolutionModule",
     "hrnet_w18",
@@ -68,8 +66,6 @@ CLASSIFICATION_HEAD_PREFIXES = (
 )
 
 #: Normalisation of RGB inputs in ``[0, 1]`` that the ImageNet weights expect.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _UPSAMPLE_MODES = ("bilinear", "nearest")
 _STEM_WIDTH = 64

@@ -25,13 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from anchorlearn.losses._checks import check_positive_int
-from anchorlearn.models.encoders import Encoder, channel_statistics
+from anchorlearn.models.encoders import IMAGENET_MEAN, IMAGENET_STD, Encoder, channel_statistics
 from anchorlearn.models.pretrained import load_pretrained
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Bottleneck", "ResNetEncoder", "resnet50", "resnet101"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["Bottleneck", "ResNetEncoder", "resnet50", "resnet101"]
 
 _WIDTHS = (64, 128, 256, 512)
 _OUTPUT_STRIDES = (8, 16, 32)

@@ -18,13 +18,11 @@ import torch
 from torch import nn
 
 from anchorlearn.models._torchvision_compat import import_torchvision
-from anchorlearn.models.encoders import Encoder, channel_statistics
+from anchorlearn.models.encoders import IMAGENET_MEAN, IMAGENET_STD, Encoder, channel_statistics
 from anchorlearn.models.pretrained import fit_state_dict, load_into, load_state_dict_file
 
 __all__ = ["TimmEncoder", "create_timm_encoder", "import_timm"]
 
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 # create_model arguments that only the feature wrapper takes
 _FEATURE_ARGS = ("out_indices", "feature_cls", "feature_cfg", "output_fmt")
 
@@ -78,8 +76,8 @@ class TimmEncoder(Encoder):
         self.out_channels = tuple(int(c) for c in info.channels())
         self.strides = tuple(int(r) for r in info.reduction())
         config = getattr(model, "pretrained_cfg", None) or {}
-        self.input_mean = channel_statistics(config.get("mean", _IMAGENET_MEAN), in_channels)
-        self.input_std = channel_statistics(config.get("std", _IMAGENET_STD), in_channels)
+        self.input_mean = channel_statistics(config.get("mean", IMAGENET_MEAN), in_channels)
+        self.input_std = channel_statistics(config.get("std", IMAGENET_STD), in_channels)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The feature maps of ``x`` ``(B, in_channels, H, W)``."""
