@@ -173,13 +173,13 @@ def _slide(
     return runner.resize(result, out_size)
 
 
-@torch.no_grad()
 def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
     """The size :func:`segment` resizes a ``height x width`` image to for ``scale``:
     ``round(scale * side)`` with halves rounded up, at least 1."""
     return max(int(height * scale + 0.5), 1), max(int(width * scale + 0.5), 1)
 
 
+@torch.no_grad()
 def segment(
     model: SegmentationModel,
     images: torch.Tensor,
