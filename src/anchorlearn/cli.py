@@ -142,6 +142,12 @@ def _run_compare(args: argparse.Namespace) -> int:
     columns = args.columns.split(",") if args.columns else list(default)
     available = {key for runs in results.values() for run in runs for key in run}
     available = {k for k in available if k != "class_centers"} | {"center_drift"}
+    available |= {
+        f"per_class.{name}"
+        for runs in results.values()
+        for run in runs
+        for name in run.get("per_class", {})
+    }
     unknown = [c for c in columns if c not in available]
     if unknown:
         from anchorlearn.engine.runner import RunError
@@ -322,7 +328,11 @@ def _add_compare_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     cmp_.add_argument("--out", required=True, help="output directory")
     cmp_.add_argument("--epochs", type=int, default=None, help="override trainer.max_epochs")
-    cmp_.add_argument("--columns", default=None, help="comma-separated metric columns")
+    cmp_.add_argument(
+        "--columns",
+        default=None,
+        help="comma-separated metric columns; per_class.<name> for one class",
+    )
     cmp_.add_argument(
         "--jobs",
         type=int,

@@ -562,3 +562,20 @@ def test_compare_jobs_trains_in_processes_with_the_same_results(tmp_path: Path, 
     bad = [("broken", digits_config(model={"name": "small_cnn", "kwargs": {"width": -1}}))]
     with pytest.raises(RunError, match=r"broken seed 0 \(exit 2, see .*fit\.log\)"):
         run_grid(bad, [0], tmp_path / "bad", jobs=2)
+
+
+def test_compare_tabulates_one_class_with_a_per_class_column(tmp_path: Path) -> None:
+    from anchorlearn.engine.compare import aggregate, write_results
+
+    runs = {
+        "a": [
+            {"seed": 0, "top1": 0.5, "per_class": {"cat": 0.25, "dog": None}},
+            {"seed": 1, "top1": 0.7, "per_class": {"cat": 0.75, "dog": 0.5}},
+        ]
+    }
+    row = aggregate(runs, ["per_class.cat", "per_class.dog"])[0]
+    assert row["per_class.cat"] == pytest.approx(0.5)
+    assert row["per_class.dog"] == pytest.approx(0.5)  # the seed without a value is left out
+    write_results(runs, tmp_path, ["top1", "per_class.cat"], percent=["top1", "per_class.cat"])
+    assert "| a | 2 | 60.00 ± 14.14 | 50.00 ± 35.36 |" in (tmp_path / "results.md").read_text()
+    assert "a,1,0.7,0.75" in (tmp_path / "results.csv").read_text()

@@ -27,6 +27,7 @@ from .runner import RunError, check_finished_run, fit
 __all__ = [
     "DEFAULT_COLUMNS",
     "aggregate",
+    "column_value",
     "markdown_table",
     "plot_comparison",
     "run_grid",
@@ -197,12 +198,20 @@ def aggregate(results: dict[str, list[dict[str, Any]]], columns: Sequence[str]) 
         for col in columns:
             if col == "center_drift":
                 continue
-            values = [r[col] for r in runs if isinstance(r.get(col), int | float)]
-            values = [v for v in values if not math.isnan(v)]
+            values = [column_value(r, col) for r in runs]
+            values = [v for v in values if isinstance(v, int | float) and not math.isnan(v)]
             row[col] = float(np.mean(values)) if values else float("nan")
             row[f"{col}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
         rows.append(row)
     return rows
+
+
+def column_value(run: dict[str, Any], column: str) -> Any:
+    """A run's value of ``column``: a key of its metrics, or ``per_class.<class name>`` for
+    one class's accuracy or IoU."""
+    if column.startswith("per_class."):
+        return run.get("per_class", {}).get(column.removeprefix("per_class."))
+    return run.get(column)
 
 
 def _drift(runs: list[dict[str, Any]]) -> float:
@@ -276,7 +285,6 @@ def write_results(
         writer.writerow(["method", "seed", *[c for c in columns if c != "center_drift"]])
         for name, runs in results.items():
             for r in runs:
-                writer.writerow(
-                    [name, r["seed"], *[r.get(c, "") for c in columns if c != "center_drift"]]
-                )
+                cells = [column_value(r, c) for c in columns if c != "center_drift"]
+                writer.writerow([name, r["seed"], *["" if v is None else v for v in cells]])
     return table
