@@ -12,6 +12,26 @@ import pytest
 import yaml
 
 
+def fit_in_two_processes(config: dict, tmp_path: Path, *flags: str) -> Path:
+    """``anchorlearn fit --devices 2`` on the CPU in a fresh process; the run directory."""
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "anchorlearn.cli", "fit", "--config", str(path)),
+            *("--out", str(out), "--devices", "2", "--accelerator", "cpu", *flags),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 CPU cores for 2 processes")
 def test_two_process_fit_keeps_regularizer_state_identical(tmp_path: Path) -> None:
     config = {
@@ -21,22 +41,7 @@ def test_two_process_fit_keeps_regularizer_state_identical(tmp_path: Path) -> No
         "losses": ["ce", {"name": "sar", "update_conf": 0.5}, "ema_prototype"],
         "trainer": {"max_epochs": 2, "progress": False},
     }
-    path = tmp_path / "ddp.yaml"
-    path.write_text(yaml.safe_dump(config))
-    out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [
-            *(sys.executable, "-m", "anchorlearn.cli", "fit", "--config", str(path)),
-            *("--out", str(out), "--devices", "2", "--accelerator", "cpu"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    out = fit_in_two_processes(config, tmp_path)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["ddp_world_size"] == 2
     # SAR's semantic anchors, gate step, EMA prototypes and the model's BatchNorm
@@ -62,22 +67,7 @@ def test_two_process_segmentation_by_steps_validates_on_shards_and_agrees(tmp_pa
         "inference": {"batch_size": 2},
     }
     config["data"]["batch_size"] = 2
-    path = tmp_path / "ddp.yaml"
-    path.write_text(yaml.safe_dump(config))
-    out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [
-            *(sys.executable, "-m", "anchorlearn.cli", "fit", "--config", str(path)),
-            *("--out", str(out), "--devices", "2", "--accelerator", "cpu", "--no-plots"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    out = fit_in_two_processes(config, tmp_path, "--no-plots")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["ddp_world_size"] == 2 and metrics["steps"] == 4
     assert metrics["ddp_max_state_diff"] == 0.0
