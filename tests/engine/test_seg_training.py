@@ -391,3 +391,24 @@ def test_release_configs_train_a_few_steps_on_fixture_trees(path: str, tmp_path:
     metrics = fit(cfg, tmp_path / "run", quiet=True, plots=False)
     assert metrics["steps"] == 2 and 0.0 <= metrics["miou"] <= 1.0
     assert ("sar_gate_open_step" in metrics) == ("_sar" in Path(path).stem)
+
+
+@pytest.mark.parametrize(("precision", "channels_last"), [("bf16-mixed", False), ("32-true", True)])
+def test_mixed_precision_and_channels_last_train(
+    camvid: str, tmp_path: Path, precision: str, channels_last: bool
+) -> None:
+    raw = seg_config(
+        camvid, trainer__max_steps=3, trainer__precision=precision,
+        trainer__channels_last=channels_last, trainer__log_every_n_steps=1,
+    )  # fmt: skip
+    raw["model"] = {"name": "mlp_head", "kwargs": {"encoder": "efficientnet_lite0", "channels": 8}}
+    cfg = parse_config(raw)
+    _, module = build_run(cfg)
+    conv = module.model.encoder.conv_stem.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) == channels_last
+    metrics = fit(cfg, tmp_path / "run", quiet=True, plots=False)
+    assert metrics["steps"] == 3 and 0.0 <= metrics["miou"] <= 1.0
+    rows = (tmp_path / "run" / "logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    losses = [r.split(",")[rows[0].split(",").index("train/loss_step")] for r in rows[1:]]
+    losses = [float(v) for v in losses if v]
+    assert len(losses) == 3 and all(np.isfinite(losses))

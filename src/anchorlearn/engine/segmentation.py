@@ -10,9 +10,10 @@
   every random choice of a sample (scale, crop, flip, photometric distortion) is drawn from its
   position, so a run resumed from a mid-epoch checkpoint sees exactly the batches the
   uninterrupted run would have seen.
-* Validation and test: :func:`anchorlearn.inference.segment` (whole image, sliding window,
-  multi-scale + flip) at the labels' full size; aAcc, mIoU, mAcc, per-class IoU and accuracy,
-  head / tail IoU and feature geometry.
+* Validation and test: :func:`run_inference`, an optional rescale to a base size and then
+  :func:`anchorlearn.inference.segment` (whole image, sliding window, multi-scale + flip),
+  scored at the labels' full size; aAcc, mIoU, mAcc, per-class IoU and accuracy, head / tail
+  IoU and feature geometry.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ __all__ = [
     "StepSampler",
     "evaluate_segmentation",
     "is_segmentation_dataset",
+    "network_input",
+    "run_inference",
     "segmentation_groups_by_frequency",
 ]
 
