@@ -185,3 +185,12 @@ def test_photometric_rejects_bad_input():
         PhotometricDistortion()(torch.zeros(2, 3, 4, 4, dtype=torch.uint8))
     with pytest.raises(ValueError, match=r"p must lie in \[0, 1\], got 2.0"):
         PhotometricDistortion(p=2.0)
+
+
+def test_photometric_ranges_must_be_pairs() -> None:
+    from anchorlearn.data.seg_transforms import PhotometricDistortion
+
+    with pytest.raises(TypeError, match=r"contrast_range must be a pair \(low, high\), got 0.5"):
+        PhotometricDistortion(contrast_range=0.5)
+    with pytest.raises(TypeError, match="saturation_range must be a pair"):
+        PhotometricDistortion(saturation_range=(0.5, 1.0, 1.5))

@@ -304,10 +304,13 @@ class PhotometricDistortion(nn.Module):
         import kornia.augmentation as K
 
         check_probability(brightness_delta, "brightness_delta")
-        for name, (low, high) in (
+        for name, pair in (
             ("contrast_range", contrast_range),
             ("saturation_range", saturation_range),
         ):
+            if not isinstance(pair, tuple | list) or len(pair) != 2:
+                raise TypeError(f"{name} must be a pair (low, high), got {pair!r}")
+            low, high = pair
             if not 0.0 <= low <= high:
                 raise ValueError(f"{name} must satisfy 0 <= low <= high, got {(low, high)}")
         if not 0.0 <= check_non_negative(hue_delta, "hue_delta") <= 180.0:

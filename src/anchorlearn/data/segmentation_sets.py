@@ -43,6 +43,7 @@ __all__ = [
     "VOC_CLASSES",
     "SegmentationDataset",
     "open_segmentation",
+    "voc_palette",
 ]
 
 IGNORE_INDEX = 255
@@ -150,18 +151,16 @@ _CAMVID_PALETTE = (
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def _voc_palette(n: int) -> np.ndarray:
-    """The Pascal VOC colour map: the bits of the class index spread over R, G, B from the
-    most significant bit down."""
-    palette = np.zeros((n, 3), dtype=np.uint8)
-    for index in range(n):
-        code, colour = index, [0, 0, 0]
-        for bit in range(7, -1, -1):
-            for channel in range(3):
-                colour[channel] |= ((code >> channel) & 1) << bit
-            code >>= 3
-        palette[index] = colour
-    return palette
+def voc_palette(num_classes: int) -> np.ndarray:
+    """``(num_classes, 3)`` uint8 colours of Pascal VOC's scheme: the bits of the class
+    index are dealt out in turn to red, green and blue, from the most significant bit of
+    each channel down. Class 0 is black, class 1 ``(128, 0, 0)``, class 2 ``(0, 128, 0)``."""
+    index = np.arange(num_classes, dtype=np.int64)
+    palette = np.zeros((num_classes, 3), dtype=np.int64)
+    for bit in range(8):
+        for channel in range(3):
+            palette[:, channel] |= ((index >> (3 * bit + channel)) & 1) << (7 - bit)
+    return palette.astype(np.uint8)
 
 
 def _describe_values(values: np.ndarray) -> str:
@@ -559,7 +558,7 @@ def _voc(root: Path, split: str) -> SegmentationDataset:
         root,
         files,
         VOC_CLASSES,
-        _voc_palette(len(VOC_CLASSES)),
+        voc_palette(len(VOC_CLASSES)),
         _identity_map(len(VOC_CLASSES)),
         [*range(len(VOC_CLASSES)), IGNORE_INDEX],
     )

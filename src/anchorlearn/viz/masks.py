@@ -82,13 +82,9 @@ def default_palette(num_classes: int) -> np.ndarray:
     Deterministic, and distinct for up to ``2**24`` classes; class 0 is black, class 1
     ``(128, 0, 0)``, class 2 ``(0, 128, 0)``, class 3 ``(128, 128, 0)``, ...
     """
-    check_positive_int(num_classes, "num_classes")
-    index = np.arange(num_classes, dtype=np.int64)
-    palette = np.zeros((num_classes, 3), dtype=np.int64)
-    for bit in range(8):
-        for channel in range(3):
-            palette[:, channel] |= ((index >> (3 * bit + channel)) & 1) << (7 - bit)
-    return palette.astype(np.uint8)
+    from anchorlearn.data.segmentation_sets import voc_palette
+
+    return voc_palette(check_positive_int(num_classes, "num_classes"))
 
 
 def colorize(
