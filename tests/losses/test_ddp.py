@@ -130,3 +130,6 @@ def test_sar_state_follows_the_parameters_not_the_rank_batch(rank_results) -> No
         assert rank0[step]["gate_open"] == rank1[step]["gate_open"]
         assert torch.equal(rank0[step]["semantic_anchors"], rank1[step]["semantic_anchors"])
     assert [s["gate_open"] for s in rank0] == [False, True, True]
+    # the anchors compared above are set, not the zeros they start as
+    assert not rank0[0]["semantic_anchors"].any()
+    assert bool((rank0[-1]["semantic_anchors"].abs().sum(dim=1) > 0).all())

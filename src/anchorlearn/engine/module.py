@@ -9,6 +9,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DistributedSampler
 
 from anchorlearn.losses._checks import valid_label_mask
 
@@ -21,6 +22,7 @@ __all__ = [
     "batchnorm_statistics",
     "build_optimizer",
     "lr_factor",
+    "padded_sampler",
     "parameter_groups",
     "rank_divergence",
     "training_counts",
@@ -154,6 +156,24 @@ def upsample_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def padded_sampler(trainer: L.Trainer | None) -> DistributedSampler | None:
+    """The distributed sampler of the running validation, when it pads the split.
+
+    Under DDP Lightning gives the validation loader a :class:`DistributedSampler` with
+    ``drop_last=False``: it repeats the first samples of the split until every rank gets as
+    many. ``None`` when there is no trainer, no validation loader or no such sampler.
+    """
+    if trainer is None:
+        return None
+    loaders = trainer.val_dataloaders
+    if isinstance(loaders, list | tuple):
+        loaders = loaders[0] if loaders else None
+    sampler = getattr(loaders, "sampler", None)
+    if isinstance(sampler, DistributedSampler) and not sampler.drop_last:
+        return sampler
+    return None
+
+
 def training_counts(dm) -> list[int] | None:
     """Per-class training counts of a data module: images, or pixels for segmentation."""
     for name in ("train_class_counts", "train_class_pixel_counts"):
@@ -200,6 +220,7 @@ class SupervisedModule(L.LightningModule):
         self.seed = seed
         self._val_correct = 0
         self._val_total = 0
+        self._val_seen = 0
         self.rank_state_divergence = 0.0
         self.most_divergent_buffer = ""
 
@@ -215,15 +236,14 @@ class SupervisedModule(L.LightningModule):
         logits, features = self.model(images)
         out = self.objective(logits, features, labels, upsample=upsample_logits)
         batch_size = images.shape[0]
-        self.log(
-            "train/loss", out["loss"].detach(), prog_bar=True, on_epoch=True, batch_size=batch_size
-        )
+        # epoch-level values are averaged over the ranks (weighted by their batch sizes)
+        epoch = {"prog_bar": True, "on_epoch": True, "batch_size": batch_size, "sync_dist": True}
+        self.log("train/loss", out["loss"].detach(), **epoch)
         for key, value in out.items():
             if key != "loss":
                 self.log(f"train/{key}", value, batch_size=batch_size)
         if self.task == "classification":
-            acc = (logits.argmax(1) == labels).float().mean()
-            self.log("train/acc", acc, prog_bar=True, on_epoch=True, batch_size=batch_size)
+            self.log("train/acc", (logits.argmax(1) == labels).float().mean(), **epoch)
         return out["loss"]
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
@@ -231,22 +251,42 @@ class SupervisedModule(L.LightningModule):
         logits, _ = self.model(images)
         logits = upsample_logits(logits, labels)
         valid = valid_label_mask(labels, self.ignore_index)
+        valid[self._unpadded_rows(labels.shape[0]) :] = False
         correct = (logits.argmax(1) == labels) & valid
         self._val_correct += int(correct.sum())
         self._val_total += int(valid.sum())
 
+    def _unpadded_rows(self, num_rows: int) -> int:
+        """How many of the next ``num_rows`` validation samples of this rank are not padding.
+
+        The padding of :func:`padded_sampler` comes last: rank ``r``'s ``k``-th sample is a
+        repeat once ``r + k * world_size >= len(split)``. Leaving the repeats out makes the
+        ranks' counts add up to the whole split, every sample once.
+        """
+        start = self._val_seen
+        self._val_seen += num_rows
+        sampler = padded_sampler(self._trainer)
+        if sampler is None:
+            return num_rows
+        real = len(range(sampler.rank, len(sampler.dataset), sampler.num_replicas))
+        return max(0, min(num_rows, real - start))
+
     def on_validation_epoch_end(self) -> None:
-        stats = torch.tensor([self._val_correct, self._val_total], dtype=torch.float64)
-        stats = self.all_gather(stats)
-        if stats.ndim == 2:
-            stats = stats.sum(0)
-        acc = float(stats[0] / stats[1].clamp_min(1))
+        """Log the validation accuracy of the whole split: correct and total counts summed
+        over the ranks first, so every rank logs the same global value (its ``sync_dist``
+        mean over the ranks is that value again)."""
+        counts = [self._val_correct, self._val_total]
+        stats = torch.tensor(counts, dtype=torch.long, device=self.device)
+        stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
+        acc = int(stats[0]) / max(int(stats[1]), 1)
         name = "val/acc" if self.task == "classification" else "val/pixel_acc"
-        self.log(name, acc, prog_bar=True, sync_dist=False, rank_zero_only=False)
+        self.log(name, acc, prog_bar=True, sync_dist=True)
         self._val_correct = 0
         self._val_total = 0
+        self._val_seen = 0
 
     def on_validation_epoch_start(self) -> None:
+        self._val_seen = 0
         average_batchnorm_statistics(self)
 
     def on_train_epoch_end(self) -> None:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from anchorlearn.cluster import estimate_concentration, kmeans
-from anchorlearn.losses._checks import check_label_range
+from anchorlearn.losses._checks import check_label_range, connected_zero
 from anchorlearn.losses.contrastive import InfoNCE
 from anchorlearn.losses.pauc import PAUCLoss
 from anchorlearn.models.moco import MoCo
@@ -319,7 +319,7 @@ class ContrastivePretrainModule(L.LightningModule):
         # more than the losses' 1e-3 tolerance.
         q, k, queue = (F.normalize(out[key].float(), dim=1) for key in ("q", "k", "queue"))
         infonce = self.infonce(q, k, queue)["loss"]
-        zero = q.sum() * 0.0
+        zero = connected_zero(q)
         terms = dict.fromkeys(LOSS_TERMS, zero)
         terms["infonce"] = infonce
         loss = self.infonce_weight * infonce

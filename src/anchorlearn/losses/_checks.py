@@ -12,12 +12,15 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "autocast_off",
     "check_finite",
     "check_non_negative",
     "check_num_classes",
     "check_positive",
     "check_probability",
     "check_seed",
+    "connected_zero",
+    "loss_compute_dtype",
     "validate_features_and_labels",
 ]
 
@@ -83,7 +86,9 @@ def check_seed(seed: object, name: str = "seed", *, optional: bool = True) -> in
 def check_finite(tensor: torch.Tensor, name: str) -> None:
     # One reduction first: a finite sum proves every element finite (NaN and inf propagate);
     # only a non-finite sum, which overflow can also cause, needs the element-wise check.
-    if bool(torch.isfinite(tensor.sum())):
+    # Half-precision tensors are summed in float32, where a batch of them cannot overflow.
+    accumulate = loss_compute_dtype(tensor.dtype) if tensor.is_floating_point() else None
+    if bool(torch.isfinite(tensor.sum(dtype=accumulate))):
         return
     if not bool(torch.isfinite(tensor).all()):
         n_bad = int((~torch.isfinite(tensor)).sum())
@@ -216,12 +221,33 @@ def valid_label_mask(labels: torch.Tensor, ignore_index: int | None) -> torch.Te
 
 
 def loss_compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """Dtype to compute a loss in: at least float32 (half inputs under autocast are promoted),
-    float64 kept."""
+    """Dtype to compute a loss in: at least float32 (float16 and bfloat16 inputs, e.g. under
+    autocast, are promoted: their sums and squares overflow or lose the loss), float64 kept."""
     result = torch.float32
     for dtype in dtypes:
         result = torch.promote_types(result, dtype)
     return result
+
+
+def autocast_off(tensor: torch.Tensor) -> torch.autocast:
+    """A context that turns autocast off on ``tensor``'s device, so that a loss computes in
+    the dtype it chose (:func:`loss_compute_dtype`), matrix products included."""
+    return torch.autocast(tensor.device.type, enabled=False)
+
+
+def connected_zero(*tensors: torch.Tensor) -> torch.Tensor:
+    """A scalar zero attached to the autograd graph of each of ``tensors`` (zero gradient).
+
+    An inactive loss term returns it so that every parameter behind its inputs still counts
+    as used (DDP) and the loss keys and dtypes never change. Each tensor is multiplied by 0
+    *before* it is summed, in :func:`loss_compute_dtype`: a sum of a large float16 batch
+    first would overflow to ``inf``, and ``inf * 0`` is NaN. Inputs must be finite.
+    """
+    dtype = loss_compute_dtype(*(t.dtype for t in tensors))
+    zero = torch.zeros((), dtype=dtype, device=tensors[0].device)
+    for tensor in tensors:
+        zero = zero + (tensor * 0).sum(dtype=dtype)
+    return zero
 
 
 def check_matrix(tensor: object, name: str, *, cols: int | None = None) -> torch.Tensor:

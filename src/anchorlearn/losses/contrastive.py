@@ -13,12 +13,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from anchorlearn.losses._checks import (
+    autocast_off,
     check_finite,
     check_l2_normalised,
     check_labels_tensor,
     check_matrix,
     check_positive,
     check_positive_int,
+    connected_zero,
+    loss_compute_dtype,
 )
 
 __all__ = ["InfoNCE", "ProtoNCE", "check_prototype_inputs"]
@@ -59,18 +62,22 @@ class InfoNCE(nn.Module):
         check_l2_normalised(q, "q")
         check_l2_normalised(k, "k")
         if q.shape[0] == 0:  # an empty batch: zero, attached to the graph
-            zero = q.sum() * 0.0 + k.sum() * 0.0
+            zero = connected_zero(q, k)
             return {"loss": zero, "infonce": zero}
-        if queue is None:
-            logits = q @ k.t()
-            target = torch.arange(q.shape[0], device=q.device)
-        else:
+        if queue is not None:
             queue = check_matrix(queue, "queue", cols=q.shape[1])
             check_l2_normalised(queue, "queue")
-            positives = (q * k).sum(dim=1, keepdim=True)
-            logits = torch.cat([positives, q @ queue.to(q.dtype).t()], dim=1)
-            target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-        loss = F.cross_entropy(logits / self.temperature, target)
+        dtype = loss_compute_dtype(q.dtype, k.dtype)
+        with autocast_off(q):
+            q, k = q.to(dtype), k.to(dtype)
+            if queue is None:
+                logits = q @ k.t()
+                target = torch.arange(q.shape[0], device=q.device)
+            else:
+                positives = (q * k).sum(dim=1, keepdim=True)
+                logits = torch.cat([positives, q @ queue.to(dtype).t()], dim=1)
+                target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+            loss = F.cross_entropy(logits / self.temperature, target)
         return {"loss": loss, "infonce": loss}
 
 
@@ -86,9 +93,10 @@ def check_prototype_inputs(
     finite ``(k_g, D)`` float tensor with L2-normalised rows (as
     :func:`~anchorlearn.cluster.kmeans` returns them) and, when given, ``concentrations[g]``
     a finite ``(k_g,)`` float tensor of at least ``finfo(q.dtype).max ** -0.5`` (about
-    5e-20 in float32, 4e-3 in float16): a logit ``q . c / phi`` then stays below the
-    square root of the largest value of the dtype, so neither it nor a sum of as many such
-    terms overflows. Without ``prototypes`` the assignments are only checked to be
+    5e-20 in float32, 4e-3 in float16): a logit ``q . c / phi`` and its gradient with
+    respect to ``q`` (computed in float32, returned in ``q``'s dtype) then stay below the
+    square root of the largest value of ``q``'s dtype, so neither they nor a sum of as many
+    such terms overflows. Without ``prototypes`` the assignments are only checked to be
     non-negative.
     """
     lists = {"assignments": assignments}
@@ -143,7 +151,7 @@ def check_prototype_inputs(
             if not bool((phi >= floor).all()):
                 raise ValueError(
                     f"concentrations[{g}] must be >= {floor:.3g} (for {q.dtype} embeddings: "
-                    f"smaller ones overflow the logits q.c/phi), "
+                    f"smaller ones overflow the logits q.c/phi or their gradient), "
                     f"got minimum {float(phi.min()):.3g}"
                 )
 
@@ -220,7 +228,7 @@ class ProtoNCE(nn.Module):
         check_l2_normalised(q, "q")
         check_prototype_inputs(q, assignments, prototypes, concentrations)
         if q.shape[0] == 0:  # an empty batch: zero, attached to the graph
-            zero = q.sum() * 0.0
+            zero = connected_zero(q)
             return {"loss": zero, "protonce": zero}
         loss = self._loss(q, assignments, prototypes, concentrations, generator)
         return {"loss": loss, "protonce": loss}
@@ -233,17 +241,21 @@ class ProtoNCE(nn.Module):
         concentrations: Sequence[torch.Tensor] | None,
         generator: torch.Generator | None,
     ) -> torch.Tensor:
-        """The ProtoNCE scalar for inputs already validated by :meth:`forward`."""
+        """The ProtoNCE scalar for inputs already validated by :meth:`forward`, computed in
+        float32 (float64 for float64 ``q``) with autocast off."""
         if concentrations is None:
             concentrations = [p.new_full((p.shape[0],), self.temperature) for p in prototypes]
+        dtype = loss_compute_dtype(q.dtype)
         terms = []
-        for labels, protos, phi in zip(assignments, prototypes, concentrations, strict=True):
-            labels = labels.long().to(q.device)
-            logits_all = (q @ protos.to(q.dtype).t()) / phi.to(q.dtype)
-            negatives = self.sample_negatives(labels, protos.shape[0], generator)
-            logits = torch.cat(
-                [logits_all.gather(1, labels[:, None]), logits_all.gather(1, negatives)], dim=1
-            )
-            target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-            terms.append(F.cross_entropy(logits, target))
+        with autocast_off(q):
+            q = q.to(dtype)
+            for labels, protos, phi in zip(assignments, prototypes, concentrations, strict=True):
+                labels = labels.long().to(q.device)
+                logits_all = (q @ protos.to(dtype).t()) / phi.to(dtype)
+                negatives = self.sample_negatives(labels, protos.shape[0], generator)
+                logits = torch.cat(
+                    [logits_all.gather(1, labels[:, None]), logits_all.gather(1, negatives)], dim=1
+                )
+                target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+                terms.append(F.cross_entropy(logits, target))
         return torch.stack(terms).mean()

@@ -18,23 +18,29 @@ selectable so that they can be measured:
 
 k-means prototypes carry no gradient, which is why the uniformity and correlation terms work
 on prototype-level features computed from the embeddings of the batch.
+
+Every term is computed with autocast off in float32 (float64 for float64 inputs) and
+returned in that dtype: half-precision embeddings and features are upcast first.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 from torch import nn
 
 from anchorlearn.losses._checks import (
+    autocast_off,
     check_l2_normalised,
     check_matrix,
     check_non_negative,
     check_positive,
     check_positive_int,
+    connected_zero,
+    loss_compute_dtype,
 )
 from anchorlearn.losses.contrastive import ProtoNCE, check_prototype_inputs
 
@@ -58,8 +64,17 @@ def _check_choice(value: object, name: str, allowed: tuple[str, ...]) -> str:
 
 
 def _zero(like: torch.Tensor) -> torch.Tensor:
-    """A scalar zero attached to the graph of ``like`` (keeps DDP's used-parameter set stable)."""
-    return like.sum() * 0.0
+    """A scalar zero attached to the graph of ``like`` (keeps DDP's used-parameter set stable),
+    in float32 or wider; it cannot overflow (:func:`connected_zero`)."""
+    return connected_zero(like)
+
+
+_OptionalTensor = TypeVar("_OptionalTensor", torch.Tensor, None)
+
+
+def _upcast(x: _OptionalTensor) -> _OptionalTensor:
+    """``x`` in the dtype the losses compute in: float32, or float64 for float64 inputs."""
+    return None if x is None else x.to(loss_compute_dtype(x.dtype))
 
 
 def _check_second_view(k: torch.Tensor | None, q: torch.Tensor, name: str = "k") -> None:
@@ -185,7 +200,8 @@ class AlignmentLoss(nn.Module):
         _check_second_view(k, q)
         if self.view_weight > 0 and k is None:
             raise ValueError("k (the second view, (N, D)) is required when view_weight > 0")
-        return self._terms(q, assignments, prototypes, k)
+        with autocast_off(q):
+            return self._terms(_upcast(q), assignments, prototypes, _upcast(k))
 
     def _terms(
         self,
@@ -265,7 +281,8 @@ class UniformityLoss(nn.Module):
         if prototypes is None and self.mode == "assignment":
             raise ValueError("prototypes are required when mode='assignment', got None")
         check_prototype_inputs(q, assignments, prototypes, concentrations)
-        loss = self._loss(q, assignments, prototypes, concentrations)
+        with autocast_off(q):
+            loss = self._loss(_upcast(q), assignments, prototypes, concentrations)
         return {"loss": loss, "uniformity": loss}
 
     def _loss(
@@ -350,7 +367,8 @@ class CorrelationLoss(nn.Module):
                 )
         elif self.mode == "barlow":
             raise ValueError("z2 (the second view's features, (M, P)) is required for 'barlow'")
-        loss = self._loss(z1, z2)
+        with autocast_off(z1):
+            loss = self._loss(_upcast(z1), _upcast(z2))
         return {"loss": loss, "correlation": loss}
 
     def _loss(self, z1: torch.Tensor, z2: torch.Tensor | None) -> torch.Tensor:
@@ -482,17 +500,23 @@ class PAUCLoss(nn.Module):
             concentrations = [
                 p.new_full((p.shape[0],), self.protonce.temperature) for p in prototypes
             ]
-        zero = _zero(q)
-        terms = dict.fromkeys(self.weights, zero)
-        if self.weights["protonce"] > 0:
-            terms["protonce"] = self.protonce._loss(
-                q, assignments, prototypes, concentrations, generator
-            )
-        if self.weights["alignment"] > 0:
-            terms["alignment"] = self.alignment._terms(q, assignments, prototypes, k)["loss"]
-        if self.weights["uniformity"] > 0:
-            terms["uniformity"] = self.uniformity._loss(q, assignments, prototypes, concentrations)
-        if self.weights["correlation"] > 0:
-            terms["correlation"] = self._correlation(q, k, assignments, prototypes, concentrations)
-        loss = sum((self.weights[name] * value for name, value in terms.items()), zero)
+        with autocast_off(q):
+            q, k = _upcast(q), _upcast(k)
+            zero = _zero(q)
+            terms = dict.fromkeys(self.weights, zero)
+            if self.weights["protonce"] > 0:
+                terms["protonce"] = self.protonce._loss(
+                    q, assignments, prototypes, concentrations, generator
+                )
+            if self.weights["alignment"] > 0:
+                terms["alignment"] = self.alignment._terms(q, assignments, prototypes, k)["loss"]
+            if self.weights["uniformity"] > 0:
+                terms["uniformity"] = self.uniformity._loss(
+                    q, assignments, prototypes, concentrations
+                )
+            if self.weights["correlation"] > 0:
+                terms["correlation"] = self._correlation(
+                    q, k, assignments, prototypes, concentrations
+                )
+            loss = sum((self.weights[name] * value for name, value in terms.items()), zero)
         return {"loss": loss, **terms}

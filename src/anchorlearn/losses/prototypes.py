@@ -103,21 +103,27 @@ class EMAPrototypeLoss(nn.Module):
 
     @torch.no_grad()
     def _update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        """EMA update from valid ``features`` ``(M, D)`` with class ``labels`` ``(M,)``."""
-        buffer_dtype = self.prototypes.dtype
+        """EMA update from valid ``features`` ``(M, D)`` with class ``labels`` ``(M,)``.
+
+        Class sums, counts and the blend are computed in float32 (float64 for float64
+        buffers), then stored in the buffers' dtype: class sums of a float16 batch overflow
+        float16. The dtype depends on the buffers only, so every rank all-reduces alike.
+        """
+        dtype = loss_compute_dtype(self.prototypes.dtype)
         stats = torch.zeros(
-            self.num_classes, self.feat_dim + 1, dtype=buffer_dtype, device=self.prototypes.device
+            self.num_classes, self.feat_dim + 1, dtype=dtype, device=self.prototypes.device
         )
-        stats[:, : self.feat_dim].index_add_(0, labels, features.detach().to(buffer_dtype))
-        stats[:, self.feat_dim].index_add_(0, labels, torch.ones_like(labels, dtype=buffer_dtype))
+        stats[:, : self.feat_dim].index_add_(0, labels, features.detach().to(dtype))
+        stats[:, self.feat_dim].index_add_(0, labels, torch.ones_like(labels, dtype=dtype))
         if _distributed_world_size() > 1:
             dist.all_reduce(stats, op=dist.ReduceOp.SUM)
         counts = stats[:, self.feat_dim]
         present = counts > 0
         means = stats[:, : self.feat_dim] / counts.clamp_min(1.0)[:, None]
-        blended = self.momentum * self.prototypes + (1.0 - self.momentum) * means
+        previous = self.prototypes.to(dtype)
+        blended = self.momentum * previous + (1.0 - self.momentum) * means
         updated = torch.where(self.initialized[:, None], blended, means)
-        self.prototypes.copy_(torch.where(present[:, None], updated, self.prototypes))
+        self.prototypes.copy_(torch.where(present[:, None], updated, previous))
         self.initialized |= present
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ from ._checks import (
     check_positive_int,
     check_probability,
     check_seed,
+    connected_zero,
     loss_compute_dtype,
     valid_label_mask,
     validate_features_and_labels,
@@ -66,7 +67,10 @@ class SemanticAnchorRegularizer(nn.Module):
 
     ``loss = aux_weight * aux_ce + pull_weight * pull``. The returned ``aux_ce`` and ``pull``
     are unweighted; both are always present (zero while inactive) so that loss keys agree
-    across steps and DDP ranks. Nothing reaches ``anchors`` or ``semantic_anchors``.
+    across steps and DDP ranks; an inactive pull is a zero still connected to ``features``.
+    Nothing reaches ``anchors`` or ``semantic_anchors``. Both terms are computed and returned
+    in float32 (float64 for float64 inputs) whatever the dtype of ``features`` or the
+    autocast state: a float16 batch is never summed in float16.
 
     In ``eval()`` mode no state changes: the auxiliary CE is reported with the projector in
     eval mode and the pull is measured against ``S`` if the gate has ever opened.
@@ -220,7 +224,7 @@ class SemanticAnchorRegularizer(nn.Module):
         if use_pull:
             pull = _masked_pull(features, labels, self.semantic_anchors, self.ignore_index)
         else:
-            pull = features.sum().to(loss_compute_dtype(features.dtype)) * 0.0
+            pull = connected_zero(features)
         loss = self.aux_weight * aux_ce + self.pull_weight * pull
         return {"loss": loss, "aux_ce": aux_ce, "pull": pull, "gate_open": gate_open}
 

@@ -16,6 +16,7 @@ import torch
 from anchorlearn.losses._checks import check_finite, check_float_tensor, check_labels_tensor
 
 __all__ = [
+    "NC1_CENTERS",
     "center_cosines",
     "center_drift",
     "class_centers",
@@ -60,20 +61,40 @@ def _means(feats: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
     return sums / counts[:, None]
 
 
-def nc1(features: torch.Tensor, labels: torch.Tensor) -> float:
+NC1_CENTERS = ("class_means", "samples")
+
+
+def _check_center(center: object, name: str) -> str:
+    if center not in NC1_CENTERS:
+        raise ValueError(f"{name} must be one of {NC1_CENTERS}, got {center!r}")
+    return str(center)
+
+
+def nc1(features: torch.Tensor, labels: torch.Tensor, *, center: str = "class_means") -> float:
     """Within-class variability collapse (Papyan, Han & Donoho 2020):
     ``NC1 = tr(Sigma_W Sigma_B^+) / C``.
 
     ``Sigma_W`` averages ``(h - mu_c)(h - mu_c)^T`` over all samples; ``Sigma_B`` averages
-    ``(mu_c - mu_G)(mu_c - mu_G)^T`` over classes, ``mu_G`` being the global mean of all
-    features; ``+`` is the Moore-Penrose pseudo-inverse. Zero for perfectly collapsed
-    features.
+    ``(mu_c - mu_G)(mu_c - mu_G)^T`` over classes; ``+`` is the Moore-Penrose
+    pseudo-inverse. Zero for perfectly collapsed features.
+
+    ``center`` chooses the global mean ``mu_G``:
+
+    - ``"class_means"`` (default): the mean of the ``C`` class means, as in Papyan et al.
+      (their classes are balanced, where both choices agree). Every class weighs the same,
+      so a dominant class (background pixels, the head of a long-tailed split) does not
+      pull ``mu_G`` onto itself.
+    - ``"samples"``: the mean of all samples. Under imbalance it sits near the largest
+      class, which inflates ``Sigma_B`` along the other classes and under-states NC1
+      (the value this function returned before ``center`` existed).
     """
+    center = _check_center(center, "center")
     feats, dense = _check_features_labels(features, labels)
     means = _means(feats, dense)
     within = feats - means[dense]
     sigma_w = within.T @ within / feats.shape[0]
-    between = means - feats.mean(dim=0)
+    global_mean = means.mean(dim=0) if center == "class_means" else feats.mean(dim=0)
+    between = means - global_mean
     sigma_b = between.T @ between / means.shape[0]
     return float(torch.trace(sigma_w @ torch.linalg.pinv(sigma_b, hermitian=True))) / len(means)
 
@@ -153,13 +174,17 @@ def center_drift(centers_list: Sequence[torch.Tensor]) -> float:
     return float(torch.stack(diffs).mean())
 
 
-def feature_geometry(features: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+def feature_geometry(
+    features: torch.Tensor, labels: torch.Tensor, *, nc1_center: str = "class_means"
+) -> dict[str, float]:
     """All single-run geometry metrics: ``nc1``, ``intra``, ``inter``, ``intra_inter_ratio``,
-    ``center_cos_min``, ``center_cos_mean``, ``center_cos_max``."""
+    ``center_cos_min``, ``center_cos_mean``, ``center_cos_max``. ``nc1_center`` is
+    :func:`nc1`'s ``center``."""
+    nc1_center = _check_center(nc1_center, "nc1_center")
     spread = compactness_separability(features, labels)
     cosines = center_cosines(features, labels)
     return {
-        "nc1": nc1(features, labels),
+        "nc1": nc1(features, labels, center=nc1_center),
         "intra": spread["intra"],
         "inter": spread["inter"],
         "intra_inter_ratio": spread["ratio"],
