@@ -6,6 +6,7 @@ at fault, the expectation and what it found.
 
 from __future__ import annotations
 
+import math
 import os
 import zipfile
 from collections import Counter
@@ -139,17 +140,70 @@ def _stack_images(
     return np.stack(arrays)
 
 
+def _oversized_array(path: Path) -> str | None:
+    """What is wrong with the first member of the ``.npz`` archive whose ``.npy`` header
+    claims more data than the member holds (a corrupt or crafted file), read before numpy
+    allocates what the header claims; ``None`` when every claim fits."""
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+                elif version == (2, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+                else:  # left to numpy, which reads or refuses other versions itself
+                    continue
+                data_bytes = info.file_size - member.tell()
+            claimed = math.prod(shape) * dtype.itemsize
+            if not dtype.hasobject and claimed > data_bytes:
+                return (
+                    f"array {info.filename[:-4]!r} claims shape {tuple(shape)} of {dtype} "
+                    f"({_byte_size(claimed)}) but the archive holds {data_bytes} bytes of it"
+                )
+    return None
+
+
+def _byte_size(n: int) -> str:
+    """``n`` bytes, in the largest binary unit that keeps the number >= 1."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+_NPZ_READ_ERRORS = (OSError, EOFError, ValueError, TypeError, zipfile.BadZipFile)
+
+
+def _not_npz(path: Path, err: Exception) -> ValueError:
+    return ValueError(
+        f"{path}: not a readable .npz archive of numeric arrays ({type(err).__name__}); "
+        "write one with numpy.savez(path, images=..., labels=...)"
+    )
+
+
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     """Every array of an ``.npz`` archive; a file numpy cannot read that way (not a zip, cut
-    short, a bare ``.npy``, pickled objects) is a ``ValueError`` naming it."""
+    short, a bare ``.npy``, pickled objects, a header claiming more data than the file
+    holds) is a ``ValueError`` naming it."""
+    try:
+        oversized = _oversized_array(path)
+    except _NPZ_READ_ERRORS as err:
+        raise _not_npz(path, err) from err
+    if oversized:
+        raise ValueError(
+            f"{path}: {oversized}: the file is corrupt or was not written by numpy.savez; "
+            "write it again"
+        )
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {key: npz[key] for key in npz.files}
-    except (OSError, EOFError, ValueError, TypeError, zipfile.BadZipFile) as err:
-        raise ValueError(
-            f"{path}: not a readable .npz archive of numeric arrays ({type(err).__name__}); "
-            "write one with numpy.savez(path, images=..., labels=...)"
-        ) from err
+    except _NPZ_READ_ERRORS as err:
+        raise _not_npz(path, err) from err
+    except MemoryError as err:  # arrays as large as they claim, too large for this machine
+        raise MemoryError(f"{path}: {' '.join(str(err).split())}") from None
 
 
 def load_npz_classification(path: str | os.PathLike[str]) -> ClassificationData:
@@ -265,7 +319,10 @@ def load_segmentation_folder(
     single-channel PNG ``masks/STEM.png`` of class indices, 255 = ignore.
 
     An optional ``classes.txt`` (one name per line) names the classes and bounds the mask
-    values; without it the classes are ``0 .. max(mask values other than 255)``.
+    values; without it the classes are ``0 .. max(mask values other than 255)``, and at
+    least half of them must occur: a stray value (one ``>= 2 *`` the number of distinct
+    values, such as a 200 among 0, 1 and 2) is an error naming it and the files that hold
+    it, rather than a model with empty classes.
     Masks are resized with nearest-neighbour sampling.
     """
     root = Path(path)
@@ -315,11 +372,37 @@ def load_segmentation_folder(
                 f"{mask_array[index]} at pixel {tuple(int(i) for i in index[1:])}"
             )
     else:
-        valid = mask_array[mask_array != IGNORE_INDEX]
-        if valid.size == 0:
-            raise ValueError(f"{mask_dir}: every mask pixel is ignore ({IGNORE_INDEX})")
-        names = [str(c) for c in range(int(valid.max()) + 1)]
+        names = _inferred_class_names(mask_array, image_files, mask_dir, names_file)
     return SegmentationData(image_array, mask_array, names)
+
+
+def _inferred_class_names(
+    masks: np.ndarray, image_files: list[Path], mask_dir: Path, names_file: Path
+) -> list[str]:
+    """Class names ``"0" .. "max"`` of uint8 ``masks`` ``(N, H, W)`` (:data:`IGNORE_INDEX`
+    is never a class), refusing stray values: at least half of the classes ``0 .. max``
+    must occur, so a value ``v >= 2 * (number of distinct values)`` is refused with the
+    files that hold it."""
+    counts = np.bincount(masks.reshape(-1), minlength=256)
+    counts[IGNORE_INDEX] = 0
+    present = np.flatnonzero(counts)
+    if present.size == 0:
+        raise ValueError(f"{mask_dir}: every mask pixel is ignore ({IGNORE_INDEX})")
+    top = int(present[-1])
+    stray = present[present >= 2 * present.size]
+    if stray.size:
+        holds = np.isin(masks, stray).reshape(len(masks), -1).any(axis=1)
+        files = [f"{image_files[i].stem}.png" for i in np.flatnonzero(holds)]
+        where = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        pixels = int(counts[stray].sum())
+        raise ValueError(
+            f"{mask_dir}: mask value{'s' * (stray.size > 1)} "
+            f"{', '.join(str(v) for v in stray)} ({pixels} pixel{'s' * (pixels > 1)}, in "
+            f"{where}) look{'s' * (stray.size == 1)} stray: without {names_file.name} the "
+            f"classes are 0..{top} and only {present.size} of them occur (at least half "
+            f"must); add {names_file} (one class name per line) or fix the masks"
+        )
+    return [str(c) for c in range(top + 1)]
 
 
 def load_digits_data() -> ClassificationData:

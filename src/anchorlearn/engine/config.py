@@ -1,8 +1,10 @@
 """Validated experiment configs: YAML in, typed dataclasses out.
 
 Every section is a dataclass. An unknown or mistyped key, or a value of the wrong type, is a
-:class:`ConfigError` naming the key and the allowed ones. ``--set a.b=value`` overrides are
-applied to the raw mapping before validation, so they are checked the same way.
+:class:`ConfigError` naming the key and the allowed ones; so is a key given twice in one
+mapping (with both line numbers), and a loss parameter its loss does not take.
+``--set a.b=value`` overrides are applied to the raw mapping before validation, so they are
+checked the same way.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ __all__ = [
     "UNIT_INTERVAL",
     "ConfigError",
     "DataConfig",
+    "DuplicateKeyError",
+    "EvalConfig",
     "ExperimentConfig",
     "InferenceConfig",
     "LossConfig",
@@ -38,11 +42,66 @@ __all__ = [
     "config_to_dict",
     "load_config",
     "parse_config",
+    "read_config_file",
+    "yaml_load",
 ]
 
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message says which key and what to do."""
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping gives one key twice: ``path`` (dotted, list items by index) on the
+    1-based ``lines``."""
+
+    def __init__(self, path: str, lines: tuple[int, int]) -> None:
+        super().__init__(f"{path} is given twice (lines {lines[0]} and {lines[1]})")
+        self.path = path
+        self.lines = lines
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is a
+    :class:`DuplicateKeyError` (PyYAML would keep the last value silently). Keys that a
+    merge (``<<: *base``) brings in may be overridden: that is what a merge is for."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._refuse_duplicate_keys(node, "", set())
+        return super().construct_document(node)
+
+    def _refuse_duplicate_keys(self, node: yaml.Node, path: str, seen: set[int]) -> None:
+        if id(node) in seen:  # an alias of a node already checked
+            return
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._refuse_duplicate_keys(item, _join(path, i), seen)
+        elif isinstance(node, yaml.MappingNode):
+            first_line: dict[Any, int] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == _MERGE_TAG:
+                    self._refuse_duplicate_keys(value_node, path, seen)
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    earlier = first_line.get(key)
+                except TypeError:  # an unhashable key: the constructor reports it
+                    continue
+                if earlier is not None:
+                    raise DuplicateKeyError(_join(path, key), (earlier, line))
+                first_line[key] = line
+                self._refuse_duplicate_keys(value_node, _join(path, key), seen)
+
+
+def yaml_load(text: str) -> Any:
+    """The data of a YAML document, read as :func:`yaml.safe_load` reads it, except that a
+    key given twice in one mapping raises :class:`DuplicateKeyError`."""
+    return yaml.load(text, Loader=_StrictLoader)
 
 
 @dataclass
@@ -56,6 +115,9 @@ class DataConfig:
     batch_size: int = 128
     num_workers: int = 0
     max_train_samples: int | None = None
+    # classification: score on a class-stratified subset of exactly this many test images
+    # (drawn with the run's seed), for fast runs
+    max_test_samples: int | None = None
     augment: bool = True
     canvas: int = 64
     num_train_scenes: int = 2000
@@ -141,6 +203,15 @@ class InferenceConfig:
 
 
 @dataclass
+class EvalConfig:
+    """What the evaluation after training draws: ``plots`` (training curves, t-SNE) and at
+    most ``tsne_points`` test embeddings in the t-SNE picture."""
+
+    plots: bool = True
+    tsne_points: int = 1500
+
+
+@dataclass
 class ExperimentConfig:
     """A whole run. ``task`` is ``classification`` or ``segmentation``."""
 
@@ -154,6 +225,7 @@ class ExperimentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # Full precision or mixed precision (Lightning's "16" and "bf16" mean the mixed ones). The
@@ -215,6 +287,7 @@ _RANGES: dict[str, Range] = {
     **COMMON_RANGES,
     "data.imbalance_ratio": at_least(1),
     "data.max_train_samples": at_least(1),
+    "data.max_test_samples": at_least(1),
     "data.val_fraction": OPEN_UNIT_INTERVAL,  # the validation split is never empty
     "data.canvas": at_least(8),
     "data.num_train_scenes": at_least(1),
@@ -222,6 +295,7 @@ _RANGES: dict[str, Range] = {
     "data.scene_imbalance_ratio": at_least(1),
     "data.cat_max_ratio": ((lambda v: 0 < v <= 1), "in (0, 1]"),
     "inference.batch_size": at_least(1),
+    "eval.tsne_points": at_least(2),
 }
 
 
@@ -257,13 +331,16 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The mapping a YAML config file holds; a missing, empty or unparsable file, or one
-    whose top level is not a mapping, is a :class:`ConfigError` naming the file."""
+    """The mapping a YAML config file holds; a missing, empty or unparsable file, one
+    whose top level is not a mapping, or one that gives a key twice in a mapping, is a
+    :class:`ConfigError` naming the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml_load(path.read_text(encoding="utf-8"))
+    except DuplicateKeyError as err:
+        raise ConfigError(f"{path}: {err}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path} is not valid YAML: {_yaml_reason(err)}") from None
     if raw is None:
@@ -292,7 +369,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if not sep or not key:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         try:
-            value = yaml.safe_load(text)
+            value = yaml_load(text)
+        except DuplicateKeyError as err:
+            raise ConfigError(f"--set {item}: {_join(key, err.path)} is given twice") from None
         except yaml.YAMLError as err:
             raise ConfigError(
                 f"--set {item}: the value is not valid YAML: {_yaml_reason(err)}"
@@ -326,10 +405,43 @@ def parse_config(raw: dict[str, Any]) -> ExperimentConfig:
     check_choices(cfg, _CHOICES)
     if not cfg.losses:
         raise ConfigError("losses must list at least one loss")
+    _check_losses(cfg.losses)
     check_ranges(cfg, _RANGES)
     check_step_settings(cfg.trainer, cfg.optim)
     _check_segmentation_settings(cfg)
+    if cfg.task != "classification" and cfg.data.max_test_samples is not None:
+        raise ConfigError(
+            f"data.max_test_samples={cfg.data.max_test_samples} is for classification; "
+            "segmentation runs score their whole test split: remove the key"
+        )
     return cfg
+
+
+def _check_losses(losses: list[LossConfig]) -> None:
+    """Every loss is a known one and every parameter one its class takes, so that a typo
+    stops a run as the config is read: before any data is loaded, and before ``compare``
+    trains the configs listed ahead of it."""
+    from .objective import LOSSES, _user_parameters  # the loss classes import torch
+
+    for i, spec in enumerate(losses):
+        if spec.name not in LOSSES:
+            raise ConfigError(
+                f"losses.{i}: unknown loss {spec.name!r}{_did_you_mean(spec.name, LOSSES)}; "
+                f"known losses: {', '.join(sorted(LOSSES))}"
+            )
+        entry = LOSSES[spec.name]
+        allowed = _user_parameters(entry.cls, entry.injected)
+        for key in spec.params:
+            if key not in allowed:
+                raise ConfigError(
+                    f"losses.{i}: unknown parameter {key!r} for loss {spec.name}"
+                    f"{_did_you_mean(key, allowed)}; allowed: {', '.join(allowed) or '(none)'}"
+                )
+
+
+def _did_you_mean(key: Any, choices: Any) -> str:
+    close = difflib.get_close_matches(str(key), list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def check_step_settings(t: TrainerConfig, o: OptimConfig) -> None:
@@ -412,11 +524,9 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     unknown = [k for k in raw if k not in fields]
     if unknown:
         key = unknown[0]
-        close = difflib.get_close_matches(str(key), fields, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(
-            f"unknown key {_join(where, key)!r}{hint}; allowed keys in {label}: "
-            f"{', '.join(sorted(fields))}"
+            f"unknown key {_join(where, key)!r}{_did_you_mean(key, fields)}; allowed keys in "
+            f"{label}: {', '.join(sorted(fields))}"
         )
     kwargs = {k: _coerce(hints[k], v, _join(where, k)) for k, v in raw.items()}
     return cls(**kwargs)
@@ -450,10 +560,15 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
+            hint = _number_hint(value, integer=True)
+            raise ConfigError(f"{key} must be an integer, got {value!r}{hint}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
+            if _number_hint(value):
+                raise ConfigError(
+                    f"{key} must be a number, got the string {value!r}{_number_hint(value)}"
+                )
             raise ConfigError(f"{key} must be a number, got {value!r}")
         return float(value)
     if tp is str:
@@ -461,6 +576,55 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be a string, got {value!r}")
         return value
     return value
+
+
+def _number_hint(value: Any, integer: bool = False) -> str:
+    """How to write ``value``, a string that Python reads as a finite number (a whole one
+    when ``integer``), so that YAML reads a number: YAML 1.1 reads ``5e-2`` (no dot in the
+    mantissa, or no sign in the exponent) and quoted numbers as text. Empty for any other
+    value."""
+    if not isinstance(value, str):
+        return ""
+    try:
+        number = float(value)
+    except ValueError:
+        return ""
+    if not math.isfinite(number) or (integer and not number.is_integer()):
+        return ""
+    text = value.strip()
+    quoted = not isinstance(yaml.safe_load(text), str)  # a number once the quotes are gone
+    if integer:
+        spellings = [str(int(number))]
+    elif quoted:
+        spellings = [text]
+    else:
+        spellings = [_yaml_float(number)]
+        if "e" in text.lower():
+            mantissa, _, exponent = text.lower().partition("e")
+            spellings.append(_yaml_exponent(mantissa, exponent))
+    write = " or ".join(dict.fromkeys(spellings))
+    if quoted:
+        return f" (YAML reads {value!r} as text; write {write} without quotes)"
+    return f" (YAML reads {text} as text; write {write})"
+
+
+def _yaml_float(number: float) -> str:
+    """``number`` spelt so that YAML 1.1 reads it back as this float."""
+    text = repr(number)
+    if "e" not in text:
+        return text
+    mantissa, _, exponent = text.partition("e")
+    return _yaml_exponent(mantissa, exponent)
+
+
+def _yaml_exponent(mantissa: str, exponent: str) -> str:
+    """``mantissa`` e ``exponent`` in YAML 1.1's float syntax, a dot in the mantissa and a
+    signed exponent: ``5e-2`` -> ``5.0e-2``, ``1e3`` -> ``1.0e+3``."""
+    digits = repr(float(mantissa))
+    if "e" in digits:  # a mantissa of 17 digits or more
+        return _yaml_float(float(f"{mantissa}e{exponent}"))
+    sign = exponent[0] if exponent[:1] in ("-", "+") else "+"
+    return f"{digits}e{sign}{exponent.lstrip('+-').lstrip('0') or '0'}"
 
 
 def _loss_mapping(value: Any, key: str) -> dict[str, Any]:

@@ -11,9 +11,11 @@ is reproducible for a given ``seed`` and ``num_workers``.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
@@ -116,8 +118,38 @@ def _largest_class(labels: np.ndarray) -> int:
     return int(np.bincount(labels).max()) if len(labels) else 0
 
 
+@dataclass
+class _Tracked(ClassificationData):
+    """Samples that know their positions in the array (``pool``) the source loaded."""
+
+    positions: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    pool: str = "train"
+
+
+def _tracked(data: ClassificationData, pool: str) -> _Tracked:
+    positions = np.arange(len(data.labels), dtype=np.int64)
+    return _Tracked(data.images, data.labels, data.class_names, positions, pool)
+
+
 def _subset(data: ClassificationData, indices: np.ndarray) -> ClassificationData:
+    if isinstance(data, _Tracked):
+        return _Tracked(
+            data.images[indices],
+            data.labels[indices],
+            data.class_names,
+            data.positions[indices],
+            data.pool,
+        )
     return ClassificationData(data.images[indices], data.labels[indices], data.class_names)
+
+
+def _sha256(*arrays: np.ndarray | torch.Tensor) -> str:
+    """sha256 of the arrays' bytes (C order) one after the other."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        values = array.numpy() if isinstance(array, torch.Tensor) else array
+        digest.update(np.ascontiguousarray(values).reshape(-1).view(np.uint8))
+    return digest.hexdigest()
 
 
 def _cap(data: ClassificationData, max_samples: int | None, seed: int) -> ClassificationData:
@@ -126,6 +158,38 @@ def _cap(data: ClassificationData, max_samples: int | None, seed: int) -> Classi
         return data
     kept, _ = stratified_split(data.labels, 1.0 - max_samples / len(data.labels), seed)
     return _subset(data, kept)
+
+
+def _stratified_sample(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """Sorted indices of exactly ``size`` of ``labels`` (``size`` <= their number), drawn
+    per class with a generator seeded with ``seed``: one image of every class first (of the
+    largest classes when ``size`` is below the number of classes), the rest in proportion
+    to what each class has left, remainders to the largest fractional parts."""
+    classes, counts = np.unique(labels, return_counts=True)
+    take = np.zeros(len(classes), dtype=np.int64)
+    order = np.argsort(-counts, kind="stable")
+    take[order[: min(size, len(classes))]] = 1
+    left, rest = counts - take, size - int(take.sum())
+    if rest > 0:
+        share, remainder = np.divmod(rest * left, left.sum())  # exact integer quotas
+        by_remainder = np.argsort(-remainder, kind="stable")
+        share[by_remainder[: rest - int(share.sum())]] += 1
+        take += share
+    rng = np.random.default_rng(seed)
+    chosen = [
+        rng.permutation(np.flatnonzero(labels == cls))[:n]
+        for cls, n in zip(classes, take, strict=True)
+    ]
+    return np.sort(np.concatenate([np.empty(0, dtype=np.int64), *chosen]))
+
+
+def _cap_exactly(
+    data: ClassificationData, max_samples: int | None, seed: int
+) -> ClassificationData:
+    """A stratified subset of exactly ``max_samples`` samples (all when ``None`` or more)."""
+    if max_samples is None or max_samples >= len(data.labels):
+        return data
+    return _subset(data, _stratified_sample(data.labels, max_samples, seed))
 
 
 class _InMemoryDataModule(L.LightningDataModule):
@@ -142,6 +206,8 @@ class _InMemoryDataModule(L.LightningDataModule):
         self.seed = int(seed)
         self.augment = bool(augment)
         self._ready = False
+        # split -> (the source array its samples come from, their positions there)
+        self._split_positions: dict[str, tuple[str, np.ndarray]] = {}
         self._class_names: list[str] = []
         self._splits: dict[str, TensorDataset] = {}
         self._train_images = torch.zeros(0, 1, 1, 1, dtype=torch.uint8)
@@ -197,6 +263,41 @@ class _InMemoryDataModule(L.LightningDataModule):
             raise ValueError(f"split must be one of {sorted(self._splits)}, got {split!r}")
         return self._splits[split]
 
+    def _fingerprinted_splits(self) -> dict[str, TensorDataset]:
+        return self._splits
+
+    def data_fingerprint(self) -> dict[str, Any]:
+        """What a run reads, to check later that the data did not change.
+
+        ``{"version", "kind": "arrays", "source", "splits", "split_indices_sha256"}``: for
+        every split the number of samples, the image shape ``[C, H, W]`` and
+        ``content_sha256``, the sha256 of the split's uint8 image bytes followed by its
+        label (or mask) bytes, in loader order (``(N, C, H, W)`` uint8 and int64 labels or
+        uint8 masks); and the sha256 of the split indices, the positions of every split's
+        samples in the arrays the source loaded. Hashing tens of MB takes a fraction of a
+        second.
+        """
+        self.setup()
+        splits = {
+            name: {
+                "samples": len(dataset),
+                "image_shape": list(dataset.tensors[0].shape[1:]),
+                "content_sha256": _sha256(*dataset.tensors),
+            }
+            for name, dataset in self._fingerprinted_splits().items()
+        }
+        indices = hashlib.sha256()
+        for name, (pool, positions) in sorted(self._split_positions.items()):
+            indices.update(f"{name}<-{pool}:".encode())
+            indices.update(np.ascontiguousarray(positions, dtype=np.int64).view(np.uint8))
+        return {
+            "version": 1,
+            "kind": "arrays",
+            "source": self.source,
+            "splits": splits,
+            "split_indices_sha256": indices.hexdigest(),
+        }
+
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.dataset("train"), shuffle=True)
 
@@ -236,8 +337,10 @@ class ClassificationDataModule(_InMemoryDataModule):
             subsampling and the shuffling.
         max_train_samples: keep a stratified subset of about this many training images
             (before the long tail and the validation split), for fast runs.
-        max_test_samples: the same for the test split, drawn with ``seed`` too: runs of
-            one seed share their test images, other seeds are scored on other subsets.
+        max_test_samples: score on a stratified subset of exactly this many test images
+            (every class kept while there are at least as many images as classes), drawn
+            with ``seed`` too: runs of one seed share their test images, other seeds are
+            scored on other subsets.
         augment: apply :func:`classification_train_augment` to training batches.
         data_root: Fashion-MNIST directory (see :func:`load_fashion_mnist`).
 
@@ -279,6 +382,7 @@ class ClassificationDataModule(_InMemoryDataModule):
 
     def _load(self) -> None:
         train, test = load_classification_source(self.source, self.data_root)
+        train, test = _tracked(train, "train"), None if test is None else _tracked(test, "test")
         # largest class of the pool each split is drawn from, for the empty-split error
         pools: dict[str, int | None] = {"test": None}
         if test is None:
@@ -286,7 +390,7 @@ class ClassificationDataModule(_InMemoryDataModule):
             kept, held = stratified_split(train.labels, self.test_fraction, seed=0)
             train, test = _subset(train, kept), _subset(train, held)
         train = _cap(train, self.max_train_samples, self.seed)
-        test = _cap(test, self.max_test_samples, self.seed)
+        test = _cap_exactly(test, self.max_test_samples, self.seed)
         train = _subset(
             train,
             long_tailed_indices(train.labels, self.imbalance_ratio, self.profile, self.seed),
@@ -308,6 +412,10 @@ class ClassificationDataModule(_InMemoryDataModule):
                 "images per class or a larger fraction"
             )
         self._class_names = list(train.class_names)
+        self._split_positions = {
+            name: (split.pool, split.positions)
+            for name, split in (("train", train), ("val", val), ("test", test))
+        }
         self._splits = {}
         for name, split in (("train", train), ("val", val), ("test", test)):
             self._splits[name] = _image_label_dataset(split)
@@ -425,6 +533,11 @@ class SegmentationDataModule(_InMemoryDataModule):
                 "test": (test.images, test.masks),
             }
             names = scenes.class_names
+            self._split_positions = {
+                "train": ("train", train_idx),
+                "val": ("train", val_idx),
+                "test": ("val", np.arange(len(test.images))),
+            }
         else:
             data = load_segmentation_folder(self.source.partition(":")[2], self.resize)
             if len(data.images) < 3:
@@ -442,6 +555,11 @@ class SegmentationDataModule(_InMemoryDataModule):
                 "test": (data.images[test_idx], data.masks[test_idx]),
             }
             names = data.class_names
+            self._split_positions = {
+                "train": ("folder", train_idx),
+                "val": ("folder", val_idx),
+                "test": ("folder", test_idx),
+            }
         self._class_names = list(names)
         self._splits = {
             split: TensorDataset(_to_nchw(images), _writable_tensor(masks))
@@ -523,12 +641,15 @@ class TwoViewDataModule(_InMemoryDataModule):
 
     def _load(self) -> None:
         train, test = load_classification_source(self.source, self.data_root)
+        train, test = _tracked(train, "train"), None if test is None else _tracked(test, "test")
         if test is None:
             kept, held = stratified_split(train.labels, self.test_fraction, seed=0)
             train, test = _subset(train, kept), _subset(train, held)
         train = _cap(train, self.max_train_samples, self.seed)
         test = _cap(test, self.max_test_samples, self.seed)
         self._class_names = list(train.class_names)
+        self._split_positions = {"train": (train.pool, train.positions)}
+        self._split_positions["test"] = (test.pool, test.positions)
         self._labelled = {
             name: _image_label_dataset(split) for name, split in (("train", train), ("test", test))
         }
@@ -537,6 +658,9 @@ class TwoViewDataModule(_InMemoryDataModule):
         self.mean, self.std = _channel_stats(train_images)
         view = self.view_transform or ssl_augment(tuple(train_images.shape[2:]))
         self.two_views = TwoViewTransform(view)
+
+    def _fingerprinted_splits(self) -> dict[str, TensorDataset]:
+        return self._labelled
 
     def labelled_dataset(self, split: str) -> TensorDataset:
         """uint8 images and int64 labels of ``"train"`` or ``"test"``."""
