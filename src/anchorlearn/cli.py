@@ -53,7 +53,13 @@ def _train(args: argparse.Namespace, load: Callable[..., Any], train: Callable[.
     ``--out`` (default ``out_dir/name/seed<k>``), print the metrics."""
     cfg = load(args.config, [*args.set, *_flag_overrides(args)])
     out = args.out or f"{cfg.out_dir}/{cfg.name}/seed{cfg.seed}"
-    metrics = train(cfg, out, resume=args.resume, plots=not args.no_plots)
+    metrics = train(
+        cfg,
+        out,
+        resume=args.resume,
+        plots=not args.no_plots,
+        allow_data_change=args.allow_data_change,
+    )
     if metrics is not None:
         _print_metrics(metrics)
         print(f"run directory: {out}")
@@ -67,8 +73,25 @@ def _run_fit(args: argparse.Namespace) -> int:
     return _train(args, load_config, fit)
 
 
+def _write_metrics(out: Path | None, metrics: dict) -> None:
+    """Write the printed metrics to ``--out``; a failed write says they are printed above."""
+    from anchorlearn.engine import rundir
+
+    if out is None:
+        return
+    try:
+        rundir.write_json(out, metrics)
+    except OSError as err:
+        raise rundir.RunError(
+            f"could not write the metrics to {out} ({err.strerror or err}); they are printed above"
+        ) from err
+
+
 def _run_eval(args: argparse.Namespace) -> int:
+    from anchorlearn.engine.rundir import check_output_file
     from anchorlearn.engine.runner import evaluate_checkpoint
+
+    out = None if args.out is None else check_output_file(args.out, "--out")
 
     inference = {
         key: value
@@ -84,14 +107,15 @@ def _run_eval(args: argparse.Namespace) -> int:
     }
     metrics = evaluate_checkpoint(
         args.checkpoint,
-        out=args.out,
         split=args.split,
         inference=inference,
         save_masks=args.save_masks,
         accelerator=args.accelerator,
         precision=args.precision,
+        allow_data_change=args.allow_data_change,
     )
-    _print_metrics(metrics)
+    _print_metrics(metrics)  # first: a failed write of --out loses nothing
+    _write_metrics(out, metrics)
     return 0
 
 
@@ -122,6 +146,13 @@ def _scale_list(text: str) -> list[float]:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
+    from anchorlearn.engine.rundir import lock_run_dir
+
+    with lock_run_dir(args.out):  # the tables and plots too, not only the runs
+        return _compare_locked(args)
+
+
+def _compare_locked(args: argparse.Namespace) -> int:
     from anchorlearn.engine.compare import (
         DEFAULT_COLUMNS,
         SEGMENTATION_COLUMNS,
@@ -185,9 +216,15 @@ def _run_pretrain(args: argparse.Namespace) -> int:
 
 
 def _run_probe(args: argparse.Namespace) -> int:
+    from anchorlearn.engine.rundir import check_output_file
     from anchorlearn.engine.ssl_runner import probe_checkpoint
 
-    _print_metrics(probe_checkpoint(args.checkpoint, out=args.out, plot_dir=args.plots))
+    out = None if args.out is None else check_output_file(args.out, "--out")
+    metrics = probe_checkpoint(
+        args.checkpoint, plot_dir=args.plots, allow_data_change=args.allow_data_change
+    )
+    _print_metrics(metrics)  # first: a failed write of --out loses nothing
+    _write_metrics(out, metrics)
     return 0
 
 
@@ -224,6 +261,14 @@ def _print_metrics(metrics: dict) -> None:
             print(f"{key:>20s}: {value:.4f}")
 
 
+def _add_allow_data_change(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--allow-data-change",
+        action="store_true",
+        help=f"{what} (its stored data fingerprint differs): a warning instead of an error",
+    )
+
+
 def _add_trainer_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--set",
@@ -250,7 +295,8 @@ def _add_fit_parser(subparsers: argparse._SubParsersAction) -> None:
         "fit",
         help="train one config and evaluate it on the test split",
         description="Train one config; the run directory gets the resolved config, class "
-        "counts, CSV logs, checkpoints, metrics.json and plots.",
+        "counts, the data fingerprint, CSV logs, checkpoints, metrics.json and plots. It is "
+        "locked while the run writes it: a second run into it is refused.",
     )
     fit.add_argument("--config", required=True, help="YAML experiment config")
     fit.add_argument("--out", default=None, help="run directory (default out_dir/name/seedN)")
@@ -260,6 +306,7 @@ def _add_fit_parser(subparsers: argparse._SubParsersAction) -> None:
     fit.add_argument(
         "--no-plots", action="store_true", help="skip the pictures (t-SNE is slow on a CPU)"
     )
+    _add_allow_data_change(fit, "resume on data that changed since the run trained")
     _add_trainer_flags(fit)
     fit.set_defaults(handler=_run_fit)
 
@@ -271,7 +318,10 @@ def _add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
         "trained for",
     )
     ev.add_argument("--checkpoint", required=True, help="a .ckpt written by anchorlearn fit")
-    ev.add_argument("--out", default=None, help="write the metrics JSON here")
+    ev.add_argument(
+        "--out", default=None, help="write the metrics JSON here (undefined ones as null)"
+    )
+    _add_allow_data_change(ev, "evaluate on data that changed since the run trained")
     ev.add_argument(
         "--split",
         choices=("test", "val"),
@@ -372,6 +422,7 @@ def _add_pretrain_parser(subparsers: argparse._SubParsersAction) -> None:
         "--resume", action="store_true", help="continue from the run directory's last.ckpt"
     )
     pre.add_argument("--no-plots", action="store_true", help="skip the t-SNE picture")
+    _add_allow_data_change(pre, "resume on data that changed since the run trained")
     _add_trainer_flags(pre)
     pre.set_defaults(handler=_run_pretrain)
 
@@ -386,7 +437,10 @@ def _add_probe_parser(subparsers: argparse._SubParsersAction) -> None:
     probe.add_argument(
         "--checkpoint", required=True, help="a .ckpt written by anchorlearn pretrain"
     )
-    probe.add_argument("--out", default=None, help="write the metrics JSON here")
+    probe.add_argument(
+        "--out", default=None, help="write the metrics JSON here (undefined ones as null)"
+    )
+    _add_allow_data_change(probe, "probe on data that changed since the run trained")
     probe.add_argument(
         "--plots", default=None, metavar="DIR", help="also draw the t-SNE (tsne.png) into DIR"
     )

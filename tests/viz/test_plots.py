@@ -10,7 +10,9 @@ from anchorlearn.viz import (
     plot_per_class,
     plot_training_curves,
     plot_tsne,
+    plots,
 )
+from anchorlearn.viz.plots import embed_2d, subsample_by_class
 
 PNG_MAGIC = b"\x89PNG"
 
@@ -62,6 +64,86 @@ def test_tsne_subsamples(tmp_path: Path) -> None:
         max_points=20,
     )
     assert _is_png(out)
+
+
+def _clusters(per_class: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Three well separated Gaussian clusters in ``dim`` dimensions."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(3), per_class)
+    centres = rng.normal(size=(3, dim)) * (30 / np.sqrt(dim))  # norm about 30
+    return centres[labels] + rng.normal(size=(len(labels), dim)), labels
+
+
+def test_embed_2d_places_a_class_mean_among_the_points_of_its_class() -> None:
+    features, labels = _clusters(40, 720)
+    means = np.stack([features[labels == c].mean(0) for c in range(3)])
+    points, extra = embed_2d(features, means, seed=0)
+    assert points.shape == (120, 2) and extra.shape == (3, 2)
+    for c in range(3):
+        nearest = np.argsort(np.linalg.norm(points - extra[c], axis=1))[:10]
+        assert (labels[nearest] == c).all()
+    alone, none = embed_2d(features, seed=0)
+    assert alone.shape == (120, 2) and none.shape == (0, 2)
+
+
+def test_embed_2d_reduces_wide_features_with_pca_before_tsne(monkeypatch) -> None:
+    from sklearn.manifold import TSNE
+
+    seen = []
+    original = TSNE.fit_transform
+
+    def spy(self, x, *args, **kwargs):
+        seen.append((x.shape, self.max_iter, self.init, self.learning_rate))
+        return original(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(TSNE, "fit_transform", spy)
+    features, _ = _clusters(30, 720)
+    embed_2d(features, features[:2])
+    embed_2d(features[:, :20])
+    assert seen == [((92, 50), 500, "pca", "auto"), ((90, 20), 500, "pca", "auto")]
+
+
+def test_subsample_by_class_keeps_every_point_of_rare_classes() -> None:
+    labels = np.array([0] * 1000 + [1] * 3 + [2] * 50)
+    keep = subsample_by_class(labels, 100, seed=0)
+    assert len(keep) == 100 == len(np.unique(keep))
+    counts = np.bincount(labels[keep], minlength=3)
+    assert counts[1] == 3 and {int(counts[0]), int(counts[2])} <= {48, 49}
+    assert (keep == subsample_by_class(labels, 100, seed=0)).all()
+    assert (subsample_by_class(labels[:20], 100) == np.arange(20)).all()
+    with pytest.raises(ValueError, match="max_points must be >= 2, got 1"):
+        subsample_by_class(labels, 1)
+
+
+def _figure_of(monkeypatch) -> list:
+    """The figures plots writes, instead of writing them."""
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or Path(path))
+    return figures
+
+
+def test_tsne_has_a_legend_of_class_names_a_title_and_a_note(monkeypatch) -> None:
+    figures = _figure_of(monkeypatch)
+    features, labels = _clusters(10, 8)
+    plot_tsne(
+        features,
+        labels,
+        "t.png",
+        class_names=["cat", "dog", "eel"],
+        title="run7: test features (t-SNE)",
+        note="SAR gate never opened: no semantic anchors",
+    )
+    ax = figures[-1].axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["cat", "dog", "eel"]
+    assert ax.get_title() == "run7: test features (t-SNE)"
+    assert [t.get_text() for t in ax.texts] == ["SAR gate never opened: no semantic anchors"]
+    plot_tsne(features, labels, "u.png")  # no names: the class indices
+    assert [t.get_text() for t in figures[-1].axes[0].get_legend().get_texts()] == ["0", "1", "2"]
+    many = np.arange(30) % 25  # more classes than a legend can hold
+    plot_tsne(np.random.default_rng(0).normal(size=(30, 4)), many, "v.png")
+    assert figures[-1].axes[0].get_legend() is None
+    with pytest.raises(ValueError, match="class_names must have at least 3 entries, got 2"):
+        plot_tsne(features, labels, "w.png", class_names=["cat", "dog"])
 
 
 def test_per_class_bars(tmp_path: Path) -> None:

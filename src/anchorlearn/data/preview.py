@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,11 +126,22 @@ def _class_counts(
 
 def preview_path(out_png: str | os.PathLike[str]) -> Path:
     """The file :func:`preview` writes for ``out_png``: ``.png`` is added when the name has
-    no suffix; an existing directory is refused."""
+    no suffix; an existing directory is refused. Its folder is created and a temporary file
+    written there now, so that an unwritable path fails before the data are loaded."""
     out = Path(out_png)
     if out.is_dir():
         raise ValueError(f"--out {out} is a directory: give a file name such as {out / 'grid.png'}")
-    return out if out.suffix else out.with_suffix(".png")
+    out = out if out.suffix else out.with_suffix(".png")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as err:
+        raise ValueError(
+            f"--out {out}: cannot create the folder {out.parent} or write there "
+            f"({err.strerror or err})"
+        ) from err
+    return out
 
 
 def preview(
@@ -148,6 +160,7 @@ def preview(
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
+    out = preview_path(out_png)  # an unwritable path fails before the data are loaded
     import matplotlib
 
     matplotlib.use("Agg")
@@ -196,8 +209,6 @@ def preview(
         ax.set_title(label, fontsize=5)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    out = preview_path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=80)
     plt.close(fig)
     width = max(len(name) for name in counts)

@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from .config import apply_overrides, config_to_dict, load_config, parse_config
+from .rundir import lock_run_dir
 from .runner import RunError, check_finished_run, fit
 
 __all__ = [
@@ -66,12 +67,23 @@ def run_grid(
     differ), and two configs of one grid may not share a name: either would put other
     runs' numbers in a row. ``jobs > 1`` trains that many runs at a time, each in its own
     single-thread ``anchorlearn fit`` process.
+
+    ``out`` is locked while the grid runs (:func:`~.rundir.lock_run_dir`), and every run
+    locks its own directory: a second ``compare`` into ``out``, or a ``fit`` into one of
+    its run directories, is refused.
     """
     out = Path(out)
     grid = [[_resolve(item, seed, overrides) for seed in seeds] for item in configs]
     _check_unique_names(configs, [runs[0].name for runs in grid if runs])
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
+    with lock_run_dir(out):
+        return _run_grid_locked(grid, seeds, out, quiet=quiet, jobs=jobs)
+
+
+def _run_grid_locked(
+    grid: list[list[Any]], seeds: Sequence[int], out: Path, *, quiet: bool, jobs: int
+) -> dict[str, list[dict[str, Any]]]:
     pending = []
     for cfgs in grid:
         for cfg in cfgs:
@@ -178,8 +190,9 @@ def _resolve(item: str | Path | tuple[str, dict], seed: int, overrides: Sequence
 
 
 def _short(metrics: dict[str, Any]) -> str:
+    """The headline metrics; an undefined one (``null`` in ``metrics.json``) as ``n/a``."""
     keys = [k for k in ("top1", "balanced_acc", "few", "miou", "tail_iou") if k in metrics]
-    return ", ".join(f"{k}={metrics[k]:.4f}" for k in keys)
+    return ", ".join(f"{k}=n/a" if metrics[k] is None else f"{k}={metrics[k]:.4f}" for k in keys)
 
 
 def aggregate(results: dict[str, list[dict[str, Any]]], columns: Sequence[str]) -> list[dict]:

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from anchorlearn.data.long_tail import shot_groups
 from anchorlearn.losses.prototypes import CenterLoss, EMAPrototypeLoss
@@ -26,6 +27,7 @@ __all__ = [
     "evaluate_module",
     "reference_points",
     "regularizer_state",
+    "shut_gate_note",
     "write_run_plots",
 ]
 
@@ -141,15 +143,32 @@ def evaluate_module(
     return metrics
 
 
-def regularizer_state(module: SupervisedModule) -> dict[str, int]:
-    """For every SAR term: the step its gate first opened (-1: never, so the pull was never
-    active) and the training steps it has seen."""
-    state = {}
+def regularizer_state(module: SupervisedModule) -> dict[str, int | bool]:
+    """For every SAR term ``name``: ``{name}_gate_open_step``, the step its gate first
+    opened (-1: never); ``{name}_gate_opened``, whether it ever did (``False``: the pull was
+    never active and there are no semantic anchors); ``{name}_steps``, the training steps it
+    has seen."""
+    state: dict[str, int | bool] = {}
     for name, term in zip(module.objective.names, module.objective.terms, strict=True):
         if isinstance(term, SemanticAnchorRegularizer):
             state[f"{name}_gate_open_step"] = int(term.gate_open_step)
+            state[f"{name}_gate_opened"] = term.gate_ever_opened
             state[f"{name}_steps"] = int(term.step)
     return state
+
+
+def shut_gate_note(module: SupervisedModule) -> str | None:
+    """``"SAR gate never opened: no semantic anchors"`` (naming the terms when there are
+    several, or one not called ``sar``) when a SAR term's gate never opened, else ``None``."""
+    shut = [
+        name
+        for name, term in zip(module.objective.names, module.objective.terms, strict=True)
+        if isinstance(term, SemanticAnchorRegularizer) and not term.gate_ever_opened
+    ]
+    if not shut:
+        return None
+    which = "" if shut == ["sar"] else f" ({', '.join(shut)})"
+    return f"SAR gate never opened{which}: no semantic anchors"
 
 
 def segmentation_groups(pixel_counts: np.ndarray) -> dict[int, str]:
@@ -182,32 +201,41 @@ def write_run_plots(
     *,
     task: str,
     outputs: dict[str, torch.Tensor] | None = None,
+    name: str | None = None,
+    max_points: int = 1500,
 ) -> None:
-    """t-SNE of test features (anchors marked), anchor similarity, training curves.
+    """t-SNE of test features (anchors or prototypes embedded with them and marked, a class
+    legend, a note when SAR's gate never opened), anchor similarity, training curves.
 
     ``outputs``: test ``features`` and ``labels`` collected before (otherwise collected
-    here with :func:`collect_outputs`)."""
-    from anchorlearn.viz.plots import plot_anchor_similarity, plot_training_curves, plot_tsne
+    here with :func:`collect_outputs`). ``name``: the run's name for the titles (default:
+    the ``name`` in ``run_dir/config.yaml``, else the folder's name); ``max_points``: at most
+    this many test points in the t-SNE (the config's ``eval.tsne_points``)."""
+    from anchorlearn.viz import plots as viz
 
+    run_dir = Path(run_dir)
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
     if outputs is None:
-        outputs = collect_outputs(module, dm, max_points=2000)
+        outputs = collect_outputs(module, dm, max_points=max(2000, max_points))
     ref = reference_points(module)
-    plot_tsne(
+    name = _run_name(run_dir) if name is None else name
+    viz.plot_tsne(
         outputs["features"],
         outputs["labels"],
         plots / "tsne.png",
         anchors=None if ref is None else ref[1],
-        max_points=1500,
-        title=f"test features{'' if ref is None else ' and ' + ref[0]} (t-SNE)",
+        max_points=max_points,
+        title=f"{name}: test features{'' if ref is None else ' and ' + ref[0]} (t-SNE)",
+        class_names=list(dm.class_names),
+        note=shut_gate_note(module),
     )
     if ref is not None:
-        plot_anchor_similarity(
+        viz.plot_anchor_similarity(
             ref[1],
             plots / "anchor_similarity.png",
             class_names=list(dm.class_names),
-            title=f"cosine similarity of the {ref[0]}",
+            title=f"{name}: cosine similarity of the {ref[0]}",
         )
     history = _training_history(run_dir / "logs")
     if history:
@@ -215,12 +243,22 @@ def write_run_plots(
         if wanted:
             # iteration-based runs (one long epoch) are drawn against the optimiser step
             by_step = "val/miou" in wanted
-            plot_training_curves(
+            viz.plot_training_curves(
                 history,
                 plots / "training_curves.png",
                 metrics=wanted,
                 x="step" if by_step else "epoch",
             )
+
+
+def _run_name(run_dir: Path) -> str:
+    """The ``name`` in ``run_dir/config.yaml``, else the folder's name."""
+    try:
+        stored = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        stored = None
+    name = stored.get("name") if isinstance(stored, dict) else None
+    return str(name) if name else run_dir.name
 
 
 def _training_history(logs: Path) -> list[dict[str, float]]:

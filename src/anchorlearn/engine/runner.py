@@ -29,6 +29,18 @@ from .datamodules import ClassificationDataModule, SegmentationDataModule
 from .evaluate import evaluate_module, write_run_plots
 from .module import SupervisedModule, training_counts
 from .objective import LOSSES, build_objective
+from .progress import ProgressLines, QuietTrainer, terminal_attached
+from .rundir import (
+    DATA_FINGERPRINT_FILE,
+    DATA_FINGERPRINT_KEY,
+    RunError,
+    check_data_fingerprint,
+    check_output_dir,
+    check_output_file,
+    is_secondary_rank,
+    lock_run_dir,
+    write_json,
+)
 from .segmentation import (
     SegmentationFilesDataModule,
     SegmentationModule,
@@ -45,12 +57,14 @@ __all__ = [
     "build_run",
     "check_devices",
     "check_finished_run",
+    "check_precision",
     "config_differences",
     "create_model_for_data",
     "evaluate_checkpoint",
     "fit",
     "load_checkpoint",
     "load_run",
+    "load_weights",
     "make_trainer",
     "read_checkpoint",
     "resume_differences",
@@ -58,10 +72,6 @@ __all__ = [
 ]
 
 CONFIG_KEY = "anchorlearn_config"
-
-
-class RunError(RuntimeError):
-    """A problem found before training starts; the message says what to do."""
 
 
 def _resolve_accelerator(accelerator: str) -> str:
@@ -110,6 +120,16 @@ def check_devices(accelerator: str, devices: int) -> None:
             )
 
 
+def check_precision(accelerator: str, precision: str) -> None:
+    """Refuse float16 mixed precision where it cannot run: on the CPU, Lightning would
+    silently train in bfloat16 instead while the run's config says ``16-mixed``."""
+    if precision in ("16-mixed", "16") and _resolve_accelerator(accelerator) == "cpu":
+        via = " (what --accelerator auto picks here)" if accelerator == "auto" else ""
+        raise RunError(
+            f"precision {precision} needs a CUDA GPU; on the CPU{via} use bf16-mixed (or 32-true)"
+        )
+
+
 def build_datamodule(cfg: ExperimentConfig):
     d = cfg.data
     files = is_segmentation_dataset(d.source)
@@ -155,6 +175,7 @@ def build_datamodule(cfg: ExperimentConfig):
             batch_size=d.batch_size,
             num_workers=d.num_workers,
             max_train_samples=d.max_train_samples,
+            max_test_samples=d.max_test_samples,
             augment=d.augment,
             seed=cfg.seed,
         )
@@ -255,8 +276,9 @@ def create_model_for_data(name: str, kwargs: dict, dm: Any, source: str) -> nn.M
 
 
 class StoreConfig(L.Callback):
-    """Stores ``payload`` (a resolved config as a dict) under ``key`` in every checkpoint,
-    so that the run can be checked on resume and rebuilt from the checkpoint alone."""
+    """Stores ``payload`` (a resolved config as a dict, or the data fingerprint) under
+    ``key`` in every checkpoint, so that the run can be checked on resume and rebuilt
+    from the checkpoint alone."""
 
     def __init__(self, key: str, payload: dict) -> None:
         self.key = key
@@ -330,11 +352,13 @@ def start_run(
 ) -> str | None:
     """Checks that come before anything is written, then seeds every generator.
 
-    Fails when ``t`` asks for more devices than exist. Returns the checkpoint to continue
-    from: ``None`` for a fresh run directory; with ``resume`` its ``last.ckpt`` after
+    Fails when ``t`` asks for more devices than exist or for float16 on a CPU. Returns the
+    checkpoint to continue from: ``None`` for a fresh run directory (with ``resume``, a
+    line on stderr says that it starts afresh); with ``resume`` its ``last.ckpt`` after
     ``check(path)``; an error when it holds one and ``resume`` is off (a finished or
     interrupted run is never overwritten)."""
     check_devices(t.accelerator, t.devices)
+    check_precision(t.accelerator, t.precision)
     if (
         t.sync_batchnorm
         and t.devices * t.num_nodes > 1
@@ -353,6 +377,12 @@ def start_run(
 def _resume_from(run_dir: Path, resume: bool, check: Callable[[Path], None]) -> str | None:
     last = run_dir / "checkpoints" / "last.ckpt"
     if not last.exists():
+        if resume and not is_secondary_rank():
+            print(
+                f"--resume: {run_dir} holds no checkpoint (checkpoints/last.ckpt): starting a "
+                "fresh run",
+                file=sys.stderr,
+            )
         return None
     if not resume:
         raise RunError(
@@ -372,7 +402,13 @@ def make_trainer(
     **extra: Any,
 ) -> L.Trainer:
     """A Lightning trainer writing ``run_dir/checkpoints/last.ckpt`` every epoch and CSV logs
-    under ``run_dir/logs``; DDP when ``t.devices > 1``. ``extra`` goes to ``L.Trainer``."""
+    under ``run_dir/logs``; DDP when ``t.devices > 1``. ``extra`` goes to ``L.Trainer``.
+
+    Unless ``quiet``: Lightning's progress bar when ``t.progress`` and standard output and
+    error are terminals, otherwise one line per epoch (per validation with ``t.max_steps``)
+    on standard error (:class:`~anchorlearn.engine.progress.ProgressLines`). Lightning's
+    tips and known noise are silenced while the trainer is built and fitted
+    (:class:`~anchorlearn.engine.progress.QuietTrainer`)."""
     # last.ckpt rewritten at the end of every epoch (save_last with save_top_k=0 would only
     # write it when training ends, leaving an interrupted run nothing to resume from); no
     # version counter, so a moved run directory keeps writing last.ckpt, never last-v1.ckpt.
@@ -400,10 +436,14 @@ def make_trainer(
             "enable_checkpointing": False,  # StepCheckpoint writes last.ckpt
         }
     callbacks = [checkpoint, *callbacks]
-    if t.progress and not quiet:
+    # the bar on a terminal; one plain line per epoch (or validation) anywhere else
+    bar = t.progress and not quiet and terminal_attached()
+    if bar:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
+    elif not quiet:
+        callbacks.append(ProgressLines("epoch" if t.max_steps is None else "validation"))
     distributed = t.devices * t.num_nodes > 1
-    return L.Trainer(
+    return QuietTrainer(
         **schedule,
         accelerator=t.accelerator,
         devices=t.devices,
@@ -420,7 +460,7 @@ def make_trainer(
         logger=CSVLogger(run_dir, name="logs"),
         callbacks=callbacks,
         log_every_n_steps=t.log_every_n_steps,
-        enable_progress_bar=t.progress and not quiet,
+        enable_progress_bar=bar,
         enable_model_summary=False,
         deterministic=t.deterministic,
         default_root_dir=run_dir,
@@ -450,6 +490,8 @@ FINISHED_RUN_CHANGES = frozenset(
         "trainer.accelerator",
         "trainer.val_every_n_steps",
         "trainer.checkpoint_every_n_steps",
+        "eval.plots",
+        "eval.tsne_points",
     }
 )
 # A resumed run may also train for longer, but only under a constant learning rate: a cosine
@@ -551,6 +593,7 @@ def fit(
     quiet: bool = False,
     plots: bool = True,
     callbacks: list[L.Callback] | None = None,
+    allow_data_change: bool = False,
 ) -> dict[str, Any] | None:
     """Train ``cfg`` into ``run_dir`` and evaluate it on the test split.
 
@@ -559,25 +602,59 @@ def fit(
     ``run_dir`` that already holds a checkpoint is an error rather than overwritten.
     ``plots=False`` skips the pictures (t-SNE takes a while on a CPU); ``callbacks`` are
     added to the Lightning trainer.
+
+    The run holds ``run_dir`` exclusively while it runs (:func:`~.rundir.lock_run_dir`):
+    another process training into it is refused at once. The fingerprint of the data
+    (``dm.data_fingerprint()``) is written to ``run_dir/data_fingerprint.json`` and stored
+    in every checkpoint; resuming on data that changed since is refused unless
+    ``allow_data_change``.
     """
     run_dir = Path(run_dir)
+    with lock_run_dir(run_dir):
+        return _fit_locked(cfg, run_dir, resume, quiet, plots, callbacks or [], allow_data_change)
+
+
+def _fit_locked(
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    resume: bool,
+    quiet: bool,
+    plots: bool,
+    callbacks: list[L.Callback],
+    allow_data_change: bool,
+) -> dict[str, Any] | None:
     t = cfg.trainer
-    ckpt_path = start_run(
-        run_dir,
-        t,
-        cfg.seed,
-        resume,
-        lambda last: check_compatible(load_checkpoint(last), cfg, last),
-    )
+    stored: dict[str, Any] = {}
+
+    def check(last: Path) -> None:
+        ckpt = load_checkpoint(last)
+        check_compatible(ckpt, cfg, last)
+        stored["fingerprint"] = ckpt.get(DATA_FINGERPRINT_KEY)
+
+    ckpt_path = start_run(run_dir, t, cfg.seed, resume, check)
     dm, module = build_run(cfg)
+    fingerprint = dm.data_fingerprint()
+    if ckpt_path is not None:
+        check_data_fingerprint(
+            stored["fingerprint"],
+            fingerprint,
+            checkpoint=ckpt_path,
+            action="resume",
+            allow=allow_data_change,
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_run_header(cfg, dm, run_dir)
+    _write_run_header(cfg, dm, run_dir, fingerprint)
 
     clock = TrainClock()
     trainer = make_trainer(
         t,
         run_dir,
-        [StoreConfig(CONFIG_KEY, config_to_dict(cfg)), clock, *(callbacks or [])],
+        [
+            StoreConfig(CONFIG_KEY, config_to_dict(cfg)),
+            StoreConfig(DATA_FINGERPRINT_KEY, fingerprint),
+            clock,
+            *callbacks,
+        ],
         quiet=quiet,
     )
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
@@ -598,9 +675,17 @@ def fit(
         metrics["ddp_world_size"] = int(trainer.world_size)
         metrics["ddp_max_state_diff"] = module.rank_state_divergence
         metrics["ddp_most_divergent_buffer"] = module.most_divergent_buffer
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    if plots:
-        write_run_plots(module, dm, run_dir, task=cfg.task, outputs=outputs)
+    write_json(run_dir / "metrics.json", metrics)
+    if plots and cfg.eval.plots:
+        write_run_plots(
+            module,
+            dm,
+            run_dir,
+            task=cfg.task,
+            outputs=outputs,
+            name=cfg.name,
+            max_points=cfg.eval.tsne_points,
+        )
     return metrics
 
 
@@ -616,11 +701,18 @@ def _eval_device(accelerator: str) -> torch.device:
 
 
 def load_run(
-    path: str | Path, *, inference: dict[str, Any] | None = None
+    path: str | Path,
+    *,
+    inference: dict[str, Any] | None = None,
+    allow_data_change: bool = False,
 ) -> tuple[ExperimentConfig, Any, SupervisedModule]:
     """The config, data module and trained module stored in a checkpoint written by
     :func:`fit`. ``inference`` overrides settings of the run's ``inference`` section (they
-    do not change the model, so any checkpoint of the run fits)."""
+    do not change the model, so any checkpoint of the run fits).
+
+    The data are those the run trained on, or a :class:`RunError` says what changed
+    (:func:`~.rundir.check_data_fingerprint`; ``allow_data_change`` makes it a warning).
+    """
     path = Path(path)
     ckpt = load_checkpoint(path)
     raw = ckpt[CONFIG_KEY]
@@ -637,11 +729,61 @@ def load_run(
         if key in cfg.model.kwargs:
             cfg.model.kwargs[key] = unused
     dm, module = build_run(cfg)
-    try:
-        module.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as err:
-        raise RunError(f"{path} does not match its own config: {err}") from err
+    check_data_fingerprint(
+        ckpt.get(DATA_FINGERPRINT_KEY),
+        dm.data_fingerprint(),
+        checkpoint=path,
+        action="evaluate",
+        allow=allow_data_change,
+    )
+    load_weights(module, ckpt["state_dict"], path)
     return cfg, dm, module
+
+
+def _listed(keys: list[str], limit: int = 5) -> str:
+    """``a, b, c`` or, past ``limit`` keys, ``a, ..., e and 12 more``."""
+    shown = ", ".join(keys[:limit])
+    return shown if len(keys) <= limit else f"{shown} and {len(keys) - limit} more"
+
+
+def _counted(keys: list[str], what: str) -> str:
+    return f"{len(keys)} {what if len(keys) == 1 else what.replace('key', 'keys')} " + (
+        f"({_listed(keys)})"
+    )
+
+
+def load_weights(module: nn.Module, state_dict: dict[str, Any], path: str | Path) -> None:
+    """``module.load_state_dict(state_dict)`` (strict). A checkpoint that does not fit is a
+    one-line :class:`RunError` giving the number of missing, unexpected and differently
+    shaped keys, with at most five names of each (torch's own message lists them all)."""
+    expected = module.state_dict()
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    shaped = [
+        f"{key}: {tuple(state_dict[key].shape)} in the checkpoint, "
+        f"{tuple(expected[key].shape)} in the model"
+        for key in expected
+        if key in state_dict
+        and hasattr(state_dict[key], "shape")
+        and hasattr(expected[key], "shape")
+        and tuple(state_dict[key].shape) != tuple(expected[key].shape)
+    ]
+    problems = [
+        _counted(keys, what)
+        for keys, what in (
+            (missing, "missing key"),
+            (unexpected, "unexpected key"),
+            (shaped, "key of another shape"),
+        )
+        if keys
+    ]
+    if not problems:
+        try:
+            module.load_state_dict(state_dict)
+            return
+        except RuntimeError as err:
+            problems = [" ".join(str(err).split())[:300]]
+    raise RunError(f"{path} does not match its own config: {'; '.join(problems)}")
 
 
 def evaluate_checkpoint(
@@ -653,10 +795,15 @@ def evaluate_checkpoint(
     save_masks: str | Path | None = None,
     accelerator: str = "cpu",
     precision: str = "32",
+    allow_data_change: bool = False,
 ) -> dict[str, Any]:
     """Rebuild the run stored in a checkpoint and evaluate it on its ``split``: ``"test"``,
     or ``"val"`` (the part of the training data the run held out) for choosing settings
     without touching the test split.
+
+    ``out`` (a JSON file, undefined metrics as ``null``) and ``save_masks`` are checked to
+    be writable before anything is loaded. Data that changed since the run trained are
+    refused (see :func:`load_run`) unless ``allow_data_change``.
 
     Segmentation data sets only: ``inference`` overrides settings of the run's
     ``inference`` section (``{"mode": "slide", "crop_size": [512, 512], ...}``), and
@@ -667,7 +814,11 @@ def evaluate_checkpoint(
     device = _eval_device(accelerator)
     if precision not in ("32", "bf16", "16"):
         raise RunError(f"precision must be one of 32, bf16, 16, got {precision!r}")
-    cfg, dm, module = load_run(path, inference=inference)
+    if out is not None:
+        check_output_file(out, "--out")
+    if save_masks is not None:
+        check_output_dir(save_masks, "--save-masks")
+    cfg, dm, module = load_run(path, inference=inference, allow_data_change=allow_data_change)
     reuse_class_counts(dm, Path(path).parent.parent)  # run_dir/checkpoints/last.ckpt
     if not isinstance(dm, SegmentationFilesDataModule) and (inference or save_masks is not None):
         raise RunError(
@@ -687,12 +838,17 @@ def evaluate_checkpoint(
             metrics = evaluate_module(module, dm, task=cfg.task, split=split)
     metrics["split"] = split
     if out is not None:
-        Path(out).write_text(json.dumps(metrics, indent=2))
+        write_json(out, metrics)
     return metrics
 
 
-def _write_run_header(cfg: ExperimentConfig, dm: Any, run_dir: Path) -> None:
+def _write_run_header(
+    cfg: ExperimentConfig, dm: Any, run_dir: Path, fingerprint: dict[str, Any]
+) -> None:
+    if is_secondary_rank():  # rank 0 wrote them before it started this process
+        return
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    write_json(run_dir / DATA_FINGERPRINT_FILE, fingerprint)
     # a segmentation data set's pixel counts are written after training (counted once then)
     if not isinstance(dm, SegmentationFilesDataModule):
         write_class_counts(dm, run_dir)
@@ -710,7 +866,7 @@ def write_class_counts(dm: Any, run_dir: Path) -> None:
             "train_class_counts": {n: int(c) for n, c in zip(names, counts, strict=True)},
             "total": int(np.sum(counts)),
         }
-        (run_dir / CLASS_COUNTS_FILE).write_text(json.dumps(payload, indent=2))
+        write_json(run_dir / CLASS_COUNTS_FILE, payload)
         print(f"class counts (train): {payload['train_class_counts']}", file=sys.stderr)
 
 

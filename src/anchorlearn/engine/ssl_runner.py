@@ -8,7 +8,6 @@ a k-means of the test embedding scored by coagulation, NMI and AMI, and a t-SNE 
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,16 @@ from anchorlearn.models.moco import MoCo
 
 from .config import ConfigError
 from .datamodules import TwoViewDataModule
+from .rundir import (
+    DATA_FINGERPRINT_FILE,
+    DATA_FINGERPRINT_KEY,
+    check_data_fingerprint,
+    check_output_dir,
+    check_output_file,
+    is_secondary_rank,
+    lock_run_dir,
+    write_json,
+)
 from .runner import (
     CONFIG_KEY,
     RESUMABLE_CHANGES,
@@ -31,6 +40,7 @@ from .runner import (
     StoreConfig,
     TrainClock,
     create_model_for_data,
+    load_weights,
     make_trainer,
     read_checkpoint,
     refuse_changed_config,
@@ -163,29 +173,57 @@ def pretrain(
     resume: bool = False,
     quiet: bool = False,
     plots: bool = True,
+    allow_data_change: bool = False,
 ) -> dict[str, Any] | None:
     """Pretrain ``cfg`` into ``run_dir``, then evaluate it (global rank 0).
 
-    Writes ``config.yaml``, CSV logs (``logs/version_*/metrics.csv``, one folder per
-    attempt), ``checkpoints/last.ckpt`` (with the config stored under
-    ``"anchorlearn_pretrain_config"``), ``metrics.json`` and ``plots/tsne.png``. With
-    ``resume`` an interrupted run continues from its ``last.ckpt``; without it, a run
-    directory that already holds a checkpoint is an error. Returns the metrics on rank 0,
-    ``None`` elsewhere.
+    Writes ``config.yaml``, ``data_fingerprint.json``, CSV logs
+    (``logs/version_*/metrics.csv``, one folder per attempt), ``checkpoints/last.ckpt``
+    (with the config stored under ``"anchorlearn_pretrain_config"`` and the data
+    fingerprint under ``"anchorlearn_data_fingerprint"``), ``metrics.json`` and
+    ``plots/tsne.png``. With ``resume`` an interrupted run continues from its
+    ``last.ckpt`` (refused when the data changed since, unless ``allow_data_change``);
+    without it, a run directory that already holds a checkpoint is an error. The run
+    directory is locked while the run writes it (another process is refused). Returns the
+    metrics on rank 0, ``None`` elsewhere.
     """
     run_dir = Path(run_dir)
+    with lock_run_dir(run_dir):
+        return _pretrain_locked(cfg, run_dir, resume, quiet, plots, allow_data_change)
+
+
+def _pretrain_locked(
+    cfg: PretrainConfig,
+    run_dir: Path,
+    resume: bool,
+    quiet: bool,
+    plots: bool,
+    allow_data_change: bool,
+) -> dict[str, Any] | None:
     t = cfg.trainer
-    ckpt_path = start_run(
-        run_dir,
-        t,
-        cfg.seed,
-        resume,
-        lambda last: _check_compatible(load_pretrain_checkpoint(last), cfg, last),
-    )
+    stored: dict[str, Any] = {}
+
+    def check(last: Path) -> None:
+        ckpt = load_pretrain_checkpoint(last)
+        _check_compatible(ckpt, cfg, last)
+        stored["fingerprint"] = ckpt.get(DATA_FINGERPRINT_KEY)
+
+    ckpt_path = start_run(run_dir, t, cfg.seed, resume, check)
     dm, module = build_pretrain_run(cfg)
+    fingerprint = dm.data_fingerprint()
+    if ckpt_path is not None:
+        check_data_fingerprint(
+            stored["fingerprint"],
+            fingerprint,
+            checkpoint=ckpt_path,
+            action="resume",
+            allow=allow_data_change,
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
-    config_text = yaml.safe_dump(pretrain_config_to_dict(cfg), sort_keys=False)
-    (run_dir / "config.yaml").write_text(config_text)
+    if not is_secondary_rank():  # rank 0 wrote them before it started this process
+        config_text = yaml.safe_dump(pretrain_config_to_dict(cfg), sort_keys=False)
+        (run_dir / "config.yaml").write_text(config_text)
+        write_json(run_dir / DATA_FINGERPRINT_FILE, fingerprint)
 
     estep = EStepCallback(
         cfg.cluster.warmup_epochs,
@@ -198,9 +236,10 @@ def pretrain(
         verbose=not quiet,
     )
     config_callback = StoreConfig(PRETRAIN_CONFIG_KEY, pretrain_config_to_dict(cfg))
+    data_callback = StoreConfig(DATA_FINGERPRINT_KEY, fingerprint)
     clock = TrainClock()  # first, so that its epochs include the E-step
     trainer = make_trainer(
-        t, run_dir, [clock, estep, config_callback], quiet=quiet, limit_val_batches=0
+        t, run_dir, [clock, estep, config_callback, data_callback], quiet=quiet, limit_val_batches=0
     )
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
     if not trainer.is_global_zero:
@@ -227,7 +266,7 @@ def pretrain(
     if t.devices > 1:
         metrics["ddp_world_size"] = int(trainer.world_size)
         metrics["ddp_max_state_diff"] = module.rank_state_divergence
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json(run_dir / "metrics.json", metrics)
     return metrics
 
 
@@ -322,9 +361,10 @@ def evaluate_pretrained(
     - ``coagulation``, ``nmi``, ``ami``: of a k-means (``k = cluster.num_clusters[0]``) of
       the embeddings of the un-augmented test images.
 
-    With ``plot_dir``, writes ``tsne.png``: the un-augmented test embedding coloured by label,
-    with the first granularity's E-step prototypes as stars (the test k-means centroids for
-    ``moco``, or before any E-step).
+    With ``plot_dir``, writes ``tsne.png``: one t-SNE of the un-augmented test embedding,
+    coloured by label, and of the first granularity's E-step prototypes, drawn as stars, with
+    the momentum encoder's embedding they were computed from (for ``moco``, or before any
+    E-step: the test k-means centroids, with the query encoder's embedding they cluster).
     """
     torch.manual_seed(cfg.seed)
     was_training = module.training
@@ -379,38 +419,63 @@ def evaluate_pretrained(
         from anchorlearn.viz.plots import plot_tsne
 
         have_prototypes = module.uses_prototypes and int(module.estep_epoch) >= 0
-        stars = module.prototypes[0].cpu() if have_prototypes else clusters.centroids
-        kind = "E-step prototypes" if have_prototypes else "test k-means centroids"
+        points, stars = test["embedding"], clusters.centroids
+        kind, encoder = "test k-means centroids", "query"
+        if have_prototypes:
+            # The E-step clusters the momentum encoder's embeddings: its prototypes are
+            # drawn with that encoder's embedding of the test images, in one t-SNE (beside
+            # the query encoder's, they formed one clump away from every point).
+            images = dm.labelled_dataset("test").tensors[0]
+            chunks = [
+                module.moco.embed(dm.preprocess(images[i : i + _EMBED_BATCH].to(module.device)))
+                for i in range(0, images.shape[0], _EMBED_BATCH)
+            ]
+            points = torch.cat(chunks).float().cpu()
+            stars, kind, encoder = module.prototypes[0].cpu(), "E-step prototypes", "momentum"
         plot_tsne(
-            test["embedding"],
+            points,
             test["labels"],
             Path(plot_dir) / "tsne.png",
             anchors=stars,
             max_points=ev.tsne_points,
             seed=cfg.seed,
-            title=f"{cfg.name}: test embedding, stars = {kind} (k={k})",
+            title=f"{cfg.name}: test embedding ({encoder} encoder), stars = {kind} (k={k})",
             anchors_are_classes=False,
+            class_names=list(dm.class_names),
         )
     return metrics
 
 
 def probe_checkpoint(
-    path: str | Path, *, out: str | Path | None = None, plot_dir: str | Path | None = None
+    path: str | Path,
+    *,
+    out: str | Path | None = None,
+    plot_dir: str | Path | None = None,
+    allow_data_change: bool = False,
 ) -> dict[str, Any]:
     """Rebuild a pretraining run from its checkpoint and re-run :func:`evaluate_pretrained`;
-    with ``out``, write the metrics there as JSON; with ``plot_dir``, draw the t-SNE there."""
+    with ``out``, write the metrics there as JSON (undefined ones as ``null``); with
+    ``plot_dir``, draw the t-SNE there. Both are checked to be writable first. Data that
+    changed since the run trained are refused unless ``allow_data_change``."""
     path = Path(path)
+    if out is not None:
+        check_output_file(out, "--out")
+    if plot_dir is not None:
+        check_output_dir(plot_dir, "--plots")
     ckpt = load_pretrain_checkpoint(path)
     cfg = parse_pretrain_config(ckpt[PRETRAIN_CONFIG_KEY])
     dm, module = build_pretrain_run(cfg)
-    try:
-        module.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as err:
-        raise RunError(f"{path} does not match its own config: {err}") from err
+    check_data_fingerprint(
+        ckpt.get(DATA_FINGERPRINT_KEY),
+        dm.data_fingerprint(),
+        checkpoint=path,
+        action="probe",
+        allow=allow_data_change,
+    )
+    load_weights(module, ckpt["state_dict"], path)
     if plot_dir is not None:
-        Path(plot_dir).mkdir(parents=True, exist_ok=True)
         cfg.eval.tsne = True  # asked for, whatever the run itself drew
     metrics = evaluate_pretrained(module, dm, cfg, plot_dir=plot_dir)
     if out is not None:
-        Path(out).write_text(json.dumps(metrics, indent=2))
+        write_json(out, metrics)
     return metrics

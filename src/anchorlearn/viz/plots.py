@@ -1,7 +1,9 @@
 """Plots for the experiments: t-SNE of features with anchors, per-class bars of several
 methods, anchor cosine heatmaps and training curves.
 
-Every function writes a PNG to ``path`` (parent folders are created) and returns the path.
+Every ``plot_*`` function writes a PNG to ``path`` (parent folders are created) and returns
+the path; :func:`embed_2d` (the joint t-SNE) and :func:`subsample_by_class` are the steps of
+:func:`plot_tsne` on their own.
 Figures are built with matplotlib's object-oriented API and rendered by Agg, without
 pyplot: no backend is switched, no global figure state is touched, no window opens.
 """
@@ -17,8 +19,19 @@ import matplotlib
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
-__all__ = ["plot_anchor_similarity", "plot_per_class", "plot_training_curves", "plot_tsne"]
+__all__ = [
+    "LEGEND_MAX_CLASSES",
+    "TSNE_MAX_ITER",
+    "TSNE_PCA_DIMS",
+    "embed_2d",
+    "plot_anchor_similarity",
+    "plot_per_class",
+    "plot_training_curves",
+    "plot_tsne",
+    "subsample_by_class",
+]
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -38,6 +51,106 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return out
 
 
+# t-SNE of the few thousand points drawn here: features wider than this are first reduced
+# by PCA, and 500 iterations (scikit-learn's default is 1,000) settle such small inputs.
+TSNE_PCA_DIMS = 50
+TSNE_MAX_ITER = 500
+# a legend names the classes of a t-SNE up to this many classes (tab20 has 20 colours)
+LEGEND_MAX_CLASSES = 20
+
+
+def _rows(values: object, name: str, dim: int | None = None) -> np.ndarray:
+    """``values`` as a float64 ``(N, D)`` array (``D == dim`` when given)."""
+    array = _to_numpy(values, name).astype(np.float64)
+    if array.ndim != 2 or (dim is not None and array.shape[1] != dim):
+        expected = "(N, D)" if dim is None else f"(C, {dim})"
+        raise ValueError(f"{name} must have shape {expected}, got {array.shape}")
+    return array
+
+
+def subsample_by_class(labels: ArrayLike, max_points: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of at most ``max_points`` of the ``labels`` ``(N,)``, as evenly spread
+    over the classes as the classes allow, so that rare classes are drawn too.
+
+    Every class keeps ``min(n_c, q)`` samples, ``q`` the largest share that fits; the few
+    places left go to randomly chosen classes that have more. Drawn with ``seed``; all
+    indices when ``N <= max_points``.
+    """
+    labs = _to_numpy(labels, "labels")
+    if labs.ndim != 1:
+        raise ValueError(f"labels must have shape (N,), got {labs.shape}")
+    if max_points < 2:
+        raise ValueError(f"max_points must be >= 2, got {max_points}")
+    if len(labs) <= max_points:
+        return np.arange(len(labs))
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labs, return_counts=True)
+    remaining, share = max_points, max_points
+    for i, count in enumerate(np.sort(counts)):
+        share = remaining // (len(counts) - i)
+        if count > share:
+            break
+        remaining -= int(count)
+    quota = np.minimum(counts, share)
+    larger = np.flatnonzero(counts > quota)
+    extra = rng.choice(larger, size=max_points - int(quota.sum()), replace=False)
+    quota[extra] += 1
+    keep = [
+        rng.choice(np.flatnonzero(labs == c), size=int(q), replace=False)
+        for c, q in zip(classes, quota, strict=True)
+    ]
+    return np.sort(np.concatenate(keep))
+
+
+def embed_2d(
+    points: ArrayLike,
+    extra: ArrayLike | None = None,
+    *,
+    perplexity: float = 30.0,
+    seed: int = 0,
+    max_iter: int = TSNE_MAX_ITER,
+    pca_dims: int = TSNE_PCA_DIMS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One t-SNE of ``points`` ``(N, D)`` and ``extra`` ``(M, D)`` (anchors, prototypes)
+    together; returns their 2-D positions ``(N, 2)`` and ``(M, 2)``.
+
+    The extra rows take part in the fit like any point, so each lands among the points it
+    is near in ``D`` dimensions. Features wider than ``pca_dims`` are first projected on
+    their ``pca_dims`` principal components (fitted on all rows). The perplexity is lowered
+    to fit small inputs; identical points (a collapsed embedding) start from a random
+    layout, as PCA has no direction to start from.
+    """
+    from sklearn.manifold import TSNE
+
+    data = _rows(points, "points")
+    more = np.zeros((0, data.shape[1])) if extra is None else _rows(extra, "extra", data.shape[1])
+    if max_iter < 250:
+        raise ValueError(f"max_iter must be >= 250 (scikit-learn's minimum), got {max_iter}")
+    if pca_dims < 2:
+        raise ValueError(f"pca_dims must be >= 2, got {pca_dims}")
+    rows = np.concatenate([data, more])
+    if len(rows) < 3:
+        raise ValueError(f"points and extra must hold at least 3 rows in all, got {len(rows)}")
+    if not np.isfinite(rows).all():
+        raise ValueError("points and extra must be finite to embed, got NaN or inf")
+    # PCA initialisation divides by the spread of the first component (0 for identical points)
+    spread = bool(np.ptp(rows, axis=0).max() > 0)
+    if spread and rows.shape[1] > pca_dims and len(rows) > pca_dims:
+        from sklearn.decomposition import PCA
+
+        rows = PCA(n_components=pca_dims, random_state=seed).fit_transform(rows)
+    tsne = TSNE(
+        n_components=2,
+        perplexity=min(perplexity, (len(rows) - 1) / 3),
+        init="pca" if spread else "random",
+        learning_rate="auto",
+        max_iter=max_iter,
+        random_state=seed,
+    )
+    embedded = tsne.fit_transform(rows)
+    return embedded[: len(data)], embedded[len(data) :]
+
+
 def plot_tsne(
     features: ArrayLike,
     labels: ArrayLike,
@@ -48,53 +161,43 @@ def plot_tsne(
     seed: int = 0,
     title: str | None = None,
     anchors_are_classes: bool = True,
+    class_names: Sequence[str] | None = None,
+    note: str | None = None,
 ) -> Path:
-    """t-SNE of ``features`` ``(N, D)`` coloured by ``labels`` ``(N,)``.
+    """t-SNE (:func:`embed_2d`) of ``features`` ``(N, D)`` coloured by ``labels`` ``(N,)``.
 
-    At most ``max_points`` samples are drawn at random (seeded). ``anchors`` ``(C, D)`` are
-    embedded jointly with the samples and drawn as stars: in their class colour when row
-    ``c`` belongs to class ``c`` (``anchors_are_classes``, e.g. SAR's anchors), white
-    otherwise (e.g. k-means prototypes, which are not classes). The perplexity is lowered
-    to fit small inputs; points that are all identical (a collapsed embedding) start from
-    a random layout, as PCA has no direction to start from.
+    At most ``max_points`` samples are drawn, spread over the classes
+    (:func:`subsample_by_class`). ``anchors`` ``(C, D)`` are embedded jointly with the
+    samples and drawn as stars: in their class colour when row ``c`` belongs to class ``c``
+    (``anchors_are_classes``, e.g. SAR's anchors), white otherwise (e.g. k-means
+    prototypes, which are not classes). A legend names the classes drawn (``class_names``,
+    indexed by label, else the labels) when there are at most
+    :data:`LEGEND_MAX_CLASSES`. ``note`` is written in a box at the top of the plot (e.g.
+    why there are no anchors).
     """
-    from sklearn.manifold import TSNE
-
     feats = _to_numpy(features, "features")
     labs = _to_numpy(labels, "labels")
     if feats.ndim != 2 or labs.shape != feats.shape[:1]:
         raise ValueError(
             f"features must be (N, D) and labels (N,), got {feats.shape} and {labs.shape}"
         )
-    if max_points < 2:
-        raise ValueError(f"max_points must be >= 2, got {max_points}")
-    rng = np.random.default_rng(seed)
-    if len(feats) > max_points:
-        keep = rng.choice(len(feats), size=max_points, replace=False)
-        feats, labs = feats[keep], labs[keep]
-    points = feats.astype(np.float64)
-    num_anchors = 0
-    if anchors is not None:
-        anchor_array = _to_numpy(anchors, "anchors").astype(np.float64)
-        if anchor_array.ndim != 2 or anchor_array.shape[1] != feats.shape[1]:
-            raise ValueError(
-                f"anchors must have shape (C, {feats.shape[1]}), got {anchor_array.shape}"
-            )
-        num_anchors = len(anchor_array)
-        points = np.concatenate([points, anchor_array])
-    if len(points) < 3:
-        raise ValueError(f"features must hold at least 3 points in all, got {len(points)}")
-    if not np.isfinite(points).all():
+    keep = subsample_by_class(labs, max_points, seed)
+    feats, labs = feats[keep], labs[keep].astype(np.int64)
+    anchor_rows = None if anchors is None else _rows(anchors, "anchors", feats.shape[1])
+    num_anchors = 0 if anchor_rows is None else len(anchor_rows)
+    if len(feats) + num_anchors < 3:
+        raise ValueError(
+            f"features must hold at least 3 points in all, got {len(feats) + num_anchors}"
+        )
+    if not (np.isfinite(feats).all() and (anchor_rows is None or np.isfinite(anchor_rows).all())):
         raise ValueError("features and anchors must be finite to plot a t-SNE, got NaN or inf")
-    # PCA initialisation divides by the spread of the first component (0 for identical points)
-    spread = bool(np.ptp(points, axis=0).max() > 0)
-    tsne = TSNE(
-        n_components=2,
-        perplexity=min(perplexity, (len(points) - 1) / 3),
-        init="pca" if spread else "random",
-        random_state=seed,
-    )
-    embedded = tsne.fit_transform(points)
+    present = np.unique(labs)
+    if class_names is not None and len(class_names) <= int(labs.max(initial=0)):
+        raise ValueError(
+            f"class_names must have at least {int(labs.max(initial=0)) + 1} entries, "
+            f"got {len(class_names)}"
+        )
+    samples, stars = embed_2d(feats, anchor_rows, perplexity=perplexity, seed=seed)
     num_groups = int(labs.max(initial=0)) + 1
     if anchors_are_classes:
         num_groups = max(num_groups, num_anchors)
@@ -102,7 +205,6 @@ def plot_tsne(
     num_colours = cmap.N
     fig = Figure(figsize=(6, 6))
     ax = fig.subplots()
-    samples = embedded[: len(feats)]
     ax.scatter(
         samples[:, 0],
         samples[:, 1],
@@ -113,13 +215,30 @@ def plot_tsne(
         vmax=num_colours - 1,
     )
     if num_anchors:
-        stars = embedded[len(feats) :]
         if anchors_are_classes:
             colour = {"c": np.arange(num_anchors) % num_colours, "cmap": cmap}
             colour.update(vmin=0, vmax=num_colours - 1)
         else:
             colour = {"c": "white"}
         ax.scatter(stars[:, 0], stars[:, 1], marker="*", s=250, edgecolors="black", **colour)
+    if len(present) <= LEGEND_MAX_CLASSES:
+        names = [str(c) if class_names is None else str(class_names[c]) for c in present]
+        handles = [
+            Line2D([], [], marker="o", linestyle="", color=cmap(int(c) % num_colours), label=n)
+            for c, n in zip(present, names, strict=True)
+        ]
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    if note:
+        ax.text(
+            0.5,
+            0.98,
+            note,
+            transform=ax.transAxes,
+            ha="center",
+            va="top",
+            fontsize="small",
+            bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "0.6"},
+        )
     ax.set_xticks([])
     ax.set_yticks([])
     if title:
