@@ -20,7 +20,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from anchorlearn.engine.runner import check_finished_run
+from anchorlearn.engine.runs import check_finished_run
 from anchorlearn.engine.ssl_config import (
     load_pretrain_config,
     parse_pretrain_config,

@@ -146,57 +146,21 @@ def _scale_list(text: str) -> list[float]:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from anchorlearn.engine.rundir import lock_run_dir
+    from anchorlearn.engine.compare import run_comparison
 
-    with lock_run_dir(args.out):  # the tables and plots too, not only the runs
-        return _compare_locked(args)
-
-
-def _compare_locked(args: argparse.Namespace) -> int:
-    from anchorlearn.engine.compare import (
-        DEFAULT_COLUMNS,
-        SEGMENTATION_COLUMNS,
-        plot_comparison,
-        run_grid,
-        write_results,
-    )
-
-    seeds = list(args.seeds)
     overrides = list(args.set)
     if args.epochs is not None:
         overrides.append(f"trainer.max_epochs={args.epochs}")
-    results = run_grid(args.configs, seeds, args.out, overrides=overrides, jobs=args.jobs)
-    if not results:
-        return 0
-    segmentation = "miou" in next(iter(results.values()))[0]
-    default = SEGMENTATION_COLUMNS if segmentation else DEFAULT_COLUMNS
-    columns = args.columns.split(",") if args.columns else list(default)
-    available = {key for runs in results.values() for run in runs for key in run}
-    available = {k for k in available if k != "class_centers"} | {"center_drift"}
-    available |= {
-        f"per_class.{name}"
-        for runs in results.values()
-        for run in runs
-        for name in run.get("per_class", {})
-    }
-    unknown = [c for c in columns if c not in available]
-    if unknown:
-        from anchorlearn.engine.runner import RunError
-
-        raise RunError(
-            f"--columns: no run has {unknown[0]!r} (the runs are kept; re-run to tabulate); "
-            f"available: {', '.join(sorted(available))}"
-        )
-    unitless = ("nc1", "intra_inter_ratio", "center_drift")
-    percent = [c for c in columns if c not in unitless]
-    table = write_results(results, args.out, columns, percent=percent)
-    plot_comparison(
-        results,
-        Path(args.out) / ("per_class_iou.png" if segmentation else "per_class_accuracy.png"),
-        ylabel="IoU" if segmentation else "accuracy",
-        title="test " + ("IoU" if segmentation else "accuracy") + " per class (first seed)",
+    table = run_comparison(
+        args.configs,
+        list(args.seeds),
+        args.out,
+        overrides=overrides,
+        columns=args.columns.split(",") if args.columns else None,
+        jobs=args.jobs,
     )
-    print(table)
+    if table is not None:
+        print(table)
     return 0
 
 

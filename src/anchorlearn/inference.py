@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anchorlearn.losses._checks import check_positive_int
+from anchorlearn._checks import check_positive_int
 
 __all__ = ["MODES", "scaled_size", "segment", "slide_windows"]
 

@@ -1,4 +1,4 @@
-"""Tiny data and configs for run-directory tests: a few seconds per run on a CPU.
+"""Tiny data and configs for engine tests: a few seconds per run on a CPU.
 
 Import with ``from tests.engine.runfixtures import ...`` (run pytest from the repository
 root).
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["COUNTS", "npz_config", "write_npz"]
+__all__ = ["COUNTS", "digits_config", "npz_config", "write_npz"]
 
 # images per class: class 2 has two images, too few to reach the 20 % test split, so the
 # test split holds no image of the one "few" class and its accuracy is undefined (NaN)
@@ -41,3 +41,24 @@ def npz_config(path: Path, **trainer) -> dict:
         "optim": {"lr": 0.05, "schedule": "constant"},
         "trainer": {"max_epochs": 1, "progress": False, **trainer},
     }
+
+
+def digits_config(**changes) -> dict:
+    """A two-epoch long-tailed (IR 10) classification config on scikit-learn digits, CE
+    plus SAR; ``section=value`` replaces a section, ``section__key=value`` one key of it."""
+    raw = {
+        "name": "digits",
+        "task": "classification",
+        "data": {"source": "digits", "imbalance_ratio": 10, "batch_size": 64},
+        "model": {"name": "small_cnn", "kwargs": {"width": 8, "feat_dim": 16}},
+        "losses": ["ce", {"name": "sar", "update_conf": 0.5}],
+        "optim": {"lr": 0.05},
+        "trainer": {"max_epochs": 2, "progress": False},
+    }
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        if field:
+            raw[section][field] = value
+        else:
+            raw[section] = value
+    return raw

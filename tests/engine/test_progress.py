@@ -20,7 +20,8 @@ from tests.data.segfixtures import make_camvid
 
 from anchorlearn.engine.config import parse_config
 from anchorlearn.engine.progress import ProgressLines, quiet_lightning
-from anchorlearn.engine.runner import fit, make_trainer
+from anchorlearn.engine.runner import fit
+from anchorlearn.engine.runs import make_trainer
 
 NOISE = (
     "Tip",

@@ -9,12 +9,13 @@ import pytest
 import torch
 from tests.engine.runfixtures import npz_config, write_npz
 
+from anchorlearn.cluster import gather_and_cluster
 from anchorlearn.engine.config import parse_config
 from anchorlearn.engine.evaluate import regularizer_state, write_run_plots
 from anchorlearn.engine.runner import build_run, fit
 from anchorlearn.engine.ssl_config import parse_pretrain_config
-from anchorlearn.engine.ssl_module import gather_and_cluster
-from anchorlearn.engine.ssl_runner import build_pretrain_run, evaluate_pretrained
+from anchorlearn.engine.ssl_evaluate import evaluate_pretrained
+from anchorlearn.engine.ssl_runner import build_pretrain_run
 from anchorlearn.viz import plots
 
 

@@ -1,5 +1,5 @@
 """Self-supervised pretraining (MoCo, PCL, PAUC): tiny end-to-end runs on scikit-learn digits,
-the E-step, its DDP gather / broadcast on two gloo processes, configs and the CLI."""
+the E-step callback, configs and the CLI (the E-step itself: tests/cluster/test_estep.py)."""
 
 from __future__ import annotations
 
@@ -12,23 +12,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-import torch.nn.functional as F
 import yaml
 
 from anchorlearn.cli import main
-from anchorlearn.cluster import estimate_concentration, kmeans
-from anchorlearn.engine.config import ConfigError
-from anchorlearn.engine.runner import RunError
+from anchorlearn.cluster import gather_and_cluster, kmeans
+from anchorlearn.engine.rundir import RunError
+from anchorlearn.engine.schema import ConfigError
 from anchorlearn.engine.ssl_config import load_pretrain_config, parse_pretrain_config
-from anchorlearn.engine.ssl_module import EStepCallback, gather_and_cluster
-from anchorlearn.engine.ssl_runner import (
-    build_pretrain_run,
-    linear_probe_accuracy,
-    load_pretrain_checkpoint,
-    pretrain,
-)
+from anchorlearn.engine.ssl_evaluate import estep_time_metrics
+from anchorlearn.engine.ssl_module import EStepCallback
+from anchorlearn.engine.ssl_runner import build_pretrain_run, load_pretrain_checkpoint, pretrain
 from anchorlearn.models import list_models
 
 NUM_TRAIN = 256
@@ -130,13 +123,14 @@ def test_no_estep_and_no_prototype_loss_during_the_warmup(tmp_path: Path) -> Non
 
 
 def test_estep_clusters_the_momentum_embeddings_of_the_unaugmented_images() -> None:
-    dm, module = build_pretrain_run(parse_pretrain_config(tiny_config("pcl")))
+    cfg = parse_pretrain_config(tiny_config("pcl"))
+    dm, module = build_pretrain_run(cfg)
     module.train()  # as at an epoch start
     with torch.no_grad():  # the query encoder differs from the momentum one after training
         for param in module.moco.encoder_q.parameters():
             param.add_(0.1 * torch.randn_like(param))
     trainer = SimpleNamespace(datamodule=dm, global_rank=0, world_size=1, current_epoch=3)
-    estep = EStepCallback(0, niter=5, seed=7)
+    estep = EStepCallback(cfg.cluster, seed=7)  # k and the k-means settings: the config's
     results = []
     for global_seed in (1, 2):  # augmentations would draw from the global generator
         torch.manual_seed(global_seed)
@@ -276,8 +270,8 @@ def test_config_errors_name_the_key(changes: dict, message: str) -> None:
 def test_cluster_warm_start_reaches_every_kmeans_of_the_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import anchorlearn.engine.ssl_module as ssl_module
-    import anchorlearn.engine.ssl_runner as ssl_runner
+    import anchorlearn.cluster.estep as estep_module
+    import anchorlearn.engine.ssl_evaluate as ssl_evaluate
 
     seen = []
 
@@ -285,8 +279,8 @@ def test_cluster_warm_start_reaches_every_kmeans_of_the_run(
         seen.append(kwargs["warm_start"])
         return kmeans(*args, **kwargs)
 
-    monkeypatch.setattr(ssl_module, "kmeans", recording_kmeans)
-    monkeypatch.setattr(ssl_runner, "kmeans", recording_kmeans)
+    monkeypatch.setattr(estep_module, "kmeans", recording_kmeans)
+    monkeypatch.setattr(ssl_evaluate, "kmeans", recording_kmeans)
     # 256 samples > 2 * 4 * 12: the warm start applies at both granularities
     cfg = parse_pretrain_config(tiny_config("pcl", cluster={"warm_start": 4}))
     pretrain(cfg, tmp_path / "run", quiet=True)
@@ -311,44 +305,60 @@ def test_method_defaults_and_shipped_configs() -> None:
     assert len(shared) == 1
 
 
-def test_linear_probe_separates_separable_features() -> None:
-    generator = torch.Generator().manual_seed(0)
-    labels = torch.arange(200) % 4
-    centres = torch.randn(4, 8, generator=generator) * 4
-    features = centres[labels] + torch.randn(200, 8, generator=generator)
-    acc = linear_probe_accuracy(features[:150], labels[:150], features[150:], labels[150:], 4)
-    assert acc > 0.95
+def test_the_pauc_loss_is_built_from_the_loss_section_and_the_encoder_temperature() -> None:
+    from dataclasses import fields
+
+    from anchorlearn.engine.ssl_config import PretrainLossConfig
+    from anchorlearn.losses.pauc import PAUCParameters
+
+    # the loss section is PAUCLoss's parameters (its defaults) plus InfoNCE's weight
+    pauc_names = [f.name for f in fields(PAUCParameters)]
+    assert [f.name for f in fields(PretrainLossConfig)] == [*pauc_names, "infonce_weight"]
+    assert PretrainLossConfig().align_alpha == PAUCParameters().align_alpha == 2.0
+    loss = {
+        "corr_weight": 0.0,
+        "num_negatives": 50,
+        "align_alpha": 1.5,
+        "uniform_mode": "assignment",
+        "corr_mode": "vicreg",
+        "corr_features": "batch_means",
+    }
+    cfg = parse_pretrain_config(tiny_config("pauc", loss=loss, model={"temperature": 0.3}))
+    _, module = build_pretrain_run(cfg)
+    built = module.proto_loss
+    assert built.weights == {
+        "protonce": 1.0,
+        "alignment": 1.0,
+        "uniformity": 1.0,
+        "correlation": 0.0,
+    }
+    assert (built.protonce.temperature, built.protonce.num_negatives) == (0.3, 50)
+    assert (built.alignment.alpha, built.alignment.view_weight) == (1.5, 0.0)
+    assert (built.uniformity.t, built.uniformity.mode, built.uniformity.temperature) == (
+        2.0,
+        "assignment",
+        0.3,
+    )
+    assert (built.correlation.mode, built.correlation.lambda_offdiag) == ("vicreg", 5e-3)
+    assert built.corr_features == "batch_means"
+    with pytest.raises(ConfigError, match=r"unknown key 'loss\.allign_alpha'"):
+        parse_pretrain_config(tiny_config("pauc", loss={"allign_alpha": 1.0}))
 
 
-def test_single_process_estep_matches_its_parts() -> None:
-    x = F.normalize(torch.randn(60, 8), dim=1)
-    order = torch.randperm(60)
-    result = gather_and_cluster(x[order], order, 60, [3, 5], niter=5)
-    again = gather_and_cluster(x, torch.arange(60), 60, [3, 5], niter=5)
-    for a, b in zip(result.assignments, again.assignments, strict=True):
-        assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="cover 59 of 60"):
-        gather_and_cluster(x[:59], torch.arange(59), 60, [3])
-    for bad in (torch.arange(1, 61), torch.arange(-1, 59)):  # past the end; negative
-        with pytest.raises(ValueError, match=r"indices must lie in \[0, 60\), got 1 value"):
-            gather_and_cluster(x, bad, 60, [3])
-
-
-def test_estep_concentration_is_measured_to_the_centroids_before_normalisation() -> None:
-    # unit-norm clusters of different spread: their means have different norms, so the
-    # distances to the means and to the normalised means differ by a per-cluster factor
-    generator = torch.Generator().manual_seed(0)
-    centres = F.normalize(torch.randn(6, 16, generator=generator), dim=1)
-    spread = torch.tensor([0.05, 0.1, 0.2, 0.3, 0.5, 0.8]).repeat_interleave(50)
-    noise = torch.randn(300, 16, generator=generator)
-    x = F.normalize(centres.repeat_interleave(50, dim=0) + spread[:, None] * noise, dim=1)
-    result = gather_and_cluster(x, torch.arange(300), 300, [6], temperature=0.2, niter=10)
-    clusters = kmeans(x, 6, niter=10, seed=0)
-    assert torch.equal(result.assignments[0], clusters.assignments)
-    expected = estimate_concentration(x, clusters.raw_centroids, clusters.assignments, 0.2)
-    torch.testing.assert_close(result.concentrations[0], expected)
-    normalised = estimate_concentration(x, clusters.centroids, clusters.assignments, 0.2)
-    assert float((result.concentrations[0] - normalised).abs().max()) > 1e-3
+def test_estep_time_metrics_average_the_epochs_that_had_an_estep() -> None:
+    timings = [
+        {"estep_s": 0.0, "train_epoch_s": 2.0},  # the warm-up: no E-step
+        {"estep_s": 1.0, "estep_embed_s": 0.25, "estep_cluster_s": 0.75, "train_epoch_s": 3.0},
+        {"estep_s": 2.0, "estep_embed_s": 0.5, "estep_cluster_s": 1.5, "train_epoch_s": 4.0},
+    ]
+    assert estep_time_metrics(timings) == {
+        "estep_seconds_mean": 1.5,
+        "estep_embed_seconds_mean": 0.38,  # 0.375, rounded to 0.01 s
+        "estep_cluster_seconds_mean": 1.12,
+        "train_epoch_seconds_mean": 3.0,
+        "estep_share": round(3.0 / 12.0, 4),
+    }
+    assert estep_time_metrics([])["estep_share"] == 0.0
 
 
 def test_pretrain_and_probe_help(capsys: pytest.CaptureFixture[str]) -> None:
@@ -366,81 +376,6 @@ def test_probe_rejects_a_file_that_is_not_a_pretraining_checkpoint(
     torch.save({"state_dict": {}}, bogus)
     assert main(["probe", "--checkpoint", str(bogus)]) == 2
     assert "not an anchorlearn pretraining checkpoint" in capsys.readouterr().err
-
-
-# DDP: two gloo processes each embed half of the data; both must end with the same E-step.
-
-DDP_N, DDP_D, DDP_KS = 90, 8, [4, 7]
-
-
-def ddp_features() -> torch.Tensor:
-    generator = torch.Generator().manual_seed(3)
-    centres = torch.randn(5, DDP_D, generator=generator) * 3
-    x = centres[torch.arange(DDP_N) % 5] + torch.randn(DDP_N, DDP_D, generator=generator)
-    return F.normalize(x, dim=1)
-
-
-def ddp_worker(rank: int, init_file: str, out_dir: str, poison: bool = False) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        x = ddp_features()
-        # uneven shards: rank 0 gets every third sample, rank 1 the rest
-        mine = torch.arange(DDP_N)
-        mine = mine[(mine % 3 == 0) == (rank == 0)]
-        if rank == 1:
-            torch.manual_seed(123)  # a different global RNG state must not matter
-        if poison:
-            # rank 1 sends a NaN row: k-means fails on rank 0, and every rank must raise
-            # rather than wait for a broadcast that never comes
-            x[1] = float("nan")
-            try:
-                gather_and_cluster(x[mine], mine, DDP_N, DDP_KS, niter=10, seed=5)
-            except Exception as err:
-                (Path(out_dir) / f"rank{rank}.err").write_text(f"{type(err).__name__}: {err}")
-            return
-        result = gather_and_cluster(x[mine], mine, DDP_N, DDP_KS, niter=10, seed=5)
-        torch.save(
-            {
-                "prototypes": result.prototypes,
-                "concentrations": result.concentrations,
-                "assignments": result.assignments,
-            },
-            Path(out_dir) / f"rank{rank}.pt",
-        )
-    finally:
-        dist.destroy_process_group()
-
-
-def spawn_ddp_workers(tmp_path: Path, poison: bool = False) -> None:
-    """Run :func:`ddp_worker` on two processes; they import this module by its path."""
-    package_depth = len(ddp_worker.__module__.split("."))
-    import_root = Path(__file__).resolve().parents[package_depth - 1]
-    with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(str(import_root))
-        args = (str(tmp_path / "init"), str(tmp_path), poison)
-        mp.spawn(ddp_worker, args=args, nprocs=2, join=True)
-
-
-def test_ddp_gather_and_cluster_gives_every_rank_the_same_estep(tmp_path: Path) -> None:
-    spawn_ddp_workers(tmp_path)
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    single = gather_and_cluster(
-        ddp_features(), torch.arange(DDP_N), DDP_N, DDP_KS, niter=10, seed=5
-    )
-    for g, k in enumerate(DDP_KS):
-        assert rank0["prototypes"][g].shape == (k, DDP_D)
-        assert rank0["assignments"][g].shape == (DDP_N,)
-        for key in ("prototypes", "concentrations", "assignments"):
-            assert torch.equal(rank0[key][g], rank1[key][g]), (key, g)
-            torch.testing.assert_close(rank0[key][g], getattr(single, key)[g])
-
-
-def test_ddp_estep_failure_on_rank_0_raises_on_every_rank(tmp_path: Path) -> None:
-    spawn_ddp_workers(tmp_path, poison=True)
-    root, other = ((tmp_path / f"rank{r}.err").read_text() for r in (0, 1))
-    assert root.startswith("ValueError") and "finite" in root
-    assert other.startswith("RuntimeError: the E-step failed on rank 0")
 
 
 @pytest.mark.slow

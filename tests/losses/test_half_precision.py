@@ -26,7 +26,6 @@ from anchorlearn.losses import (
     CrossEntropyLoss,
     DotRegressionLoss,
     EMAPrototypeLoss,
-    ETFClassifier,
     InfoNCE,
     LogitAdjustedLoss,
     PAUCLoss,
@@ -34,6 +33,7 @@ from anchorlearn.losses import (
     SemanticAnchorRegularizer,
     UniformityLoss,
 )
+from anchorlearn.models import ETFClassifier
 
 N, D, C = 64, 512, 4
 HALF_MAX = torch.finfo(torch.float16).max
@@ -200,7 +200,7 @@ def test_center_loss_with_half_features(shape: tuple[int, ...]) -> None:
 def test_dot_regression_with_half_features() -> None:
     etf = ETFClassifier(D, C)
     # squared row norms of about 5e7 overflow float16 if normalised there
-    assert_half_matches_float32(lambda: DotRegressionLoss(etf), big(N, D), class_labels(N))
+    assert_half_matches_float32(lambda: DotRegressionLoss(etf.weight), big(N, D), class_labels(N))
 
 
 # --- contrastive and PAUC --------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 
 import pytest
@@ -13,6 +15,7 @@ from anchorlearn.losses.pauc import (
     AlignmentLoss,
     CorrelationLoss,
     PAUCLoss,
+    PAUCParameters,
     UniformityLoss,
     cluster_batch_means,
 )
@@ -337,3 +340,83 @@ def test_pauc_rejects_bad_input() -> None:
         PAUCLoss(corr_weight=-1.0)
     with pytest.raises(ValueError, match="corr_features must be one of"):
         PAUCLoss(corr_features="centroids")  # type: ignore[arg-type]
+
+
+# --- the parameters, in one place ---------------------------------------------------------
+
+
+def test_pauc_parameters_are_the_loss_arguments_with_the_same_defaults() -> None:
+    signature = inspect.signature(PAUCLoss.__init__).parameters
+    arguments = {name: p.default for name, p in signature.items() if name != "self"}
+    assert arguments.pop("temperature") == 0.2
+    fields = {f.name: f.default for f in dataclasses.fields(PAUCParameters)}
+    assert arguments == fields
+    assert fields["num_negatives"] == 16000 and fields["corr_lambda"] == 5e-3
+
+
+def _state(loss: PAUCLoss) -> dict:
+    return {
+        "temperature": loss.protonce.temperature,
+        "num_negatives": loss.protonce.num_negatives,
+        "weights": loss.weights,
+        "alignment": (loss.alignment.alpha, loss.alignment.view_weight),
+        "uniformity": (loss.uniformity.t, loss.uniformity.mode, loss.uniformity.temperature),
+        "correlation": (loss.correlation.mode, loss.correlation.lambda_offdiag),
+        "corr_features": loss.corr_features,
+    }
+
+
+def test_pauc_from_params_matches_the_constructor() -> None:
+    chosen = {
+        "protonce_weight": 0.5,
+        "align_weight": 0.25,
+        "uniform_weight": 0.0,
+        "corr_weight": 2.0,
+        "num_negatives": 7,
+        "align_alpha": 1.5,
+        "align_view_weight": 0.3,
+        "uniform_t": 3.0,
+        "uniform_mode": "assignment",
+        "corr_mode": "vicreg",
+        "corr_lambda": 0.01,
+        "corr_features": "batch_means",
+    }
+    expected = _state(PAUCLoss(0.1, **chosen))
+    assert _state(PAUCLoss.from_params(PAUCParameters(**chosen), temperature=0.1)) == expected
+    assert _state(PAUCLoss.from_params(chosen, temperature=0.1)) == expected
+    # a mapping sets some parameters, the others keep their defaults
+    partial = PAUCLoss.from_params({"corr_weight": 0.0})
+    assert _state(partial) == _state(PAUCLoss(corr_weight=0.0))
+    q, assignments, prototypes, concentrations = make_inputs()
+    torch.manual_seed(0)
+    inputs = (q, assignments, prototypes, concentrations)
+    out = PAUCLoss.from_params(chosen, temperature=0.1)(*inputs, k=q)
+    torch.manual_seed(0)
+    reference = PAUCLoss(0.1, **chosen)(*inputs, k=q)
+    assert {name: float(v) for name, v in out.items()} == {
+        name: float(v) for name, v in reference.items()
+    }
+
+
+def test_pauc_from_params_reads_only_the_pauc_fields_of_an_extended_class() -> None:
+    @dataclasses.dataclass
+    class WithMore(PAUCParameters):
+        infonce_weight: float = 9.0
+
+    loss = PAUCLoss.from_params(WithMore(align_weight=0.5, infonce_weight=3.0))
+    assert _state(loss) == _state(PAUCLoss(align_weight=0.5))
+
+
+def test_pauc_from_params_refuses_unknown_names_and_other_types() -> None:
+    with pytest.raises(ValueError) as info:
+        PAUCLoss.from_params({"corr_weight": 1.0, "allign_weight": 1.0})
+    allowed = ", ".join(f.name for f in dataclasses.fields(PAUCParameters))
+    assert str(info.value) == f"unknown PAUCLoss parameter 'allign_weight'; allowed: {allowed}"
+    with pytest.raises(ValueError, match="unknown PAUCLoss parameter 'temperature'"):
+        PAUCLoss.from_params({"temperature": 0.1})  # a keyword of its own
+    with pytest.raises(TypeError, match="params must be a PAUCParameters or a mapping, got list"):
+        PAUCLoss.from_params([("corr_weight", 1.0)])  # type: ignore[arg-type]
+    with pytest.raises(
+        ValueError, match=r"mode must be one of \('batch_means', 'assignment'\), got 'centr"
+    ):
+        PAUCLoss.from_params({"uniform_mode": "centroids"})

@@ -356,3 +356,20 @@ def test_bad_labels_and_arguments_raise(cls: type) -> None:
 def test_bad_momentum_raises() -> None:
     with pytest.raises(ValueError, match="momentum"):
         EMAPrototypeLoss(C, D, momentum=1.5)
+
+
+def test_reference_points_are_float32_cpu_copies() -> None:
+    ema = EMAPrototypeLoss(C, D)
+    ema.prototypes.copy_(torch.randn(C, D))
+    name, points = ema.reference_points()
+    assert name == "EMA prototypes" and points.dtype == torch.float32
+    assert torch.equal(points, ema.prototypes)
+    points.zero_()
+    assert ema.prototypes.abs().sum() > 0  # a copy, not the buffer
+    name, points = ema.double().reference_points()
+    assert points.dtype == torch.float32
+    torch.testing.assert_close(points, ema.prototypes.float())
+    center = CenterLoss(C, D).to(torch.bfloat16)
+    name, points = center.reference_points()
+    assert name == "centres" and points.dtype == torch.float32 and points.device.type == "cpu"
+    assert torch.equal(points, center.centers.detach().float())

@@ -226,6 +226,7 @@ def test_gate_and_ema_over_steps() -> None:
     assert float(out["pull"].detach()) == 0.0
     assert int(sar.step) == 1 and int(sar.gate_open_step) == -1 and not sar.gate_ever_opened
     assert torch.equal(sar.semantic_anchors, torch.zeros(C, D))
+    assert sar.reference_points() is None  # no semantic anchors yet
 
     classifier.margins = open_margins()
     p2 = sar.projected_anchors().detach()
@@ -233,6 +234,10 @@ def test_gate_and_ema_over_steps() -> None:
     assert out["gate_open"] is True
     assert torch.equal(sar.semantic_anchors, p2)
     assert int(sar.gate_open_step) == 2 and int(sar.step) == 2
+    name, points = sar.reference_points()
+    assert name == "semantic anchors" and torch.equal(points, p2)
+    points.zero_()
+    assert torch.equal(sar.semantic_anchors, p2)  # a copy, not the buffer
     torch.testing.assert_close(out["pull"], reference_pull(features, labels, p2))
 
     expected = p2

@@ -10,6 +10,7 @@ from anchorlearn.metrics import (
     coagulation,
     knn_accuracy,
     knn_predict,
+    linear_probe_accuracy,
     uniformity,
 )
 
@@ -94,3 +95,38 @@ def test_bad_inputs() -> None:
         knn_predict(z, torch.tensor([0, 1, 0, 1]), z, 2, temperature=0.0)
     with pytest.raises(ValueError, match="cluster_labels and true_labels"):
         clustering_scores(torch.zeros(3, dtype=torch.long), torch.zeros(4, dtype=torch.long))
+
+
+def test_linear_probe_separates_separable_features() -> None:
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(200) % 4
+    centres = torch.randn(4, 8, generator=generator) * 4
+    features = centres[labels] + torch.randn(200, 8, generator=generator)
+    acc = linear_probe_accuracy(features[:150], labels[:150], features[150:], labels[150:], 4)
+    assert acc > 0.95
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "message"),
+    [
+        ({"train_labels": torch.arange(9) % 3}, ValueError, r"train_labels must have shape"),
+        ({"test_labels": torch.zeros(5, 1)}, TypeError, "test_labels must be an integer tensor"),
+        ({"test_features": torch.zeros(6, 3)}, ValueError, "must have D=4 columns"),
+        ({"train_labels": torch.arange(10) % 4}, ValueError, r"train_labels must lie in \[0, 3\)"),
+        ({"num_classes": 1}, ValueError, "num_classes must be >= 2, got 1"),
+        ({"steps": 0}, ValueError, "steps must be >= 1, got 0"),
+        ({"weight_decay": -1.0}, ValueError, "weight_decay must be >= 0, got -1.0"),
+        ({"train_features": torch.full((10, 4), float("nan"))}, ValueError, "train_features"),
+    ],
+)
+def test_linear_probe_bad_inputs_name_the_argument(change: dict, error, message: str) -> None:
+    args = {
+        "train_features": torch.randn(10, 4),
+        "train_labels": torch.arange(10) % 3,
+        "test_features": torch.randn(6, 4),
+        "test_labels": torch.arange(6) % 3,
+        "num_classes": 3,
+    }
+    args.update(change)
+    with pytest.raises(error, match=message):
+        linear_probe_accuracy(**args)

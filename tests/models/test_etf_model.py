@@ -6,8 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from anchorlearn.losses import ETFClassifier
-from anchorlearn.models import FixedETFModel, create_model
+from anchorlearn.models import ETFClassifier, FixedETFModel, create_model
 
 
 def test_classification_wrapper_classifies_normalised_features_with_the_etf() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from anchorlearn.losses._checks import check_labels_tensor, check_matrix, check_positive
+from anchorlearn._checks import check_labels_tensor, check_matrix, check_positive
 
 __all__ = ["estimate_concentration"]
 

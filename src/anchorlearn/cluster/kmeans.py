@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from anchorlearn.losses._checks import check_finite, check_positive_int
+from anchorlearn._checks import check_finite, check_positive_int
 
 __all__ = ["ClusterResult", "kmeans"]
 

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from anchorlearn.losses._checks import check_non_negative, check_probability
+from anchorlearn._checks import check_non_negative, check_probability
 
 __all__ = [
     "PhotometricDistortion",

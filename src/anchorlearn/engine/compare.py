@@ -21,17 +21,23 @@ import numpy as np
 import torch
 import yaml
 
-from .config import apply_overrides, config_to_dict, load_config, parse_config
-from .rundir import lock_run_dir
-from .runner import RunError, check_finished_run, fit
+from .config import load_config, parse_config
+from .rundir import RunError, lock_run_dir
+from .runner import fit
+from .runs import check_finished_run
+from .schema import apply_overrides, config_to_dict
 
 __all__ = [
     "DEFAULT_COLUMNS",
+    "SEGMENTATION_COLUMNS",
     "aggregate",
     "column_value",
     "markdown_table",
     "plot_comparison",
+    "run_comparison",
     "run_grid",
+    "select_columns",
+    "tabulate",
     "write_results",
 ]
 
@@ -46,6 +52,85 @@ DEFAULT_COLUMNS = (
     "center_drift",
 )
 SEGMENTATION_COLUMNS = ("miou", "head_iou", "tail_iou", "nc1", "intra_inter_ratio", "center_drift")
+# columns that are not fractions: tabulated as they are, the others as percentages
+UNITLESS_COLUMNS = ("nc1", "intra_inter_ratio", "center_drift")
+
+
+def run_comparison(
+    configs: Sequence[str | Path | tuple[str, dict]],
+    seeds: Sequence[int],
+    out: str | Path,
+    *,
+    overrides: Sequence[str] = (),
+    columns: Sequence[str] | None = None,
+    quiet: bool = False,
+    jobs: int = 1,
+) -> str | None:
+    """``anchorlearn compare``: :func:`run_grid`, then :func:`tabulate` its results into
+    ``out``. ``out`` is locked throughout (the tables and plots too, not only the runs).
+
+    Returns the Markdown table, or ``None`` when there is nothing to tabulate (no config,
+    or a non-zero DDP rank).
+    """
+    with lock_run_dir(out):
+        results = run_grid(configs, seeds, out, overrides=overrides, quiet=quiet, jobs=jobs)
+        if not results:
+            return None
+        return tabulate(results, out, columns)
+
+
+def _is_segmentation(results: dict[str, list[dict[str, Any]]]) -> bool:
+    return "miou" in next(iter(results.values()))[0]
+
+
+def select_columns(
+    results: dict[str, list[dict[str, Any]]], requested: Sequence[str] | None = None
+) -> list[str]:
+    """The columns to tabulate: ``requested``, by default :data:`DEFAULT_COLUMNS` (or
+    :data:`SEGMENTATION_COLUMNS` for runs with an ``miou``). A column is a metric some run
+    has, ``center_drift``, or ``per_class.<name>`` for a class some run has; any other is a
+    :class:`RunError` listing the available ones (the runs are kept)."""
+    if requested:
+        columns = list(requested)
+    else:
+        columns = list(SEGMENTATION_COLUMNS if _is_segmentation(results) else DEFAULT_COLUMNS)
+    available = {key for runs in results.values() for run in runs for key in run}
+    available = {k for k in available if k != "class_centers"} | {"center_drift"}
+    available |= {
+        f"per_class.{name}"
+        for runs in results.values()
+        for run in runs
+        for name in run.get("per_class", {})
+    }
+    unknown = [c for c in columns if c not in available]
+    if unknown:
+        raise RunError(
+            f"--columns: no run has {unknown[0]!r} (the runs are kept; re-run to tabulate); "
+            f"available: {', '.join(sorted(available))}"
+        )
+    return columns
+
+
+def tabulate(
+    results: dict[str, list[dict[str, Any]]],
+    out: str | Path,
+    columns: Sequence[str] | None = None,
+) -> str:
+    """Write the results of a grid into ``out``: ``results.md`` and ``results.csv``
+    (:func:`write_results`) of the :func:`select_columns` (fractions as percentages, the
+    :data:`UNITLESS_COLUMNS` as they are) and the first seed's per-class accuracy or IoU of
+    every method (``per_class_accuracy.png`` or ``per_class_iou.png``). Returns the table."""
+    columns = select_columns(results, columns)
+    percent = [c for c in columns if c not in UNITLESS_COLUMNS]
+    table = write_results(results, out, columns, percent=percent)
+    segmentation = _is_segmentation(results)
+    plot_comparison(
+        results,
+        Path(out) / ("per_class_iou.png" if segmentation else "per_class_accuracy.png"),
+        ylabel="IoU" if segmentation else "accuracy",
+        title="test " + ("IoU" if segmentation else "accuracy") + " per class (first seed)",
+    )
+    return table
 
 
 def run_grid(

@@ -13,7 +13,6 @@ import torch
 import yaml
 
 from anchorlearn.data.long_tail import shot_groups
-from anchorlearn.losses.prototypes import CenterLoss, EMAPrototypeLoss
 from anchorlearn.losses.sar import SemanticAnchorRegularizer
 from anchorlearn.metrics.classification import classification_report, per_class_accuracy
 from anchorlearn.metrics.geometry import class_centers, feature_geometry
@@ -183,14 +182,13 @@ def segmentation_groups(pixel_counts: np.ndarray) -> dict[int, str]:
 
 
 def reference_points(module: SupervisedModule) -> tuple[str, torch.Tensor] | None:
-    """The class anchors or prototypes of the first regularizer that has them, if any."""
+    """The class anchors or prototypes of the first loss term that has them (its
+    ``reference_points()``: a name and a ``(C, D)`` float32 CPU tensor), if any."""
     for term in module.objective.terms:
-        if isinstance(term, SemanticAnchorRegularizer) and term.gate_ever_opened:
-            return "semantic anchors", term.semantic_anchors.detach().float().cpu()
-        if isinstance(term, EMAPrototypeLoss):
-            return "EMA prototypes", term.prototypes.detach().float().cpu()
-        if isinstance(term, CenterLoss):
-            return "centres", term.centers.detach().float().cpu()
+        points = getattr(term, "reference_points", None)
+        found = points() if callable(points) else None
+        if found is not None:
+            return found
     return None
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DistributedSampler
 
-from anchorlearn.losses._checks import valid_label_mask
+from anchorlearn._checks import valid_label_mask
 
 from .config import OptimConfig
 from .objective import Objective

@@ -14,14 +14,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from anchorlearn.losses.etf import DotRegressionLoss, ETFClassifier
+from anchorlearn.losses.etf import DotRegressionLoss
 from anchorlearn.losses.long_tail import BalancedSoftmaxLoss, CrossEntropyLoss, LogitAdjustedLoss
 from anchorlearn.losses.prototypes import CenterLoss, EMAPrototypeLoss
 from anchorlearn.losses.sar import SemanticAnchorRegularizer
+from anchorlearn.models.etf import ETFClassifier
 
 from .config import ConfigError, LossConfig
+from .schema import did_you_mean
 
-__all__ = ["LOSSES", "Objective", "build_objective"]
+__all__ = ["LOSSES", "Objective", "build_objective", "check_losses", "loss_parameters"]
 
 
 @dataclass(frozen=True)
@@ -30,18 +32,33 @@ class _LossSpec:
     reads: str  # "logits" or "features"
     injected: tuple[str, ...]  # constructor arguments the engine supplies
     help: str
+    # a task loss: it trains what the model predicts with (dot regression: the features onto
+    # the fixed ETF classifier); an objective needs at least one
+    trains_classifier: bool = False
 
 
 LOSSES: dict[str, _LossSpec] = {
-    "ce": _LossSpec(CrossEntropyLoss, "logits", (), "cross-entropy"),
+    "ce": _LossSpec(CrossEntropyLoss, "logits", (), "cross-entropy", trains_classifier=True),
     "logit_adjusted": _LossSpec(
-        LogitAdjustedLoss, "logits", ("class_counts",), "logit adjustment (Menon et al. 2021)"
+        LogitAdjustedLoss,
+        "logits",
+        ("class_counts",),
+        "logit adjustment (Menon et al. 2021)",
+        trains_classifier=True,
     ),
     "balanced_softmax": _LossSpec(
-        BalancedSoftmaxLoss, "logits", ("class_counts",), "balanced softmax (Ren et al. 2020)"
+        BalancedSoftmaxLoss,
+        "logits",
+        ("class_counts",),
+        "balanced softmax (Ren et al. 2020)",
+        trains_classifier=True,
     ),
     "dot_regression": _LossSpec(
-        DotRegressionLoss, "features", ("etf",), "dot regression to a fixed ETF (Yang et al. 2022)"
+        DotRegressionLoss,
+        "features",
+        ("etf_weight",),
+        "dot regression to a fixed ETF (Yang et al. 2022)",
+        trains_classifier=True,
     ),
     "sar": _LossSpec(
         SemanticAnchorRegularizer,
@@ -56,6 +73,46 @@ LOSSES: dict[str, _LossSpec] = {
         CenterLoss, "features", ("num_classes", "feat_dim"), "center loss (Wen et al. 2016)"
     ),
 }
+
+
+# constructor arguments a config does not set: modules built in Python, and the void label,
+# which is the data's
+_NOT_CONFIGURABLE = frozenset({"projector", "ignore_index"})
+
+
+def loss_parameters(name: str) -> list[str]:
+    """The parameters a config may set for the loss ``name`` (a key of :data:`LOSSES`): the
+    keyword arguments of its class less those the engine supplies (the data's class count
+    and void label, the model's feature size and classifier) and modules built in Python."""
+    entry = LOSSES[name]
+    params = inspect.signature(entry.cls.__init__).parameters
+    return [
+        param
+        for param, p in params.items()
+        if param != "self"
+        and param not in entry.injected
+        and param not in _NOT_CONFIGURABLE
+        and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+
+
+def check_losses(specs: Sequence[LossConfig]) -> None:
+    """Every loss is one of :data:`LOSSES` and every parameter one it takes
+    (:func:`loss_parameters`), else a :class:`ConfigError` naming the entry
+    (``losses.<i>``), the key, the closest allowed one and all the allowed ones."""
+    for i, spec in enumerate(specs):
+        if spec.name not in LOSSES:
+            raise ConfigError(
+                f"losses.{i}: unknown loss {spec.name!r}{did_you_mean(spec.name, LOSSES)}; "
+                f"known losses: {', '.join(sorted(LOSSES))}"
+            )
+        allowed = loss_parameters(spec.name)
+        for key in spec.params:
+            if key not in allowed:
+                raise ConfigError(
+                    f"losses.{i}: unknown parameter {key!r} for loss {spec.name}"
+                    f"{did_you_mean(key, allowed)}; allowed: {', '.join(allowed) or '(none)'}"
+                )
 
 
 class Objective(nn.Module):
@@ -111,18 +168,15 @@ def build_objective(
     ``ignore_index`` (the data's void label, ``None`` when every label is a class) is given
     to every loss that takes one; it is not a loss parameter a config sets.
     """
+    check_losses(specs)
+    if not any(LOSSES[s.name].trains_classifier for s in specs):
+        task_losses = [name for name, entry in LOSSES.items() if entry.trains_classifier]
+        raise ConfigError(
+            f"losses must include a task loss ({', '.join(task_losses[:-1])} or "
+            f"{task_losses[-1]}); regularizers alone do not train the classifier"
+        )
     names, losses, reads = [], [], []
     seen: dict[str, int] = {}
-    for spec in specs:
-        if spec.name not in LOSSES:
-            raise ConfigError(
-                f"unknown loss {spec.name!r}; known losses: {', '.join(sorted(LOSSES))}"
-            )
-    if not any(LOSSES[s.name].reads == "logits" or s.name == "dot_regression" for s in specs):
-        raise ConfigError(
-            "losses must include a task loss (ce, logit_adjusted, balanced_softmax or "
-            "dot_regression); regularizers alone do not train the classifier"
-        )
     for spec in specs:
         entry = LOSSES[spec.name]
         available: dict[str, Any] = {
@@ -131,19 +185,12 @@ def build_objective(
             "classifier": model.classifier,
             "class_counts": class_counts,
         }
-        if "etf" in entry.injected:
+        if "etf_weight" in entry.injected:
             if not isinstance(model.classifier, ETFClassifier):
                 raise ConfigError("loss dot_regression needs model.etf_classifier: true")
-            available["etf"] = model.classifier
+            available["etf_weight"] = model.classifier.weight
         if "class_counts" in entry.injected and class_counts is None:
             raise ConfigError(f"loss {spec.name} needs training class counts")
-        allowed = _user_parameters(entry.cls, entry.injected)
-        unknown = sorted(set(spec.params) - set(allowed))
-        if unknown:
-            raise ConfigError(
-                f"unknown parameter {unknown[0]!r} for loss {spec.name}; allowed: "
-                f"{', '.join(allowed) or '(none)'}"
-            )
         kwargs = {k: available[k] for k in entry.injected}
         if _takes(entry.cls, "ignore_index"):
             kwargs["ignore_index"] = ignore_index
@@ -159,22 +206,5 @@ def build_objective(
     return Objective(names, losses, reads)
 
 
-# constructor arguments a config does not set: modules built in Python, and the void label,
-# which is the data's
-_NOT_CONFIGURABLE = frozenset({"projector", "ignore_index"})
-
-
 def _takes(cls: type, name: str) -> bool:
     return name in inspect.signature(cls.__init__).parameters
-
-
-def _user_parameters(cls: type, injected: tuple[str, ...]) -> list[str]:
-    params = inspect.signature(cls.__init__).parameters
-    return [
-        name
-        for name, p in params.items()
-        if name != "self"
-        and name not in injected
-        and name not in _NOT_CONFIGURABLE
-        and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]

@@ -1,30 +1,30 @@
 """Validated configs of self-supervised pretraining runs (MoCo, PCL, PAUC).
 
 The same rules as :mod:`anchorlearn.engine.config`: YAML in, typed dataclasses out; an
-unknown or mistyped key is a :class:`~anchorlearn.engine.config.ConfigError` naming the key
+unknown or mistyped key is a :class:`~anchorlearn.engine.schema.ConfigError` naming the key
 and the allowed ones; ``--set a.b=value`` overrides are applied before validation.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import (
+from anchorlearn.losses.pauc import CORRELATION_MODES, UNIFORMITY_MODES, PAUCParameters
+
+from .config import PRECISIONS, OptimConfig, TrainerConfig
+from .schema import (
     COMMON_RANGES,
-    PRECISIONS,
     UNIT_INTERVAL,
     ConfigError,
-    OptimConfig,
-    TrainerConfig,
-    _build,
     above,
     apply_overrides,
     at_least,
+    build_config,
     check_choices,
     check_ranges,
+    config_to_dict,
     read_config_file,
 )
 
@@ -89,28 +89,22 @@ class ClusterConfig:
 
 
 @dataclass
-class PretrainLossConfig:
+class PretrainLossConfig(PAUCParameters):
     """Weights of the objective ``w_i InfoNCE + w_p ProtoNCE + w_a align + w_u unif + w_c corr``.
 
-    ``None`` takes the method's default: ``moco`` uses InfoNCE only; ``pcl`` adds ProtoNCE
-    (weight 1); ``pauc`` adds ProtoNCE and the three PAUC terms (weight 1 each, any of them
-    may be set to 0). The PAUC terms and their options are those of
-    :class:`anchorlearn.losses.pauc.PAUCLoss`.
+    The PAUC terms and their options are the fields of
+    :class:`~anchorlearn.losses.pauc.PAUCParameters` (those of
+    :class:`~anchorlearn.losses.pauc.PAUCLoss`, with its defaults), except that a weight
+    left at ``None`` takes the method's default: ``moco`` uses InfoNCE only; ``pcl`` adds
+    ProtoNCE (weight 1); ``pauc`` adds ProtoNCE and the three PAUC terms (weight 1 each, any
+    of them may be set to 0).
     """
 
-    infonce_weight: float = 1.0
     protonce_weight: float | None = None
     align_weight: float | None = None
     uniform_weight: float | None = None
     corr_weight: float | None = None
-    num_negatives: int = 16000
-    align_alpha: float = 2.0
-    align_view_weight: float = 0.0
-    uniform_t: float = 2.0
-    uniform_mode: str = "batch_means"
-    corr_mode: str = "barlow"
-    corr_lambda: float = 5e-3
-    corr_features: str = "assignment"
+    infonce_weight: float = 1.0
 
 
 @dataclass
@@ -153,9 +147,9 @@ _CHOICES = {
     "method": METHODS,
     "cluster.backend": ("auto", "faiss", "torch"),
     "cluster.init": ("auto", "k-means++", "random"),
-    "loss.uniform_mode": ("batch_means", "assignment"),
-    "loss.corr_mode": ("barlow", "vicreg"),
-    "loss.corr_features": ("batch_means", "assignment"),
+    "loss.uniform_mode": UNIFORMITY_MODES,
+    "loss.corr_mode": CORRELATION_MODES,
+    "loss.corr_features": UNIFORMITY_MODES,
     "optim.name": ("sgd", "adamw"),
     "optim.schedule": ("cosine", "constant"),
     "trainer.accelerator": ("cpu", "gpu", "cuda", "mps", "auto"),
@@ -196,7 +190,7 @@ def load_pretrain_config(path: str | Path, overrides: list[str] | None = None) -
 
 def parse_pretrain_config(raw: dict[str, Any]) -> PretrainConfig:
     """Validate a raw mapping and fill in the method's default loss weights."""
-    cfg = _build(PretrainConfig, raw, "")
+    cfg = build_config(PretrainConfig, raw)
     check_choices(cfg, _CHOICES)
     check_ranges(cfg, {key: at_least(1) for key in _POSITIVE_INTS})
     ks = cfg.cluster.num_clusters
@@ -274,4 +268,4 @@ def _resolve_loss_weights(cfg: PretrainConfig) -> None:
 
 def pretrain_config_to_dict(cfg: PretrainConfig) -> dict[str, Any]:
     """The config as plain Python types (YAML- and checkpoint-safe)."""
-    return dataclasses.asdict(cfg)
+    return config_to_dict(cfg)

@@ -2,10 +2,10 @@
 
 ``ContrastivePretrainModule`` trains a :class:`~anchorlearn.models.moco.MoCo` encoder with
 InfoNCE, plus ProtoNCE (``pcl``) or ProtoNCE and the PAUC terms (``pauc``) once an E-step
-has produced prototypes. :class:`EStepCallback` runs the E-step at the start of every epoch
-after the warm-up: it embeds the training set with the momentum encoder, clusters it at
-every granularity (:func:`gather_and_cluster`, DDP-aware) and stores the result in the
-module's buffers.
+has produced prototypes. :class:`EStepCallback` runs the E-step
+(:mod:`anchorlearn.cluster.estep`) at the start of every epoch after the warm-up: it embeds
+the training set with the momentum encoder, clusters it at every granularity (DDP-aware) and
+stores the result in the module's buffers.
 """
 
 from __future__ import annotations
@@ -13,15 +13,13 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import lightning as L
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from anchorlearn.cluster import estimate_concentration, kmeans
-from anchorlearn.losses._checks import check_label_range, connected_zero
+from anchorlearn._checks import connected_zero
+from anchorlearn.cluster.estep import EStepResult, embed_shard, gather_and_cluster
 from anchorlearn.losses.contrastive import InfoNCE
 from anchorlearn.losses.pauc import PAUCLoss
 from anchorlearn.models.moco import MoCo
@@ -33,157 +31,11 @@ from .module import (
     build_optimizer,
     rank_divergence,
 )
-from .ssl_config import PretrainLossConfig
+from .ssl_config import ClusterConfig, PretrainLossConfig
 
-__all__ = ["ContrastivePretrainModule", "EStepCallback", "EStepResult", "gather_and_cluster"]
+__all__ = ["ContrastivePretrainModule", "EStepCallback"]
 
 LOSS_TERMS = ("infonce", "protonce", "alignment", "uniformity", "correlation")
-
-
-@dataclass(frozen=True)
-class EStepResult:
-    """One E-step, a list entry per granularity ``g``.
-
-    Attributes:
-        prototypes: ``(k_g, D)`` float32, L2-normalised k-means centroids.
-        concentrations: ``(k_g,)`` float32, strictly positive, mean = the temperature.
-        assignments: ``(N,)`` int64 in ``[0, k_g)``, the cluster of every training sample.
-    """
-
-    prototypes: list[torch.Tensor]
-    concentrations: list[torch.Tensor]
-    assignments: list[torch.Tensor]
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _gather_rows(features: torch.Tensor, indices: torch.Tensor, num_samples: int) -> torch.Tensor:
-    """All ranks' ``(n_r, D)`` rows placed at their ``indices`` in one ``(num_samples, D)``."""
-    world = dist.get_world_size()
-    count = torch.tensor([features.shape[0]], device=features.device)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count)
-    longest = int(max(int(c) for c in counts))
-    padded = features.new_zeros(longest, features.shape[1])
-    padded[: features.shape[0]] = features
-    padded_idx = indices.new_full((longest,), -1)
-    padded_idx[: indices.shape[0]] = indices
-    rows = [torch.empty_like(padded) for _ in range(world)]
-    idxs = [torch.empty_like(padded_idx) for _ in range(world)]
-    dist.all_gather(rows, padded)
-    dist.all_gather(idxs, padded_idx)
-    all_rows = torch.cat([r[: int(c)] for r, c in zip(rows, counts, strict=True)])
-    all_idx = torch.cat([i[: int(c)] for i, c in zip(idxs, counts, strict=True)])
-    full = features.new_zeros(num_samples, features.shape[1])
-    full[all_idx] = all_rows
-    covered = torch.zeros(num_samples, dtype=torch.bool, device=features.device)
-    covered[all_idx] = True
-    if not bool(covered.all()):
-        raise ValueError(
-            f"the ranks' indices cover {int(covered.sum())} of {num_samples} samples: every "
-            "training sample must be embedded by some rank"
-        )
-    return full
-
-
-def gather_and_cluster(
-    features: torch.Tensor,
-    indices: torch.Tensor,
-    num_samples: int,
-    num_clusters: Sequence[int],
-    *,
-    temperature: float = 0.2,
-    niter: int = 20,
-    nredo: int = 1,
-    seed: int = 0,
-    backend: str = "auto",
-    init: str = "auto",
-    warm_start: int | None = None,
-) -> EStepResult:
-    """The E-step of PCL on embeddings that may be spread over DDP ranks.
-
-    Each rank passes the embeddings ``features`` ``(n_r, D)`` of the training samples it
-    embedded and their positions ``indices`` ``(n_r,)`` in the training set of
-    ``num_samples`` samples (duplicates across ranks are allowed: the copies are equal).
-    Under an initialised ``torch.distributed`` group with more than one rank, the rows are
-    gathered, rank 0 clusters them and broadcasts the result, so that every rank returns
-    the same :class:`EStepResult`; without one, ``features`` must hold every sample.
-
-    Per granularity ``k`` in ``num_clusters``: :func:`~anchorlearn.cluster.kmeans` (``niter``
-    iterations, ``nredo`` restarts, seeded with ``seed``, initialised by ``init``:
-    ``"k-means++"``, ``"random"`` or ``"auto"``, the library default; ``warm_start`` as
-    there; centroids L2-normalised) and
-    :func:`~anchorlearn.cluster.estimate_concentration`, measured to the centroids before
-    normalisation (as PCL) and rescaled to mean ``temperature``.
-    Collective calls are made on the device of ``features`` (a CUDA tensor under NCCL).
-    """
-    if features.ndim != 2 or indices.shape != features.shape[:1]:
-        raise ValueError(
-            f"features must be (n, D) and indices (n,), got {tuple(features.shape)} and "
-            f"{tuple(indices.shape)}"
-        )
-    check_label_range(indices, num_samples, None, "indices")
-    ks = [int(k) for k in num_clusters]
-    if _distributed():
-        full = _gather_rows(features.detach().float(), indices.long(), num_samples)
-    else:
-        full = features.detach().float().new_zeros(num_samples, features.shape[1])
-        full[indices.long()] = features.detach().float()
-        if torch.unique(indices).numel() != num_samples:
-            raise ValueError(
-                f"indices cover {torch.unique(indices).numel()} of {num_samples} samples: "
-                "pass the embeddings of the whole training set"
-            )
-    device, dim = full.device, full.shape[1]
-    is_root = not _distributed() or dist.get_rank() == 0
-    result = EStepResult([], [], [])
-    for g, k in enumerate(ks):
-        if k > num_samples:
-            raise ValueError(
-                f"num_clusters[{g}]={k} exceeds the {num_samples} training samples: use fewer "
-                "clusters"
-            )
-        prototypes = torch.empty(k, dim, device=device)
-        assignments = torch.empty(num_samples, dtype=torch.long, device=device)
-        phi = torch.empty(k, device=device)
-        failure: Exception | None = None
-        if is_root:
-            try:
-                clusters = kmeans(
-                    full,
-                    k,
-                    niter=niter,
-                    nredo=nredo,
-                    seed=seed + g,
-                    backend=backend,
-                    init=None if init == "auto" else init,
-                    warm_start=warm_start,
-                )
-                prototypes = clusters.centroids.to(device)
-                assignments = clusters.assignments.to(device)
-                # as PCL: distances to the cluster means, before they are normalised
-                raw = clusters.raw_centroids.to(device)
-                phi = estimate_concentration(full, raw, assignments, temperature).float()
-            except Exception as err:  # re-raised below, on every rank together
-                failure = err
-        if _distributed():
-            # the other ranks must not wait forever on a broadcast rank 0 never sends
-            status = torch.tensor([0 if failure is None else 1], device=device)
-            dist.broadcast(status, src=0)
-            if int(status) != 0:
-                if failure is not None:
-                    raise failure
-                raise RuntimeError(f"the E-step failed on rank 0 (k={k}); see its error")
-            for tensor in (prototypes, assignments, phi):
-                dist.broadcast(tensor, src=0)
-        elif failure is not None:
-            raise failure
-        result.prototypes.append(prototypes)
-        result.concentrations.append(phi)
-        result.assignments.append(assignments)
-    return result
 
 
 class ContrastivePretrainModule(L.LightningModule):
@@ -239,23 +91,7 @@ class ContrastivePretrainModule(L.LightningModule):
         self.infonce_weight = float(loss.infonce_weight)
         self.infonce = InfoNCE(moco.temperature)
         self.proto_loss = (
-            PAUCLoss(
-                temperature=moco.temperature,
-                num_negatives=loss.num_negatives,
-                protonce_weight=loss.protonce_weight,
-                align_weight=loss.align_weight,
-                uniform_weight=loss.uniform_weight,
-                corr_weight=loss.corr_weight,
-                align_alpha=loss.align_alpha,
-                align_view_weight=loss.align_view_weight,
-                uniform_t=loss.uniform_t,
-                uniform_mode=loss.uniform_mode,
-                corr_mode=loss.corr_mode,
-                corr_lambda=loss.corr_lambda,
-                corr_features=loss.corr_features,
-            )
-            if method != "moco"
-            else None
+            PAUCLoss.from_params(loss, temperature=moco.temperature) if method != "moco" else None
         )
         for g, k in enumerate(self.num_clusters):
             self.register_buffer(f"prototypes_{g}", torch.zeros(k, moco.dim))
@@ -352,40 +188,33 @@ class ContrastivePretrainModule(L.LightningModule):
 
 
 class EStepCallback(L.Callback):
-    """Runs the E-step at the start of every epoch from ``warmup_epochs`` on, and times it.
+    """Runs the E-step at the start of every epoch from ``cluster.warmup_epochs`` on, and
+    times it.
 
     The training images (``dm.labelled_dataset("train")``, in the order of the training
     indices) are embedded on their un-augmented form (``dm.preprocess``) by the momentum
-    encoder, each DDP rank embedding its shard ``rank::world_size``; then
-    :func:`gather_and_cluster` (seed ``seed * 1000 + epoch``) and
+    encoder, each DDP rank embedding its shard ``rank::world_size``
+    (:func:`~anchorlearn.cluster.estep.embed_shard`); then
+    :func:`~anchorlearn.cluster.estep.gather_and_cluster` into ``cluster.num_clusters``
+    groups with the k-means settings of ``cluster`` (seed ``seed * 1000 + epoch``,
+    concentrations rescaled to the encoder's temperature) and
     :meth:`ContrastivePretrainModule.set_estep`.
 
     Every epoch logs ``time/estep_s`` (0 without an E-step) and ``time/train_epoch_s`` (the
     epoch without its E-step); both are also kept in :attr:`timings`, one dict per epoch,
     with the E-step's two parts: ``estep_embed_s`` (embedding the training set) and
-    ``estep_cluster_s`` (:func:`gather_and_cluster`: the gather, k-means at every
-    granularity, phi and the broadcast).
+    ``estep_cluster_s`` (the gather, k-means at every granularity, phi and the broadcast).
     """
 
     def __init__(
         self,
-        warmup_epochs: int,
+        cluster: ClusterConfig,
         *,
-        niter: int = 20,
-        nredo: int = 1,
-        backend: str = "auto",
-        init: str = "auto",
-        warm_start: int | None = None,
         seed: int = 0,
         batch_size: int = 1024,
         verbose: bool = True,
     ) -> None:
-        self.warmup_epochs = warmup_epochs
-        self.niter = niter
-        self.nredo = nredo
-        self.backend = backend
-        self.init = init
-        self.warm_start = warm_start
+        self.cluster = cluster
         self.seed = seed
         self.batch_size = batch_size
         self.verbose = verbose
@@ -399,28 +228,30 @@ class EStepCallback(L.Callback):
         """Embed the training set (this rank's shard) and cluster it; store the result."""
         dm = trainer.datamodule
         images = dm.labelled_dataset("train").tensors[0]
-        rank, world = trainer.global_rank, trainer.world_size
+        c = self.cluster
         began = time.perf_counter()
-        indices = torch.arange(rank, images.shape[0], world)
-        chunks = []
-        for start in range(0, indices.shape[0], self.batch_size):
-            batch = images[indices[start : start + self.batch_size]].to(module.device)
-            chunks.append(module.moco.embed(dm.preprocess(batch), momentum=True).float())
-        dim = module.moco.dim
-        features = torch.cat(chunks) if chunks else torch.empty(0, dim, device=module.device)
+        features, indices = embed_shard(
+            lambda batch: module.moco.embed(dm.preprocess(batch), momentum=True),
+            images,
+            module.moco.dim,
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+            batch_size=self.batch_size,
+            device=module.device,
+        )
         embedded = time.perf_counter()
         result = gather_and_cluster(
             features,
-            indices.to(module.device),
+            indices,
             images.shape[0],
-            module.num_clusters,
+            c.num_clusters,
             temperature=module.moco.temperature,
-            niter=self.niter,
-            nredo=self.nredo,
+            niter=c.niter,
+            nredo=c.nredo,
             seed=self.seed * 1000 + trainer.current_epoch,
-            backend=self.backend,
-            init=self.init,
-            warm_start=self.warm_start,
+            backend=c.backend,
+            init=c.init,
+            warm_start=c.warm_start,
         )
         module.set_estep(result, trainer.current_epoch)
         self._estep_parts = {
@@ -432,7 +263,7 @@ class EStepCallback(L.Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._estep_seconds = 0.0
         self._estep_parts = {"estep_embed_s": 0.0, "estep_cluster_s": 0.0}
-        if pl_module.uses_prototypes and trainer.current_epoch >= self.warmup_epochs:
+        if pl_module.uses_prototypes and trainer.current_epoch >= self.cluster.warmup_epochs:
             start = time.perf_counter()
             self.run_estep(trainer, pl_module)
             self._estep_seconds = time.perf_counter() - start

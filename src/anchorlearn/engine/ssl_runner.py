@@ -1,8 +1,5 @@
-"""Self-supervised pretraining runs end to end: data, MoCo, E-step, Lightning fit, evaluation.
-
-The evaluation (:func:`evaluate_pretrained`) works on frozen networks: a linear probe and a
-weighted kNN on the backbone features, alignment and uniformity of the 128-d embedding,
-a k-means of the test embedding scored by coagulation, NMI and AMI, and a t-SNE picture.
+"""Self-supervised pretraining runs end to end: data, MoCo, E-step, Lightning fit, and the
+frozen-network evaluation of :mod:`~anchorlearn.engine.ssl_evaluate`.
 """
 
 from __future__ import annotations
@@ -11,57 +8,46 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-import yaml
 from torch import nn
 
-from anchorlearn.cluster import kmeans
-from anchorlearn.metrics.ssl import alignment, clustering_scores, coagulation, knn_accuracy
-from anchorlearn.metrics.ssl import uniformity as uniformity_metric
 from anchorlearn.models.moco import MoCo
 
-from .config import ConfigError
 from .datamodules import TwoViewDataModule
 from .rundir import (
-    DATA_FINGERPRINT_FILE,
     DATA_FINGERPRINT_KEY,
-    check_data_fingerprint,
     check_output_dir,
     check_output_file,
-    is_secondary_rank,
     lock_run_dir,
     write_json,
 )
-from .runner import (
+from .runs import (
     CONFIG_KEY,
     RESUMABLE_CHANGES,
     RunError,
     StoreConfig,
     TrainClock,
     create_model_for_data,
-    load_weights,
     make_trainer,
+    open_run,
     read_checkpoint,
     refuse_changed_config,
+    restore_run,
     resume_differences,
-    start_run,
 )
+from .schema import ConfigError
 from .ssl_config import PretrainConfig, parse_pretrain_config, pretrain_config_to_dict
+from .ssl_evaluate import estep_time_metrics, evaluate_pretrained
 from .ssl_module import ContrastivePretrainModule, EStepCallback
 
 __all__ = [
     "PRETRAIN_CONFIG_KEY",
     "build_pretrain_run",
-    "evaluate_pretrained",
-    "linear_probe_accuracy",
     "load_pretrain_checkpoint",
     "pretrain",
     "probe_checkpoint",
 ]
 
 PRETRAIN_CONFIG_KEY = "anchorlearn_pretrain_config"
-_EMBED_BATCH = 1024
 
 
 def build_pretrain_run(cfg: PretrainConfig) -> tuple[TwoViewDataModule, ContrastivePretrainModule]:
@@ -201,41 +187,20 @@ def _pretrain_locked(
     allow_data_change: bool,
 ) -> dict[str, Any] | None:
     t = cfg.trainer
-    stored: dict[str, Any] = {}
-
-    def check(last: Path) -> None:
-        ckpt = load_pretrain_checkpoint(last)
-        _check_compatible(ckpt, cfg, last)
-        stored["fingerprint"] = ckpt.get(DATA_FINGERPRINT_KEY)
-
-    ckpt_path = start_run(run_dir, t, cfg.seed, resume, check)
-    dm, module = build_pretrain_run(cfg)
-    fingerprint = dm.data_fingerprint()
-    if ckpt_path is not None:
-        check_data_fingerprint(
-            stored["fingerprint"],
-            fingerprint,
-            checkpoint=ckpt_path,
-            action="resume",
-            allow=allow_data_change,
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not is_secondary_rank():  # rank 0 wrote them before it started this process
-        config_text = yaml.safe_dump(pretrain_config_to_dict(cfg), sort_keys=False)
-        (run_dir / "config.yaml").write_text(config_text)
-        write_json(run_dir / DATA_FINGERPRINT_FILE, fingerprint)
-
-    estep = EStepCallback(
-        cfg.cluster.warmup_epochs,
-        niter=cfg.cluster.niter,
-        nredo=cfg.cluster.nredo,
-        backend=cfg.cluster.backend,
-        init=cfg.cluster.init,
-        warm_start=cfg.cluster.warm_start,
-        seed=cfg.seed,
-        verbose=not quiet,
+    config = pretrain_config_to_dict(cfg)
+    ckpt_path, dm, module, fingerprint = open_run(
+        run_dir,
+        t,
+        cfg.seed,
+        config,
+        resume=resume,
+        load=load_pretrain_checkpoint,
+        check_resumable=lambda ckpt, path: _check_compatible(ckpt, cfg, path),
+        build=lambda: build_pretrain_run(cfg),
+        allow_data_change=allow_data_change,
     )
-    config_callback = StoreConfig(PRETRAIN_CONFIG_KEY, pretrain_config_to_dict(cfg))
+    estep = EStepCallback(cfg.cluster, seed=cfg.seed, verbose=not quiet)
+    config_callback = StoreConfig(PRETRAIN_CONFIG_KEY, config)
     data_callback = StoreConfig(DATA_FINGERPRINT_KEY, fingerprint)
     clock = TrainClock()  # first, so that its epochs include the E-step
     trainer = make_trainer(
@@ -247,202 +212,13 @@ def _pretrain_locked(
     train_seconds = clock.seconds
     module.to(trainer.strategy.root_device)  # Lightning's teardown moved it to the CPU
     metrics = evaluate_pretrained(module, dm, cfg, plot_dir=run_dir / "plots" if plots else None)
-    estep_total = sum(row["estep_s"] for row in estep.timings)
-    epoch_total = sum(row["train_epoch_s"] for row in estep.timings)
-    with_estep = [row for row in estep.timings if row["estep_s"] > 0]
-    metrics.update(
-        {
-            "train_seconds": round(train_seconds, 1),
-            "epochs": int(trainer.current_epoch),
-            "estep_seconds_mean": _mean_seconds(with_estep, "estep_s"),
-            "estep_embed_seconds_mean": _mean_seconds(with_estep, "estep_embed_s"),
-            "estep_cluster_seconds_mean": _mean_seconds(with_estep, "estep_cluster_s"),
-            "train_epoch_seconds_mean": _mean_seconds(estep.timings, "train_epoch_s"),
-            "estep_share": (
-                round(estep_total / (estep_total + epoch_total), 4) if estep.timings else 0.0
-            ),
-        }
-    )
+    metrics["train_seconds"] = round(train_seconds, 1)
+    metrics["epochs"] = int(trainer.current_epoch)
+    metrics.update(estep_time_metrics(estep.timings))
     if t.devices > 1:
         metrics["ddp_world_size"] = int(trainer.world_size)
         metrics["ddp_max_state_diff"] = module.rank_state_divergence
     write_json(run_dir / "metrics.json", metrics)
-    return metrics
-
-
-def _mean_seconds(rows: list[dict[str, float]], key: str) -> float:
-    """Mean of ``key`` over the timing rows, 0 when there are none (a row from a checkpoint
-    written before the key existed counts as 0)."""
-    return round(sum(row.get(key, 0.0) for row in rows) / len(rows), 2) if rows else 0.0
-
-
-def linear_probe_accuracy(
-    train_features: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_features: torch.Tensor,
-    test_labels: torch.Tensor,
-    num_classes: int,
-    *,
-    steps: int = 100,
-    weight_decay: float = 1e-4,
-) -> float:
-    """Top-1 test accuracy of a multinomial logistic regression on frozen features.
-
-    The features ``(N, D)`` / ``(M, D)`` are standardised with the training mean and std;
-    the weights start at zero and are fitted full-batch with LBFGS (strong Wolfe line
-    search, at most ``steps`` iterations) on cross-entropy plus ``weight_decay * ||W||^2``.
-    Deterministic for given inputs.
-    """
-    mean = train_features.mean(dim=0)
-    std = train_features.std(dim=0).clamp_min(1e-6)
-    x_train = ((train_features - mean) / std).double()
-    x_test = ((test_features - mean) / std).double()
-    linear = nn.Linear(x_train.shape[1], num_classes).double()
-    nn.init.zeros_(linear.weight)
-    nn.init.zeros_(linear.bias)
-    optimizer = torch.optim.LBFGS(
-        linear.parameters(), lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe"
-    )
-    targets = train_labels.long()
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(linear(x_train), targets) + weight_decay * linear.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        optimizer.step(closure)
-    with torch.no_grad():
-        predictions = linear(x_test).argmax(dim=1)
-    return float((predictions == test_labels.long()).double().mean())
-
-
-@torch.no_grad()
-def _frozen_outputs(
-    module: ContrastivePretrainModule, dm: TwoViewDataModule, split: str, views: bool
-) -> dict[str, torch.Tensor]:
-    """Backbone features, normalised embeddings (and of two augmented views) of a split."""
-    encoder = module.moco.encoder_q
-    dataset = dm.labelled_dataset(split)
-    images, labels = dataset.tensors
-    out: dict[str, list[torch.Tensor]] = {"features": [], "embedding": [], "view1": [], "view2": []}
-    for start in range(0, images.shape[0], _EMBED_BATCH):
-        batch = images[start : start + _EMBED_BATCH].to(module.device)
-        x = dm.preprocess(batch)
-        out["features"].append(encoder.features(x).float().cpu())
-        out["embedding"].append(module.moco.embed(x, momentum=False).float().cpu())
-        if views:
-            first, second = dm.views(batch)
-            out["view1"].append(module.moco.embed(first, momentum=False).float().cpu())
-            out["view2"].append(module.moco.embed(second, momentum=False).float().cpu())
-    result = {key: torch.cat(value) for key, value in out.items() if value}
-    result["labels"] = labels.long()
-    return result
-
-
-def evaluate_pretrained(
-    module: ContrastivePretrainModule,
-    dm: TwoViewDataModule,
-    cfg: PretrainConfig,
-    *,
-    plot_dir: str | Path | None = None,
-) -> dict[str, Any]:
-    """Frozen-network evaluation of a pretrained module; torch is seeded with ``cfg.seed``.
-
-    Metrics (test split unless said otherwise):
-
-    - ``linear_probe``: :func:`linear_probe_accuracy` on backbone features (train -> test);
-    - ``knn``: weighted kNN (``eval.knn_k``, ``eval.knn_temperature``, cosine) on backbone
-      features of the labelled training split;
-    - ``alignment``: of the normalised embeddings of two augmented views;
-    - ``uniformity``: of one augmented view's embeddings (at most ``eval.uniformity_points``,
-      drawn with the seed);
-    - ``coagulation``, ``nmi``, ``ami``: of a k-means (``k = cluster.num_clusters[0]``) of
-      the embeddings of the un-augmented test images.
-
-    With ``plot_dir``, writes ``tsne.png``: one t-SNE of the un-augmented test embedding,
-    coloured by label, and of the first granularity's E-step prototypes, drawn as stars, with
-    the momentum encoder's embedding they were computed from (for ``moco``, or before any
-    E-step: the test k-means centroids, with the query encoder's embedding they cluster).
-    """
-    torch.manual_seed(cfg.seed)
-    was_training = module.training
-    module.eval()
-    try:
-        train = _frozen_outputs(module, dm, "train", views=False)
-        test = _frozen_outputs(module, dm, "test", views=True)
-    finally:
-        module.train(was_training)
-    ev = cfg.eval
-    num_classes = dm.num_classes
-    metrics: dict[str, Any] = {"method": cfg.method, "name": cfg.name, "seed": cfg.seed}
-    metrics["linear_probe"] = linear_probe_accuracy(
-        train["features"],
-        train["labels"],
-        test["features"],
-        test["labels"],
-        num_classes,
-        steps=ev.probe_steps,
-        weight_decay=ev.probe_weight_decay,
-    )
-    metrics["knn"] = knn_accuracy(
-        train["features"],
-        train["labels"],
-        test["features"],
-        test["labels"],
-        num_classes,
-        k=ev.knn_k,
-        temperature=ev.knn_temperature,
-    )
-    metrics["alignment"] = alignment(test["view1"], test["view2"])
-    generator = torch.Generator().manual_seed(cfg.seed)
-    order = torch.randperm(test["view1"].shape[0], generator=generator)
-    metrics["uniformity"] = uniformity_metric(test["view1"][order[: ev.uniformity_points]])
-    k = cfg.cluster.num_clusters[0]
-    c = cfg.cluster
-    clusters = kmeans(
-        test["embedding"],
-        k,
-        niter=c.niter,
-        nredo=c.nredo,
-        seed=cfg.seed,
-        backend=c.backend,
-        init=None if c.init == "auto" else c.init,  # type: ignore[arg-type]
-        warm_start=c.warm_start,
-    )
-    metrics["coagulation"] = coagulation(test["embedding"], clusters.assignments)
-    metrics.update(clustering_scores(clusters.assignments, test["labels"]))
-    metrics["num_train"] = int(train["labels"].shape[0])
-    metrics["num_test"] = int(test["labels"].shape[0])
-    if plot_dir is not None and ev.tsne:
-        from anchorlearn.viz.plots import plot_tsne
-
-        have_prototypes = module.uses_prototypes and int(module.estep_epoch) >= 0
-        points, stars = test["embedding"], clusters.centroids
-        kind, encoder = "test k-means centroids", "query"
-        if have_prototypes:
-            # The E-step clusters the momentum encoder's embeddings: its prototypes are
-            # drawn with that encoder's embedding of the test images, in one t-SNE (beside
-            # the query encoder's, they formed one clump away from every point).
-            images = dm.labelled_dataset("test").tensors[0]
-            chunks = [
-                module.moco.embed(dm.preprocess(images[i : i + _EMBED_BATCH].to(module.device)))
-                for i in range(0, images.shape[0], _EMBED_BATCH)
-            ]
-            points = torch.cat(chunks).float().cpu()
-            stars, kind, encoder = module.prototypes[0].cpu(), "E-step prototypes", "momentum"
-        plot_tsne(
-            points,
-            test["labels"],
-            Path(plot_dir) / "tsne.png",
-            anchors=stars,
-            max_points=ev.tsne_points,
-            seed=cfg.seed,
-            title=f"{cfg.name}: test embedding ({encoder} encoder), stars = {kind} (k={k})",
-            anchors_are_classes=False,
-            class_names=list(dm.class_names),
-        )
     return metrics
 
 
@@ -453,7 +229,8 @@ def probe_checkpoint(
     plot_dir: str | Path | None = None,
     allow_data_change: bool = False,
 ) -> dict[str, Any]:
-    """Rebuild a pretraining run from its checkpoint and re-run :func:`evaluate_pretrained`;
+    """Rebuild a pretraining run from its checkpoint and re-run
+    :func:`~.ssl_evaluate.evaluate_pretrained`;
     with ``out``, write the metrics there as JSON (undefined ones as ``null``); with
     ``plot_dir``, draw the t-SNE there. Both are checked to be writable first. Data that
     changed since the run trained are refused unless ``allow_data_change``."""
@@ -464,15 +241,13 @@ def probe_checkpoint(
         check_output_dir(plot_dir, "--plots")
     ckpt = load_pretrain_checkpoint(path)
     cfg = parse_pretrain_config(ckpt[PRETRAIN_CONFIG_KEY])
-    dm, module = build_pretrain_run(cfg)
-    check_data_fingerprint(
-        ckpt.get(DATA_FINGERPRINT_KEY),
-        dm.data_fingerprint(),
-        checkpoint=path,
+    dm, module = restore_run(
+        ckpt,
+        path,
+        lambda: build_pretrain_run(cfg),
         action="probe",
-        allow=allow_data_change,
+        allow_data_change=allow_data_change,
     )
-    load_weights(module, ckpt["state_dict"], path)
     if plot_dir is not None:
         cfg.eval.tsne = True  # asked for, whatever the run itself drew
     metrics = evaluate_pretrained(module, dm, cfg, plot_dir=plot_dir)

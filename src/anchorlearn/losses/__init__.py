@@ -8,12 +8,16 @@ inputs and the autocast state, and returns terms of that dtype: float16 and bflo
 are upcast before any sum, square or exponential, where a batch would overflow float16. An
 inactive term is a zero still connected to the inputs' graph (never ``inputs.sum() * 0``,
 which is NaN once the sum overflows).
+
+The losses that keep class anchors, prototypes or centres (SAR, EMA prototypes, center
+loss) return them with ``reference_points()``: a name and a ``(C, D)`` float32 CPU tensor,
+or ``None`` while they have none.
 """
 
 from .contrastive import InfoNCE, ProtoNCE
-from .etf import DotRegressionLoss, ETFClassifier, simplex_etf
+from .etf import DotRegressionLoss
 from .long_tail import BalancedSoftmaxLoss, CrossEntropyLoss, LogitAdjustedLoss
-from .pauc import AlignmentLoss, CorrelationLoss, PAUCLoss, UniformityLoss
+from .pauc import AlignmentLoss, CorrelationLoss, PAUCLoss, PAUCParameters, UniformityLoss
 from .prototypes import CenterLoss, EMAPrototypeLoss
 from .sar import SemanticAnchorRegularizer, default_projector
 
@@ -25,13 +29,12 @@ __all__ = [
     "CrossEntropyLoss",
     "DotRegressionLoss",
     "EMAPrototypeLoss",
-    "ETFClassifier",
     "InfoNCE",
     "LogitAdjustedLoss",
     "PAUCLoss",
+    "PAUCParameters",
     "ProtoNCE",
     "SemanticAnchorRegularizer",
     "UniformityLoss",
     "default_projector",
-    "simplex_etf",
 ]

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anchorlearn.losses._checks import (
+from anchorlearn._checks import (
     autocast_off,
     check_finite,
     check_l2_normalised,

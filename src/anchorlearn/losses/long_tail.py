@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anchorlearn.losses._checks import (
+from anchorlearn._checks import (
     check_finite,
     check_float_tensor,
     check_ignore_index,

@@ -25,14 +25,16 @@ returned in that dtype: half-precision embeddings and features are upcast first.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
-from typing import Literal, TypeVar
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import nn
 
-from anchorlearn.losses._checks import (
+from anchorlearn._checks import (
     autocast_off,
     check_l2_normalised,
     check_matrix,
@@ -45,9 +47,12 @@ from anchorlearn.losses._checks import (
 from anchorlearn.losses.contrastive import ProtoNCE, check_prototype_inputs
 
 __all__ = [
+    "CORRELATION_MODES",
+    "UNIFORMITY_MODES",
     "AlignmentLoss",
     "CorrelationLoss",
     "PAUCLoss",
+    "PAUCParameters",
     "UniformityLoss",
     "cluster_batch_means",
     "prototype_assignments",
@@ -55,6 +60,8 @@ __all__ = [
 
 UniformityMode = Literal["batch_means", "assignment"]
 CorrelationMode = Literal["barlow", "vicreg"]
+UNIFORMITY_MODES: tuple[str, ...] = ("batch_means", "assignment")
+CORRELATION_MODES: tuple[str, ...] = ("barlow", "vicreg")
 
 
 def _check_choice(value: object, name: str, allowed: tuple[str, ...]) -> str:
@@ -266,7 +273,7 @@ class UniformityLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.t = check_positive(t, "t")
-        self.mode = _check_choice(mode, "mode", ("batch_means", "assignment"))
+        self.mode = _check_choice(mode, "mode", UNIFORMITY_MODES)
         self.temperature = check_positive(temperature, "temperature")
 
     def forward(
@@ -353,7 +360,7 @@ class CorrelationLoss(nn.Module):
         self, mode: CorrelationMode = "barlow", lambda_offdiag: float = 5e-3, eps: float = 1e-5
     ) -> None:
         super().__init__()
-        self.mode = _check_choice(mode, "mode", ("barlow", "vicreg"))
+        self.mode = _check_choice(mode, "mode", CORRELATION_MODES)
         self.lambda_offdiag = check_non_negative(lambda_offdiag, "lambda_offdiag")
         self.eps = check_positive(eps, "eps")
 
@@ -391,6 +398,47 @@ class CorrelationLoss(nn.Module):
         return torch.stack(penalties).mean()
 
 
+@dataclass
+class PAUCParameters:
+    """The parameters of :class:`PAUCLoss` other than the temperature, with their defaults.
+
+    The one list of them: :class:`PAUCLoss` takes its defaults from here,
+    :meth:`PAUCLoss.from_params` builds the loss from an instance (or a mapping), and a
+    pretraining config's loss section extends this class with its own settings.
+
+    Attributes:
+        protonce_weight: :math:`w_p`, the weight of ProtoNCE.
+        align_weight: :math:`w_a`, the weight of :class:`AlignmentLoss`.
+        uniform_weight: :math:`w_u`, the weight of :class:`UniformityLoss`.
+        corr_weight: :math:`w_c`, the weight of :class:`CorrelationLoss`.
+        num_negatives: negative prototypes sampled per granularity by ProtoNCE.
+        align_alpha: :class:`AlignmentLoss`'s ``alpha``.
+        align_view_weight: :class:`AlignmentLoss`'s ``view_weight``.
+        uniform_t: :class:`UniformityLoss`'s ``t``.
+        uniform_mode: :class:`UniformityLoss`'s ``mode``, one of :data:`UNIFORMITY_MODES`.
+        corr_mode: :class:`CorrelationLoss`'s ``mode``, one of :data:`CORRELATION_MODES`.
+        corr_lambda: :class:`CorrelationLoss`'s ``lambda_offdiag``.
+        corr_features: the prototype-level features of the correlation term, one of
+            :data:`UNIFORMITY_MODES`.
+    """
+
+    protonce_weight: float = 1.0
+    align_weight: float = 1.0
+    uniform_weight: float = 1.0
+    corr_weight: float = 1.0
+    num_negatives: int = 16000
+    align_alpha: float = 2.0
+    align_view_weight: float = 0.0
+    uniform_t: float = 2.0
+    uniform_mode: str = "batch_means"
+    corr_mode: str = "barlow"
+    corr_lambda: float = 5e-3
+    corr_features: str = "assignment"
+
+
+_DEFAULTS = PAUCParameters()
+
+
 class PAUCLoss(nn.Module):
     r"""ProtoNCE revised with alignment, uniformity and correlation (our formulation of PAUC).
 
@@ -412,6 +460,12 @@ class PAUCLoss(nn.Module):
     InfoNCE` to it). A zero weight skips the computation and reports the term as 0. The
     default weights are starting points, not tuned values (the paper's are not public).
 
+    Args:
+        temperature: ProtoNCE's concentration where none is given, and the temperature of
+            the assignment features. The other arguments are the fields of
+            :class:`PAUCParameters`, documented and defaulted there; :meth:`from_params`
+            builds the loss from one.
+
     Shapes:
         ``q``: ``(N, D)`` L2-normalised query embeddings (with gradient); ``k``: ``(N, D)``
         L2-normalised embeddings of the other view (e.g. MoCo's keys), required when
@@ -425,34 +479,59 @@ class PAUCLoss(nn.Module):
     def __init__(
         self,
         temperature: float = 0.2,
-        num_negatives: int = 16000,
-        protonce_weight: float = 1.0,
-        align_weight: float = 1.0,
-        uniform_weight: float = 1.0,
-        corr_weight: float = 1.0,
+        num_negatives: int = _DEFAULTS.num_negatives,
+        protonce_weight: float = _DEFAULTS.protonce_weight,
+        align_weight: float = _DEFAULTS.align_weight,
+        uniform_weight: float = _DEFAULTS.uniform_weight,
+        corr_weight: float = _DEFAULTS.corr_weight,
         *,
-        align_alpha: float = 2.0,
-        align_view_weight: float = 0.0,
-        uniform_t: float = 2.0,
-        uniform_mode: UniformityMode = "batch_means",
-        corr_mode: CorrelationMode = "barlow",
-        corr_lambda: float = 5e-3,
-        corr_features: UniformityMode = "assignment",
+        align_alpha: float = _DEFAULTS.align_alpha,
+        align_view_weight: float = _DEFAULTS.align_view_weight,
+        uniform_t: float = _DEFAULTS.uniform_t,
+        uniform_mode: UniformityMode = _DEFAULTS.uniform_mode,
+        corr_mode: CorrelationMode = _DEFAULTS.corr_mode,
+        corr_lambda: float = _DEFAULTS.corr_lambda,
+        corr_features: UniformityMode = _DEFAULTS.corr_features,
     ) -> None:
         super().__init__()
         self.protonce = ProtoNCE(temperature, check_positive_int(num_negatives, "num_negatives"))
         self.alignment = AlignmentLoss(align_alpha, align_view_weight)
         self.uniformity = UniformityLoss(uniform_t, uniform_mode, temperature)
         self.correlation = CorrelationLoss(corr_mode, corr_lambda)
-        self.corr_features = _check_choice(
-            corr_features, "corr_features", ("batch_means", "assignment")
-        )
+        self.corr_features = _check_choice(corr_features, "corr_features", UNIFORMITY_MODES)
         self.weights = {
             "protonce": check_non_negative(protonce_weight, "protonce_weight"),
             "alignment": check_non_negative(align_weight, "align_weight"),
             "uniformity": check_non_negative(uniform_weight, "uniform_weight"),
             "correlation": check_non_negative(corr_weight, "corr_weight"),
         }
+
+    @classmethod
+    def from_params(
+        cls, params: PAUCParameters | Mapping[str, Any], *, temperature: float = 0.2
+    ) -> PAUCLoss:
+        """The loss with ``temperature`` and the parameters in ``params``.
+
+        ``params``: a :class:`PAUCParameters` (or an instance of a class extending it, such
+        as a pretraining config's loss section: only the PAUC fields are read), or a mapping
+        of some of its field names to values (the others keep their defaults; any other
+        name is a ``ValueError`` naming it and the allowed ones).
+        """
+        names = [f.name for f in dataclasses.fields(PAUCParameters)]
+        if isinstance(params, PAUCParameters):
+            values = {name: getattr(params, name) for name in names}
+        elif isinstance(params, Mapping):
+            unknown = [key for key in params if key not in names]
+            if unknown:
+                raise ValueError(
+                    f"unknown PAUCLoss parameter {unknown[0]!r}; allowed: {', '.join(names)}"
+                )
+            values = dict(params)
+        else:
+            raise TypeError(
+                f"params must be a PAUCParameters or a mapping, got {type(params).__name__}"
+            )
+        return cls(temperature, **values)
 
     def _correlation(
         self,

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from anchorlearn.losses._checks import (
+from anchorlearn._checks import (
     check_ignore_index,
     check_non_negative,
     check_num_classes,
@@ -26,14 +26,9 @@ from anchorlearn.losses._checks import (
     labelled_rows,
     loss_compute_dtype,
 )
+from anchorlearn._dist import is_distributed
 
 __all__ = ["CenterLoss", "EMAPrototypeLoss"]
-
-
-def _distributed_world_size() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
 
 
 class EMAPrototypeLoss(nn.Module):
@@ -101,6 +96,11 @@ class EMAPrototypeLoss(nn.Module):
             f"momentum={self.momentum}, ignore_index={self.ignore_index}"
         )
 
+    def reference_points(self) -> tuple[str, torch.Tensor]:
+        """``("EMA prototypes", P)``, ``P`` a detached float32 CPU copy ``(C, D)`` of the
+        prototypes (zero rows for classes not seen yet)."""
+        return "EMA prototypes", self.prototypes.detach().float().cpu().clone()
+
     @torch.no_grad()
     def _update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """EMA update from valid ``features`` ``(M, D)`` with class ``labels`` ``(M,)``.
@@ -115,7 +115,7 @@ class EMAPrototypeLoss(nn.Module):
         )
         stats[:, : self.feat_dim].index_add_(0, labels, features.detach().to(dtype))
         stats[:, self.feat_dim].index_add_(0, labels, torch.ones_like(labels, dtype=dtype))
-        if _distributed_world_size() > 1:
+        if is_distributed():
             dist.all_reduce(stats, op=dist.ReduceOp.SUM)
         counts = stats[:, self.feat_dim]
         present = counts > 0
@@ -199,6 +199,10 @@ class CenterLoss(nn.Module):
             f"num_classes={self.num_classes}, feat_dim={self.feat_dim}, weight={self.weight}, "
             f"ignore_index={self.ignore_index}"
         )
+
+    def reference_points(self) -> tuple[str, torch.Tensor]:
+        """``("centres", M)``, ``M`` a detached float32 CPU copy ``(C, D)`` of the centres."""
+        return "centres", self.centers.detach().float().cpu().clone()
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Return the weighted center loss.

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import (
+from anchorlearn._checks import (
     check_ignore_index,
     check_non_negative,
     check_num_classes,
@@ -167,6 +167,13 @@ class SemanticAnchorRegularizer(nn.Module):
     def gate_ever_opened(self) -> bool:
         """Whether the semantic anchors have been initialised."""
         return bool(self.gate_open_step >= 0)
+
+    def reference_points(self) -> tuple[str, torch.Tensor] | None:
+        """``("semantic anchors", S)``, ``S`` a detached float32 CPU copy ``(C, D)`` of the
+        semantic anchors, once the gate has opened; ``None`` before (there are none yet)."""
+        if not self.gate_ever_opened:
+            return None
+        return "semantic anchors", self.semantic_anchors.detach().float().cpu().clone()
 
     def projected_anchors(self) -> torch.Tensor:
         """``projector(anchors)``, ``(C, D)``, in the module's current train/eval mode."""

@@ -24,6 +24,7 @@ from anchorlearn.metrics.ssl import (
     coagulation,
     knn_accuracy,
     knn_predict,
+    linear_probe_accuracy,
     uniformity,
 )
 
@@ -44,6 +45,7 @@ __all__ = [
     "group_means",
     "knn_accuracy",
     "knn_predict",
+    "linear_probe_accuracy",
     "mean_iou",
     "nc1",
     "per_class_accuracy",

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from anchorlearn.losses._checks import check_label_range, check_labels_tensor, check_num_classes
+from anchorlearn._checks import check_label_range, check_labels_tensor, check_num_classes
 
 __all__ = [
     "balanced_accuracy",

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from anchorlearn.losses._checks import check_finite, check_float_tensor, check_labels_tensor
+from anchorlearn._checks import check_finite, check_float_tensor, check_labels_tensor
 
 __all__ = [
     "NC1_CENTERS",

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from anchorlearn.losses._checks import check_label_range, check_labels_tensor, check_num_classes
+from anchorlearn._checks import check_label_range, check_labels_tensor, check_num_classes
 from anchorlearn.metrics.classification import ClassGroups, class_group_names, group_means
 
 __all__ = ["SegmentationIoU", "format_iou_table", "mean_iou"]

@@ -1,5 +1,5 @@
 """Self-supervised representation metrics: alignment and uniformity (Wang & Isola 2020),
-a weighted kNN classifier (Wu et al. 2018), cluster coagulation, NMI and AMI.
+a weighted kNN classifier (Wu et al. 2018), a linear probe, cluster coagulation, NMI and AMI.
 """
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ import math
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
+from torch import nn
 
-from anchorlearn.losses._checks import (
+from anchorlearn._checks import (
     check_finite,
     check_float_tensor,
     check_labels_tensor,
@@ -25,6 +26,7 @@ __all__ = [
     "coagulation",
     "knn_accuracy",
     "knn_predict",
+    "linear_probe_accuracy",
     "uniformity",
 ]
 
@@ -178,3 +180,68 @@ def clustering_scores(cluster_labels: torch.Tensor, true_labels: torch.Tensor) -
         "nmi": float(normalized_mutual_info_score(true, pred)),
         "ami": float(adjusted_mutual_info_score(true, pred)),
     }
+
+
+def linear_probe_accuracy(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    num_classes: int,
+    *,
+    steps: int = 100,
+    weight_decay: float = 1e-4,
+) -> float:
+    """Top-1 test accuracy of a multinomial logistic regression on frozen features.
+
+    The features ``(N, D)`` / ``(M, D)`` are standardised with the training mean and std;
+    the weights start at zero and are fitted full-batch with LBFGS (strong Wolfe line
+    search, at most ``steps`` iterations) on cross-entropy plus ``weight_decay * ||W||^2``.
+    Deterministic for given inputs. Labels are ``(N,)`` / ``(M,)`` integers in
+    ``[0, num_classes)``.
+    """
+    _check_embeddings(train_features, "train_features")
+    _check_embeddings(test_features, "test_features")
+    check_num_classes(num_classes)
+    check_positive_int(steps, "steps")
+    if not weight_decay >= 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    if test_features.shape[1] != train_features.shape[1]:
+        raise ValueError(
+            f"test_features must have D={train_features.shape[1]} columns like "
+            f"train_features, got {test_features.shape[1]}"
+        )
+    for labels, features, name in (
+        (train_labels, train_features, "train_labels"),
+        (test_labels, test_features, "test_labels"),
+    ):
+        check_labels_tensor(labels, name)
+        if labels.shape != features.shape[:1]:
+            raise ValueError(
+                f"{name} must have shape ({features.shape[0]},), got {tuple(labels.shape)}"
+            )
+    if bool(((train_labels < 0) | (train_labels >= num_classes)).any()):
+        raise ValueError(f"train_labels must lie in [0, {num_classes})")
+    mean = train_features.mean(dim=0)
+    std = train_features.std(dim=0).clamp_min(1e-6)
+    x_train = ((train_features - mean) / std).double()
+    x_test = ((test_features - mean) / std).double()
+    linear = nn.Linear(x_train.shape[1], num_classes).double()
+    nn.init.zeros_(linear.weight)
+    nn.init.zeros_(linear.bias)
+    optimizer = torch.optim.LBFGS(
+        linear.parameters(), lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe"
+    )
+    targets = train_labels.long()
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(linear(x_train), targets) + weight_decay * linear.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    with torch.no_grad():
+        predictions = linear(x_test).argmax(dim=1)
+    return float((predictions == test_labels.long()).double().mean())

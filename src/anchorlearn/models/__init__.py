@@ -6,7 +6,7 @@ Every model exposes ``classifier`` (its final ``nn.Linear`` or 1x1 ``nn.Conv2d``
 """
 
 from anchorlearn.models.cnn import SmallCNN, small_cnn
-from anchorlearn.models.etf import FixedETFModel
+from anchorlearn.models.etf import ETFClassifier, FixedETFModel, simplex_etf
 from anchorlearn.models.heads import DecodeHead, DeepLabV3PlusHead, FCNHead, MLPHead
 from anchorlearn.models.moco import MoCo
 from anchorlearn.models.registry import create_model, list_models, register_model
@@ -18,6 +18,7 @@ __all__ = [
     "CifarResNet",
     "DecodeHead",
     "DeepLabV3PlusHead",
+    "ETFClassifier",
     "EncoderDecoder",
     "FCNHead",
     "FixedETFModel",
@@ -34,5 +35,6 @@ __all__ = [
     "resnet20",
     "resnet32",
     "seg_net",
+    "simplex_etf",
     "small_cnn",
 ]

@@ -15,7 +15,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from anchorlearn.losses._checks import check_num_classes, check_positive_int
+from anchorlearn._checks import check_num_classes, check_positive_int
 
 __all__ = [
     "SmpSegmentationAdapter",

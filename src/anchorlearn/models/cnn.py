@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from anchorlearn.losses._checks import check_num_classes, check_positive_int
+from anchorlearn._checks import check_num_classes, check_positive_int
 from anchorlearn.models.registry import register_model
 
 __all__ = ["SmallCNN", "small_cnn"]

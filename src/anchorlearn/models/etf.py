@@ -1,14 +1,106 @@
-"""A model whose classifier is a fixed simplex ETF, behind a feature normalisation layer."""
+"""A fixed simplex equiangular tight frame (ETF) classifier, and a model that uses it.
+
+Yang et al., "Inducing Neural Collapse in Imbalanced Learning: Do We Really Need a Learnable
+Classifier at the End of Deep Neural Network?", NeurIPS 2022. The classifier's class vectors
+are fixed in advance at the vertices of a regular simplex (maximally and equally separated);
+:class:`~anchorlearn.losses.DotRegressionLoss` regresses the features onto the vector of
+their class.
+"""
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from anchorlearn.losses.etf import ETFClassifier
+from anchorlearn._checks import (
+    check_float_tensor,
+    check_num_classes,
+    check_positive_int,
+    check_seed,
+)
 from anchorlearn.models._layers import FeatureBatchNorm
 
-__all__ = ["FixedETFModel"]
+__all__ = ["ETFClassifier", "FixedETFModel", "simplex_etf"]
+
+
+def simplex_etf(feat_dim: int, num_classes: int, *, seed: int = 0) -> torch.Tensor:
+    r"""Simplex ETF ``M`` of shape ``(D, C)`` (float64), one unit-norm column per class.
+
+    .. math::
+        M = \sqrt{\tfrac{C}{C-1}}\; U \left(I_C - \tfrac{1}{C} \mathbf{1}\mathbf{1}^\top\right),
+
+    with :math:`U \in \mathbb{R}^{D \times C}` a random partial orthogonal matrix
+    (:math:`U^\top U = I_C`), the Q factor of a QR decomposition of a Gaussian matrix drawn
+    from a generator seeded with ``seed``. Every column has unit norm and any two columns have
+    cosine exactly :math:`-1/(C-1)`. The construction needs ``D >= C``.
+    """
+    num_classes = check_num_classes(num_classes)
+    feat_dim = check_positive_int(feat_dim, "feat_dim")
+    if feat_dim < num_classes:
+        raise ValueError(
+            f"feat_dim must be >= num_classes for a simplex ETF built from a D x C partial "
+            f"orthogonal matrix, got feat_dim={feat_dim} < num_classes={num_classes}"
+        )
+    generator = torch.Generator().manual_seed(check_seed(seed, optional=False))
+    gaussian = torch.randn(feat_dim, num_classes, generator=generator, dtype=torch.float64)
+    orthonormal, _ = torch.linalg.qr(gaussian, mode="reduced")
+    centering = torch.eye(num_classes, dtype=torch.float64) - 1.0 / num_classes
+    return math.sqrt(num_classes / (num_classes - 1)) * orthonormal @ centering
+
+
+class ETFClassifier(nn.Module):
+    r"""A linear classifier (or 1x1 convolution) whose weight is a fixed simplex ETF.
+
+    ``weight`` is a ``(C, D)`` buffer (not a parameter, never trained; saved in
+    ``state_dict``), the transpose of :func:`simplex_etf`'s ``M``: rows have unit norm and
+    pairwise cosine :math:`-1/(C-1)`. Logits are :math:`z = W h (+ b)`.
+
+    Input ``(N, D)`` gives ``(N, C)``; ``(B, D, H, W)`` gives ``(B, C, H, W)``. A ``(C, D)``
+    input gives ``(C, C)``, so the module can serve as SAR's classifier for the anchors.
+
+    Args:
+        feat_dim: feature channels ``D`` (``>= num_classes``).
+        num_classes: number of classes ``C`` (>= 2).
+        bias: add a learnable bias ``(C,)``, initialised to zero.
+        seed: seed of the random orthogonal basis ``U``.
+    """
+
+    weight: torch.Tensor
+
+    def __init__(
+        self, feat_dim: int, num_classes: int, *, bias: bool = False, seed: int = 0
+    ) -> None:
+        super().__init__()
+        frame = simplex_etf(feat_dim, num_classes, seed=seed)
+        self.feat_dim = feat_dim
+        self.num_classes = num_classes
+        self.register_buffer("weight", frame.T.contiguous().to(torch.get_default_dtype()))
+        self.bias = nn.Parameter(torch.zeros(num_classes)) if bias else None
+
+    def extra_repr(self) -> str:
+        return (
+            f"feat_dim={self.feat_dim}, num_classes={self.num_classes}, "
+            f"bias={self.bias is not None}"
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, C)`` from ``x`` ``(N, D)``, or ``(B, C, H, W)`` from ``(B, D, H, W)``."""
+        check_float_tensor(x, "x")
+        if x.ndim not in (2, 4) or x.shape[1] != self.feat_dim:
+            raise ValueError(
+                f"x must have shape (N, {self.feat_dim}) or (B, {self.feat_dim}, H, W), "
+                f"got {tuple(x.shape)}"
+            )
+        weight = self.weight if torch.is_autocast_enabled(x.device.type) else self.weight.to(x)
+        bias = self.bias
+        if bias is not None and not torch.is_autocast_enabled(x.device.type):
+            bias = bias.to(x)
+        if x.ndim == 2:
+            return F.linear(x, weight, bias)
+        return F.conv2d(x, weight[:, :, None, None], bias)
 
 
 class FixedETFModel(nn.Module):
@@ -18,7 +110,7 @@ class FixedETFModel(nn.Module):
     used); its features go through a learnable batch normalisation (``BatchNorm1d`` for
     ``(N, D)`` features, also for a last batch of one row; ``BatchNorm2d`` for
     ``(B, D, H, W)``) and then the
-    :class:`~anchorlearn.losses.ETFClassifier`. The normalised features are the ones
+    :class:`ETFClassifier`. The normalised features are the ones
     returned, so a dot-regression loss or a regularizer reads what the ETF classifies.
 
     Why the normalisation: backbone features taken after a ReLU (and average pooling) are

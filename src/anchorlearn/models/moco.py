@@ -11,9 +11,10 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from anchorlearn._dist import all_gather_cat, is_distributed
 
 __all__ = ["MoCo"]
 
@@ -157,10 +158,8 @@ class MoCo(nn.Module):
         if keys.ndim != 2 or keys.shape[1] != self.dim:
             raise ValueError(f"keys must have shape (B, {self.dim}), got {tuple(keys.shape)}")
         keys = keys.detach()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered = [torch.empty_like(keys) for _ in range(dist.get_world_size())]
-            dist.all_gather(gathered, keys.contiguous())
-            keys = torch.cat(gathered)
+        if is_distributed():
+            keys = all_gather_cat(keys)
         batch = keys.shape[0]
         ptr = int(self.queue_ptr)
         if batch >= self.queue_size:

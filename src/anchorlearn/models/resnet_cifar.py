@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anchorlearn.losses._checks import check_num_classes, check_positive_int
+from anchorlearn._checks import check_num_classes, check_positive_int
 from anchorlearn.models._layers import FeatureBatchNorm
 from anchorlearn.models.registry import register_model
 

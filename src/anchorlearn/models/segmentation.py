@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anchorlearn.losses._checks import (
+from anchorlearn._checks import (
     check_num_classes,
     check_positive_int,
     check_probability,

@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from anchorlearn.losses._checks import check_num_classes, check_positive_int
+from anchorlearn._checks import check_num_classes, check_positive_int
 from anchorlearn.models.encoders import check_image_batch
 from anchorlearn.models.heads import DecodeHead, DeepLabV3PlusHead, FCNHead, MLPHead
 from anchorlearn.models.registry import register_model

@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from PIL import Image
 
-from anchorlearn.losses._checks import check_positive_int
+from anchorlearn._checks import check_positive_int
 
 __all__ = ["colorize", "default_palette", "plot_segmentation_examples", "save_mask_png"]
 

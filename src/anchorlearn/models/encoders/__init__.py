@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from anchorlearn.losses._checks import check_positive_int
+from anchorlearn._checks import check_positive_int
 
 # the input normalisation of torchvision's and timm's ImageNet weights ([0, 1] units)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

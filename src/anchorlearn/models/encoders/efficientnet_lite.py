@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anchorlearn.losses._checks import check_num_classes, check_positive_int
+from anchorlearn._checks import check_num_classes, check_positive_int
 from anchorlearn.models.encoders import Encoder, channel_statistics
 from anchorlearn.models.pretrained import load_pretrained, load_state_dict_file
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anchorlearn.losses._checks import check_positive_int
+from anchorlearn._checks import check_positive_int
 from anchorlearn.models.encoders import IMAGENET_MEAN, IMAGENET_STD, Encoder, channel_statistics
 from anchorlearn.models.pretrained import load_pretrained
 

@@ -1,4 +1,4 @@
-"""Input validation and reshaping shared by the losses.
+"""Input validation and reshaping shared across anchorlearn (losses, models, metrics, clustering).
 
 Every check raises ``ValueError`` or ``TypeError`` naming the argument, what was expected
 and what was received, before any arithmetic can fail deep inside torch.
