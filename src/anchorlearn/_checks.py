@@ -21,6 +21,7 @@ __all__ = [
     "check_seed",
     "connected_zero",
     "loss_compute_dtype",
+    "unit_norm_tolerance",
     "validate_features_and_labels",
 ]
 
@@ -263,14 +264,32 @@ def check_matrix(tensor: object, name: str, *, cols: int | None = None) -> torch
     return tensor
 
 
-def check_l2_normalised(tensor: torch.Tensor, name: str, *, atol: float = 1e-3) -> None:
-    """Every row of ``tensor`` ``(N, D)`` has Euclidean norm 1 within ``atol``."""
+# a row normalised in float32 or float64 is off unit norm by far less than this
+_UNIT_NORM_ATOL = 1e-3
+# ... and one normalised in float16 or bfloat16 by up to about one machine epsilon
+_UNIT_NORM_EPS_FACTOR = 4
+
+
+def unit_norm_tolerance(dtype: torch.dtype) -> float:
+    """How far a row norm of ``dtype`` may be from 1 and still count as normalised:
+    ``max(1e-3, 4 * eps)``, so 1e-3 for float32 and float64, about 3.9e-3 for float16 and
+    3.1e-2 for bfloat16, whose rounding alone leaves ``F.normalize``'s rows off by up to
+    about 0.75 eps (bfloat16: 6e-3)."""
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+    return max(_UNIT_NORM_ATOL, _UNIT_NORM_EPS_FACTOR * eps)
+
+
+def check_l2_normalised(tensor: torch.Tensor, name: str, *, atol: float | None = None) -> None:
+    """Every row of ``tensor`` ``(N, D)`` has Euclidean norm 1 within ``atol`` (default:
+    :func:`unit_norm_tolerance` of the tensor's dtype)."""
     if tensor.numel() == 0:
         return
+    if atol is None:
+        atol = unit_norm_tolerance(tensor.dtype)
     norms = tensor.detach().float().norm(dim=-1)
     worst = float((norms - 1.0).abs().max())
     if worst > atol:
         raise ValueError(
-            f"{name} must be L2-normalised along the last dim (row norms 1 +- {atol}), "
+            f"{name} must be L2-normalised along the last dim (row norms 1 +- {atol:.2g}), "
             f"got a row norm off by {worst:.3g}; apply torch.nn.functional.normalize first"
         )

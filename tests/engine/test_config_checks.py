@@ -223,7 +223,9 @@ def test_the_eval_section_defaults_and_round_trips() -> None:
     ("section", "message"),
     [
         ({"plots": "no"}, r"^eval\.plots must be true or false, got 'no'$"),
-        ({"tsne_points": 1}, r"^eval\.tsne_points must be >= 2, got 1$"),
+        ({"tsne_points": 1}, r"^eval\.tsne_points must be >= 3, got 1$"),
+        # a t-SNE needs 3 points: 2 test points passed here, then failed after training
+        ({"tsne_points": 2}, r"^eval\.tsne_points must be >= 3, got 2$"),
         ({"tsne_points": 2.5}, r"^eval\.tsne_points must be an integer, got 2\.5$"),
         ({"tsne": False}, r"^unknown key 'eval\.tsne'.*allowed keys in eval: plots, tsne_points"),
     ],
@@ -231,6 +233,15 @@ def test_the_eval_section_defaults_and_round_trips() -> None:
 def test_the_eval_section_is_validated(section, message) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_config({"eval": section})
+
+
+def test_eval_tsne_points_starts_at_what_a_tsne_needs() -> None:
+    from anchorlearn.viz.plots import TSNE_MIN_POINTS
+
+    cfg = parse_config({"eval": {"tsne_points": TSNE_MIN_POINTS}})
+    assert cfg.eval.tsne_points == TSNE_MIN_POINTS
+    with pytest.raises(ConfigError, match=rf"must be >= {TSNE_MIN_POINTS}, got"):
+        parse_config({"eval": {"tsne_points": TSNE_MIN_POINTS - 1}})
 
 
 def test_pretraining_keeps_its_own_eval_section() -> None:
@@ -243,8 +254,12 @@ def test_pretraining_keeps_its_own_eval_section() -> None:
 def test_max_test_samples_is_validated() -> None:
     assert parse_config({}).data.max_test_samples is None
     assert parse_config({"data": {"max_test_samples": 7}}).data.max_test_samples == 7
-    with pytest.raises(ConfigError, match=r"^data\.max_test_samples must be >= 1, got 0$"):
+    with pytest.raises(ConfigError, match=r"^data\.max_test_samples must be >= 2, got 0$"):
         parse_config({"data": {"max_test_samples": 0}})
+    # one test image is one class, and the evaluation compares classes: refused as the
+    # config is read, not after training
+    with pytest.raises(ConfigError, match=r"^data\.max_test_samples must be >= 2, got 1$"):
+        parse_config({"data": {"max_test_samples": 1}})
     with pytest.raises(ConfigError, match=r"data\.max_test_samples=5 is for classification"):
         parse_config({"task": "segmentation", "data": {"source": "scenes", "max_test_samples": 5}})
 
@@ -269,7 +284,7 @@ def _test_split(source: str, n: int | None, seed: int) -> tuple[list[int], list[
     return images[:, 0, 0, 0].tolist(), labels.tolist()
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 8, 14])
+@pytest.mark.parametrize("n", [3, 8, 14])
 def test_max_test_samples_keeps_exactly_n_stratified_images(tmp_path: Path, n: int) -> None:
     source = _npz_source(tmp_path)
     full_ids, full_labels = _test_split(source, None, seed=0)
@@ -280,8 +295,7 @@ def test_max_test_samples_keeps_exactly_n_stratified_images(tmp_path: Path, n: i
     full_label = dict(zip(full_ids, full_labels, strict=True))
     assert [full_label[i] for i in ids] == labels
     counts = [labels.count(c) for c in range(3)]
-    if n >= 3:  # every class keeps at least one image, the rest in proportion
-        assert min(counts) >= 1
+    assert min(counts) >= 1  # every class keeps at least one image, the rest in proportion
     if n == 8:  # 1 each, then 5 in proportion to (7, 4, 1): 2.92, 1.67, 0.42 -> 3, 2, 0
         assert counts == [4, 3, 1]
     assert _test_split(source, n, seed=0)[0] == ids  # the same subset for the same seed
@@ -292,3 +306,35 @@ def test_max_test_samples_draws_another_subset_for_another_seed(tmp_path: Path) 
     subsets = {tuple(_test_split(source, 7, seed=s)[0]) for s in range(4)}
     assert len(subsets) > 1
     assert _test_split(source, 100, seed=0) == _test_split(source, None, seed=0)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_max_test_samples_below_the_test_classes_is_refused_as_the_data_load(
+    tmp_path: Path, n: int
+) -> None:
+    # the evaluation after training scored fewer classes than the test split has (one:
+    # "labels must contain at least 2 classes"), or drew a t-SNE of too few points
+    from anchorlearn.engine.datamodules import ClassificationDataModule
+
+    dm = ClassificationDataModule(_npz_source(tmp_path), max_test_samples=n)
+    message = (
+        rf"^data\.max_test_samples={n} is below the 3 classes of the test split of npz:.*: "
+        r"every class needs a test image; set it to at least 3 or remove it$"
+    )
+    with pytest.raises(ValueError, match=message):
+        dm.setup("fit")
+
+
+def test_max_test_samples_counts_the_classes_the_test_split_holds(tmp_path: Path) -> None:
+    # 2 images of class 2 are too few for the 20 % test split: it holds classes 0 and 1 only
+    import numpy as np
+
+    from anchorlearn.engine.datamodules import ClassificationDataModule
+
+    labels = np.repeat(np.arange(3), [20, 20, 2])
+    path = tmp_path / "few.npz"
+    np.savez(path, images=np.zeros((len(labels), 4, 4), np.uint8), labels=labels)
+    dm = ClassificationDataModule(f"npz:{path}", max_test_samples=2)
+    assert sorted(dm.dataset("test").tensors[1].tolist()) == [0, 1]
+    with pytest.raises(ValueError, match=r"max_test_samples=1 is below the 2 classes"):
+        ClassificationDataModule(f"npz:{path}", max_test_samples=1).setup()

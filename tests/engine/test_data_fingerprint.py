@@ -71,8 +71,8 @@ def test_eval_and_resume_refuse_a_permuted_npz(tmp_path: Path, capsys) -> None:
         evaluate_checkpoint(last)
     message = str(err.value)
     assert message.startswith(
-        f"the test, val and train splits of npz:{data} now hold different images than when "
-        "the run trained (test content hash "
+        f"the test, val and train splits of npz:{data} now hold different images or labels "
+        "than when the run trained (test content hash "
     )
     assert message.endswith(
         ": the data changed; pass --allow-data-change (allow_data_change=True) to evaluate anyway"

@@ -8,18 +8,22 @@ import json
 import logging
 import math
 import re
+import signal
 import subprocess
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import yaml
 from lightning.pytorch.callbacks import TQDMProgressBar
 from tests.data.segfixtures import make_camvid
 
-from anchorlearn.engine.config import parse_config
-from anchorlearn.engine.progress import ProgressLines, quiet_lightning
+from anchorlearn.engine.config import OptimConfig, parse_config
+from anchorlearn.engine.module import lr_factor
+from anchorlearn.engine.progress import InterruptNotice, ProgressLines, quiet_lightning
 from anchorlearn.engine.runner import fit
 from anchorlearn.engine.runs import make_trainer
 
@@ -69,6 +73,11 @@ def assert_readable(text: str) -> None:
         assert noise not in text, noise
 
 
+def epoch_lines(err: str) -> list[str]:
+    """The end-of-epoch lines of an epoch-based run (not the lines within an epoch)."""
+    return [x for x in err.splitlines() if x.startswith("epoch=") and "batch" not in fields(x)]
+
+
 def check_epoch_lines(lines: list[str], run: Path, epochs: int) -> None:
     """Each line holds the epoch, the step, the epoch means of the training loss and
     accuracy and the validation accuracy that Lightning logged, and the time."""
@@ -98,7 +107,7 @@ def test_a_fit_piped_to_a_file_prints_one_plain_line_per_epoch(tmp_path: Path) -
     )
     assert result.returncode == 0, result.stderr
     assert_readable(result.stdout + result.stderr)
-    lines = [line for line in result.stderr.splitlines() if line.startswith("epoch=")]
+    lines = epoch_lines(result.stderr)
     check_epoch_lines(lines, run, epochs=2)
     metrics = json.loads((run / "metrics.json").read_text())
     assert fields(lines[-1])["sar_gate"] == gate_token(metrics)
@@ -120,10 +129,39 @@ def test_without_a_bar_lines_are_printed_and_lightning_noise_is_not(
             log.removeHandler(handler)
     out, err = capfd.readouterr()
     assert_readable(out + err)
-    check_epoch_lines([x for x in err.splitlines() if x.startswith("epoch=")], tmp_path, 1)
+    check_epoch_lines(epoch_lines(err), tmp_path, 1)
     assert [r.getMessage() for r in records if r.levelno < logging.WARNING] == []
     noise = [str(w.message) for w in recwarn if any(n in str(w.message) for n in NOISE)]
     assert noise == []
+
+
+def camvid_config(root: Path, **trainer) -> dict:
+    return {
+        "name": "seg",
+        "task": "segmentation",
+        "data": {"source": f"camvid:{root}", "crop_size": [32, 48], "batch_size": 2},
+        "model": {"name": "seg_net", "kwargs": {"width": 4, "feat_dim": 8}},
+        "losses": ["ce", {"name": "sar", "update_conf": 0.3}],
+        "optim": {"name": "adamw", "lr": 0.003, "schedule": "poly", "warmup_steps": 2},
+        "trainer": trainer,
+        "inference": {"batch_size": 2},
+    }
+
+
+class StepRecorder(L.Callback):
+    """The training loss and the batch size of every training batch, in order."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.sizes: list[int] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+        self.sizes.append(int(batch[0].shape[0]))
+
+
+def weighted_mean(values: list[float], weights: list[int]) -> float:
+    return sum(v * w for v, w in zip(values, weights, strict=True)) / sum(weights)
 
 
 @pytest.mark.parametrize(("max_steps", "expected"), [(6, ["3/6", "6/6"]), (4, ["3/4", "4/4"])])
@@ -131,16 +169,7 @@ def test_an_iteration_based_run_prints_one_line_per_validation(
     tmp_path: Path, capfd, max_steps: int, expected: list[str]
 ) -> None:
     root = make_camvid(tmp_path / "data")
-    raw = {
-        "name": "seg",
-        "task": "segmentation",
-        "data": {"source": f"camvid:{root}", "crop_size": [32, 48], "batch_size": 2},
-        "model": {"name": "seg_net", "kwargs": {"width": 4, "feat_dim": 8}},
-        "losses": ["ce", {"name": "sar", "update_conf": 0.3}],
-        "optim": {"name": "adamw", "lr": 0.003, "schedule": "poly", "warmup_steps": 2},
-        "trainer": {"max_steps": max_steps, "val_every_n_steps": 3},
-        "inference": {"batch_size": 2},
-    }
+    raw = camvid_config(root, max_steps=max_steps, val_every_n_steps=3)
     metrics = fit(parse_config(raw), tmp_path / "run", plots=False)
     out, err = capfd.readouterr()
     assert_readable(out + err)
@@ -154,6 +183,133 @@ def test_an_iteration_based_run_prints_one_line_per_validation(
     assert ("val/miou" in lines[-1]) == (max_steps == 6)
     assert all(math.isfinite(float(line["train/loss"])) for line in lines)
     assert lines[-1]["sar_gate"] == gate_token(metrics)
+
+
+def test_an_iteration_based_run_prints_a_line_every_log_every_n_steps(
+    tmp_path: Path, capfd
+) -> None:
+    """No val_every_n_steps: one validation at the end, and a line every 2 steps before it,
+    with the running means of the training values since the previous line, the learning
+    rate of the last step, the time and an estimate of the time left."""
+    root = make_camvid(tmp_path / "data")
+    raw = camvid_config(root, max_steps=6, log_every_n_steps=2, progress=False)
+    recorder = StepRecorder()
+    fit(parse_config(raw), tmp_path / "run", plots=False, callbacks=[recorder])
+    out, err = capfd.readouterr()
+    assert_readable(out + err)
+    lines = [fields(line) for line in err.splitlines() if line.startswith("step=")]
+    assert [line["step"] for line in lines] == ["2/6", "4/6", "6/6"]
+    assert [("val/miou" in line) for line in lines] == [False, False, True]
+    optim = OptimConfig(name="adamw", lr=0.003, schedule="poly", warmup_steps=2)
+    for k, line in zip((2, 4, 6), lines, strict=True):
+        since_last = slice(k - 2, k)
+        expected = weighted_mean(recorder.losses[since_last], recorder.sizes[since_last])
+        assert float(line["train/loss"]) == pytest.approx(expected, rel=1e-3)
+        assert math.isfinite(float(line["train/ce/ce"]))
+        # the rate the k-th step used (the schedule's factor at 0-based step k - 1)
+        rate = 0.003 * lr_factor(k - 1, total=6, warmup=2, cfg=optim)
+        assert float(line["lr"]) == pytest.approx(rate, rel=1e-3)
+        assert re.fullmatch(r"\d+(\.\d)?s|\d+m\d\ds", line["time"])
+    assert all(re.fullmatch(r"\d+(\.\d)?s|\d+m\d\ds", line["eta"]) for line in lines[:2])
+    assert "eta" not in lines[-1]  # nothing left
+
+
+@pytest.mark.parametrize(("log_every", "within"), [(3, list(range(3, 31, 3))), (4, [])])
+def test_an_epoch_based_run_prints_lines_within_long_epochs_only(
+    tmp_path: Path, capfd, log_every: int, within: list[int]
+) -> None:
+    """32 steps an epoch: lines within it every 3 steps (32 >= 10 x 3), none every 4."""
+    raw = digits_config(max_epochs=1, log_every_n_steps=log_every, progress=False)
+    raw["data"]["batch_size"] = 16  # 506 training images: 32 steps
+    fit(parse_config(raw), tmp_path, plots=False)
+    _, err = capfd.readouterr()
+    lines = [fields(x) for x in err.splitlines() if x.startswith("epoch=")]
+    assert [int(x["step"]) for x in lines] == [*within, 32]
+    assert [x.get("batch") for x in lines] == [f"{k}/32" for k in within] + [None]
+    assert all(x["epoch"] == "1/1" and "val/acc" not in x for x in lines[:-1])
+    assert "val/acc" in lines[-1]
+
+
+def test_every_value_of_a_line_is_the_same_batch_weighted_mean(tmp_path: Path, capfd) -> None:
+    """One CE loss: the total loss and the CE term are the same numbers at every step, so
+    their means in a line are too (506 images in batches of 64: the last batch is smaller,
+    and a mean over the steps would differ from one over the images)."""
+    raw = digits_config(max_epochs=1, progress=False)
+    raw["losses"] = ["ce"]
+    recorder = StepRecorder()
+    fit(parse_config(raw), tmp_path, plots=False, callbacks=[recorder])
+    _, err = capfd.readouterr()
+    (line,) = [fields(x) for x in epoch_lines(err)]
+    assert line["train/loss"] == line["train/ce/ce"]
+    assert sorted(set(recorder.sizes)) == [58, 64]
+    expected = weighted_mean(recorder.losses, recorder.sizes)
+    assert float(line["train/loss"]) == pytest.approx(expected, rel=1e-3)
+
+
+class Interrupt(L.Callback):
+    """Raises KeyboardInterrupt (as Ctrl-C does) after batch ``batch_idx`` of ``epoch``."""
+
+    def __init__(self, epoch: int, batch_idx: int) -> None:
+        self.epoch, self.batch_idx = epoch, batch_idx
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch_idx:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize(
+    ("epoch", "batch_idx", "quiet", "tail"),
+    [
+        # 8 steps an epoch: last.ckpt written at the end of the first
+        (1, 2, False, "the last checkpoint is {ckpt} (step 8): continue with --resume"),
+        (0, 1, True, "no checkpoint yet ({ckpt} does not exist): --resume starts afresh"),
+    ],
+)
+def test_ctrl_c_prints_where_training_stopped_and_what_to_resume_from(
+    tmp_path: Path, capfd, epoch: int, batch_idx: int, quiet: bool, tail: str
+) -> None:
+    cfg = parse_config(digits_config(progress=False))
+    handler = signal.getsignal(signal.SIGINT)  # Lightning ignores SIGINT after a Ctrl-C
+    try:
+        with pytest.raises(SystemExit):
+            fit(cfg, tmp_path, plots=False, quiet=quiet, callbacks=[Interrupt(epoch, batch_idx)])
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    out, err = capfd.readouterr()
+    assert_readable(out + err)
+    stopped = [x for x in err.splitlines() if x.startswith("interrupted")]
+    step = epoch * 8 + batch_idx + 1
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    assert stopped == [
+        f"interrupted at epoch {epoch + 1}/2, step {step}; " + tail.format(ckpt=ckpt)
+    ]
+    assert "Detected KeyboardInterrupt" not in err
+
+
+def test_ctrl_c_in_an_iteration_based_run_names_the_step_of_the_checkpoint(
+    tmp_path: Path, capfd
+) -> None:
+    root = make_camvid(tmp_path / "data")
+    raw = camvid_config(root, max_steps=6, checkpoint_every_n_steps=2, progress=False)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            fit(parse_config(raw), tmp_path / "run", plots=False, callbacks=[Interrupt(0, 2)])
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    _, err = capfd.readouterr()
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    expected = f"interrupted at step 3/6; the last checkpoint is {ckpt} (step 2): continue with"
+    assert [x for x in err.splitlines() if x.startswith("interrupted")] == [expected + " --resume"]
+
+
+def test_an_unreadable_checkpoint_is_named_as_such(tmp_path: Path) -> None:
+    ckpt = tmp_path / "last.ckpt"
+    ckpt.write_bytes(b"half a checkpoint")
+    trainer = SimpleNamespace(global_step=5, max_epochs=3, max_steps=-1, current_epoch=0)
+    line = InterruptNotice(ckpt).message(trainer)
+    assert line.startswith(f"interrupted at epoch 1/3, step 5; the last checkpoint {ckpt} cannot")
+    assert line.endswith("it may be incomplete") and "\n" not in line
 
 
 class _Terminal:

@@ -261,6 +261,56 @@ def test_read_only_outputs_are_refused_naming_the_path(tmp_path: Path) -> None:
         locked.chmod(0o700)
 
 
+def test_an_existing_device_pipe_or_link_is_written_without_its_folder(
+    tmp_path: Path, monkeypatch
+) -> None:
+    # `eval --out /dev/stdout`: /dev is not writable, the file is; write_json writes such a
+    # path in place, so only the file itself needs to be writable
+    checked = []
+
+    def folder_unwritable(path: Path):
+        checked.append(path)
+        return "write", PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(rundir, "_unwritable", folder_unwritable)  # root writes anywhere
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    assert check_output_file(pipe, "--out") == pipe
+    assert check_output_file(os.devnull, "--out") == Path(os.devnull)
+    target = tmp_path / "elsewhere" / "m.json"
+    target.parent.mkdir()
+    target.write_text("{}")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    assert check_output_file(link, "--out") == link
+    assert checked == []
+    # a regular file is replaced through a temporary file beside it: its folder must be
+    # writable
+    with pytest.raises(RunError, match=f"--out {target}: cannot write in {target.parent} "):
+        check_output_file(target, "--out")
+    monkeypatch.setattr(rundir.os, "access", lambda path, mode: False)  # as for a non-root user
+    with pytest.raises(RunError, match=f"--out {pipe}: the file is read-only"):
+        check_output_file(pipe, "--out")
+
+
+@pytest.mark.skipif(AS_ROOT, reason="root writes into /dev")
+def test_dev_null_is_accepted_as_it_is() -> None:
+    assert check_output_file(os.devnull, "--out") == Path(os.devnull)
+
+
+def test_write_json_writes_through_a_link(tmp_path: Path) -> None:
+    target = tmp_path / "runs" / "m.json"
+    target.parent.mkdir()
+    target.write_text("old")
+    link = tmp_path / "latest.json"
+    link.symlink_to(target)
+    assert write_json(link, {"top1": float("nan")}) == link
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert json.loads(target.read_text()) == {"top1": None}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "runs"]
+    assert write_json(os.devnull, {"a": 1}) == Path(os.devnull)
+
+
 # -- data fingerprints ----------------------------------------------------------------------
 
 
@@ -283,8 +333,8 @@ def test_fingerprint_differences_say_what_changed() -> None:
     assert fingerprint_differences(stored, _fingerprint()) == []
     moved = _fingerprint(test="1a2b3c4d5e6f", train="abcdef012345")
     assert fingerprint_differences(stored, moved) == [
-        "the test and train splits of npz:d.npz now hold different images than when the run "
-        "trained (test content hash 1a2b3c4d... now, testtest... then)"
+        "the test and train splits of npz:d.npz now hold different images or labels than when "
+        "the run trained (test content hash 1a2b3c4d... now, testtest... then)"
     ]
     fewer = _fingerprint()
     fewer["splits"]["val"]["samples"] = 9
@@ -310,8 +360,8 @@ def test_a_data_change_is_refused_unless_allowed(capsys) -> None:
     with pytest.raises(RunError) as err:
         check_data_fingerprint(stored, moved, checkpoint="r/last.ckpt", action="evaluate")
     assert str(err.value) == (
-        "the test split of npz:d.npz now holds different images than when the run trained "
-        "(content hash 1a2b3c4d... now, testtest... then): the data changed; pass "
+        "the test split of npz:d.npz now holds different images or labels than when the run "
+        "trained (content hash 1a2b3c4d... now, testtest... then): the data changed; pass "
         "--allow-data-change (allow_data_change=True) to evaluate anyway"
     )
     check_data_fingerprint(stored, moved, checkpoint="r/last.ckpt", action="resume", allow=True)
@@ -325,4 +375,39 @@ def test_a_data_change_is_refused_unless_allowed(capsys) -> None:
     assert err_lines == [
         "warning: r/last.ckpt holds no data fingerprint (written before they were stored): "
         "the data cannot be checked against the data the run trained on"
+    ]
+
+
+def test_fingerprint_differences_name_what_differs() -> None:
+    stored = _fingerprint()
+    # only the labels of the val split changed: the content hash covers images and labels
+    relabelled = _fingerprint(val="5" * 64)
+    assert fingerprint_differences(stored, relabelled) == [
+        "the val split of npz:d.npz now holds different images or labels than when the run "
+        "trained (content hash 55555555... now, valvalva... then)"
+    ]
+    for fingerprint in (stored, relabelled):
+        fingerprint["splits"]["val"]["image_shape"] = [1, 8, 8]
+    resized = _fingerprint(val="6" * 64)
+    resized["splits"]["val"]["image_shape"] = [3, 8, 8]
+    assert fingerprint_differences(stored, resized) == [
+        "the val split of npz:d.npz now has images of shape [3, 8, 8], [1, 8, 8] when the run "
+        "trained"
+    ]
+    # a moved file with the same data is the same data; with other data, both are named
+    assert fingerprint_differences(stored, {**stored, "source": "npz:e.npz"}) == []
+    moved = {**_fingerprint(test="7" * 64), "source": "npz:e.npz"}
+    moved["splits"]["val"]["image_shape"] = [1, 8, 8]
+    assert fingerprint_differences(stored, moved) == [
+        "the data are read from npz:e.npz now, from npz:d.npz when the run trained",
+        "the test split of npz:e.npz now holds different images or labels than when the run "
+        "trained (content hash 77777777... now, testtest... then)",
+    ]
+    # a folder data set whose val split is now another split of the data set
+    files = {**_fingerprint(), "kind": "files", "source": "camvid:/d"}
+    files["splits"]["val"]["split"] = "val"
+    other = {**_fingerprint(val="8" * 64), "kind": "files", "source": "camvid:/d"}
+    other["splits"]["val"]["split"] = "test"
+    assert fingerprint_differences(files, other) == [
+        "the val split of camvid:/d is now the data set's 'test' split, 'val' when the run trained"
     ]

@@ -280,3 +280,62 @@ def test_empty_batches_give_float32_zeros_connected_to_half_inputs() -> None:
         assert out["loss"].dtype == torch.float32 and float(out["loss"].detach()) == 0.0
     sum(out["loss"] for out in outs).backward()
     assert q.grad is not None and q.grad.shape == q.shape
+
+
+# --- unit-norm checks of half-precision inputs ------------------------------------------------
+
+
+def normalised_in(dtype: torch.dtype, *shape: int, seed: int = 0) -> torch.Tensor:
+    """Rows normalised by ``F.normalize`` in ``dtype`` itself (as a model under autocast or
+    with half weights gives them): their norms are 1 only to within the dtype's rounding."""
+    generator = torch.Generator().manual_seed(seed)
+    return F.normalize(50.0 * torch.randn(*shape, generator=generator).to(dtype), dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_rows_normalised_in_half_precision_are_accepted(dtype: torch.dtype) -> None:
+    q, k = normalised_in(dtype, N, D), normalised_in(dtype, N, D, seed=1)
+    worst = float((q.float().norm(dim=-1) - 1).abs().max())
+    if dtype == torch.bfloat16:
+        assert worst > 1e-3  # the fixed float32 tolerance refused such rows
+    assignments, _, concentrations = granularities()
+    prototypes = [normalised_in(dtype, k_, D, seed=10 + k_) for k_ in SIZES]
+    concentrations = [c.to(dtype) for c in concentrations]
+    clusters = (assignments, prototypes, concentrations)
+    outs = [
+        InfoNCE()(q, k),
+        InfoNCE()(q, k, normalised_in(dtype, 256, D, seed=2)),
+        ProtoNCE(num_negatives=3)(q, *clusters, generator=torch.Generator().manual_seed(0)),
+        PAUCLoss(num_negatives=3)(q, *clusters, k, generator=torch.Generator().manual_seed(0)),
+    ]
+    for out in outs:
+        assert out["loss"].dtype == torch.float32 and bool(torch.isfinite(out["loss"]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rows_far_from_unit_norm_are_still_refused(dtype: torch.dtype) -> None:
+    q = normalised_in(torch.float32, N, D)
+    q[3] *= 1.1
+    q = q.to(dtype)
+    k = normalised_in(torch.float32, N, D, seed=1).to(dtype)
+    with pytest.raises(ValueError, match=r"^q must be L2-normalised .* off by 0\.(1|099)"):
+        InfoNCE()(q, k)
+    assignments, prototypes, concentrations = granularities()
+    with pytest.raises(ValueError, match=r"^q must be L2-normalised"):
+        ProtoNCE()(q, assignments, prototypes, concentrations)
+    with pytest.raises(ValueError, match=r"^q must be L2-normalised"):
+        PAUCLoss()(q, assignments, prototypes, concentrations)
+
+
+def test_the_unit_norm_tolerance_follows_the_dtype() -> None:
+    from anchorlearn._checks import check_l2_normalised, unit_norm_tolerance
+
+    assert unit_norm_tolerance(torch.float32) == unit_norm_tolerance(torch.float64) == 1e-3
+    assert unit_norm_tolerance(torch.float16) == 4 * torch.finfo(torch.float16).eps
+    assert unit_norm_tolerance(torch.bfloat16) == 4 * torch.finfo(torch.bfloat16).eps
+    # float32 rows keep the float32 tolerance: a norm off by 2e-3 is refused
+    rows = torch.tensor([[1.002, 0.0], [0.0, 1.0]])
+    with pytest.raises(ValueError, match=r"row norms 1 \+- 0\.001\), got a row norm off by 0\.002"):
+        check_l2_normalised(rows, "rows")
+    check_l2_normalised(rows.to(torch.bfloat16), "rows")  # 1.002 rounds to bf16's 1.0
+    check_l2_normalised(rows, "rows", atol=5e-3)  # an explicit tolerance still applies

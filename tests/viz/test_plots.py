@@ -137,6 +137,15 @@ def test_tsne_has_a_legend_of_class_names_a_title_and_a_note(monkeypatch) -> Non
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["cat", "dog", "eel"]
     assert ax.get_title() == "run7: test features (t-SNE)"
     assert [t.get_text() for t in ax.texts] == ["SAR gate never opened: no semantic anchors"]
+    long_note = (
+        "prototypes nearly identical (mean cosine 0.9997): the encoder had little training "
+        "at that E-step"
+    )
+    plot_tsne(features, labels, "n.png", note=long_note)
+    (text,) = figures[-1].axes[0].texts
+    lines = text.get_text().split("\n")
+    assert len(lines) == 2 and max(map(len, lines)) <= 60  # wrapped to the axes' width
+    assert " ".join(lines) == long_note
     plot_tsne(features, labels, "u.png")  # no names: the class indices
     assert [t.get_text() for t in figures[-1].axes[0].get_legend().get_texts()] == ["0", "1", "2"]
     many = np.arange(30) % 25  # more classes than a legend can hold
@@ -181,3 +190,16 @@ def test_bad_inputs(tmp_path: Path) -> None:
         plot_training_curves([{"epoch": 0, "loss": 1.0}], tmp_path / "x.png", metrics=["acc"])
     with pytest.raises(ValueError, match="history must be an existing CSV"):
         plot_training_curves(tmp_path / "missing.csv", tmp_path / "x.png")
+
+
+def test_tsne_min_points_is_the_fewest_rows_a_tsne_is_drawn_of(tmp_path: Path) -> None:
+    n = plots.TSNE_MIN_POINTS
+    assert n == 3
+    assert _is_png(plot_tsne(torch.randn(n, 4), torch.arange(n) % 2, tmp_path / "a.png"))
+    # anchors count: two points and one anchor are three rows
+    two, labels = torch.randn(n - 1, 4), torch.arange(n - 1)
+    assert _is_png(plot_tsne(two, labels, tmp_path / "b.png", anchors=torch.ones(1, 4)))
+    with pytest.raises(ValueError, match=rf"^features must hold at least {n} points in all"):
+        plot_tsne(two, labels, tmp_path / "c.png")
+    with pytest.raises(ValueError, match=rf"^points and extra must hold at least {n} rows"):
+        embed_2d(two)

@@ -61,7 +61,7 @@ class DataConfig:
     num_workers: int = 0
     max_train_samples: int | None = None
     # classification: score on a class-stratified subset of exactly this many test images
-    # (drawn with the run's seed), for fast runs
+    # (drawn with the run's seed), for fast runs; at least one per class of the test split
     max_test_samples: int | None = None
     augment: bool = True
     canvas: int = 64
@@ -169,7 +169,7 @@ class InferenceConfig:
 @dataclass
 class EvalConfig:
     """What the evaluation after training draws: ``plots`` (training curves, t-SNE) and at
-    most ``tsne_points`` test embeddings in the t-SNE picture."""
+    most ``tsne_points`` (>= 3, what a t-SNE needs) test embeddings in the t-SNE picture."""
 
     plots: bool = True
     tsne_points: int = 1500
@@ -213,7 +213,9 @@ _RANGES: dict[str, Range] = {
     **COMMON_RANGES,
     "data.imbalance_ratio": at_least(1),
     "data.max_train_samples": at_least(1),
-    "data.max_test_samples": at_least(1),
+    # the evaluation compares classes: one test image is one class (the data module also
+    # refuses fewer than the classes its test split holds)
+    "data.max_test_samples": at_least(2),
     "data.val_fraction": OPEN_UNIT_INTERVAL,  # the validation split is never empty
     "data.canvas": at_least(8),
     "data.num_train_scenes": at_least(1),
@@ -221,7 +223,8 @@ _RANGES: dict[str, Range] = {
     "data.scene_imbalance_ratio": at_least(1),
     "data.cat_max_ratio": ((lambda v: 0 < v <= 1), "in (0, 1]"),
     "inference.batch_size": at_least(1),
-    "eval.tsne_points": at_least(2),
+    # anchorlearn.viz.plots.TSNE_MIN_POINTS (not imported here: it pulls in matplotlib)
+    "eval.tsne_points": at_least(3),
 }
 
 

@@ -338,9 +338,9 @@ class ClassificationDataModule(_InMemoryDataModule):
         max_train_samples: keep a stratified subset of about this many training images
             (before the long tail and the validation split), for fast runs.
         max_test_samples: score on a stratified subset of exactly this many test images
-            (every class kept while there are at least as many images as classes), drawn
-            with ``seed`` too: runs of one seed share their test images, other seeds are
-            scored on other subsets.
+            (every class kept: fewer than the classes of the test split is a
+            ``ValueError`` when the data are loaded), drawn with ``seed`` too: runs of one
+            seed share their test images, other seeds are scored on other subsets.
         augment: apply :func:`classification_train_augment` to training batches.
         data_root: Fashion-MNIST directory (see :func:`load_fashion_mnist`).
 
@@ -390,6 +390,7 @@ class ClassificationDataModule(_InMemoryDataModule):
             kept, held = stratified_split(train.labels, self.test_fraction, seed=0)
             train, test = _subset(train, kept), _subset(train, held)
         train = _cap(train, self.max_train_samples, self.seed)
+        self._check_max_test_samples(test.labels)
         test = _cap_exactly(test, self.max_test_samples, self.seed)
         train = _subset(
             train,
@@ -422,6 +423,18 @@ class ClassificationDataModule(_InMemoryDataModule):
         train_images = self._train_images = self._splits["train"].tensors[0]
         self.mean, self.std = _channel_stats(train_images)
         self._train_augment = classification_train_augment(tuple(train_images.shape[2:]))
+
+    def _check_max_test_samples(self, test_labels: np.ndarray) -> None:
+        """``max_test_samples`` keeps an image of every class of the test split: the
+        evaluation after training scores and compares the classes (one image is one class,
+        and a t-SNE needs more than two), so a smaller subset is refused before training."""
+        present = len(np.unique(test_labels))
+        if self.max_test_samples is not None and self.max_test_samples < present:
+            raise ValueError(
+                f"data.max_test_samples={self.max_test_samples} is below the {present} classes "
+                f"of the test split of {self.source}: every class needs a test image; set it "
+                f"to at least {present} or remove it"
+            )
 
     @property
     def train_class_counts(self) -> list[int]:

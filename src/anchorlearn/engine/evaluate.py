@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -208,7 +209,10 @@ def write_run_plots(
     ``outputs``: test ``features`` and ``labels`` collected before (otherwise collected
     here with :func:`collect_outputs`). ``name``: the run's name for the titles (default:
     the ``name`` in ``run_dir/config.yaml``, else the folder's name); ``max_points``: at most
-    this many test points in the t-SNE (the config's ``eval.tsne_points``)."""
+    this many test points in the t-SNE (the config's ``eval.tsne_points``). With fewer
+    points (and anchors) than a t-SNE needs (:data:`~anchorlearn.viz.plots.TSNE_MIN_POINTS`,
+    e.g. after a small ``data.max_test_samples``) the t-SNE is skipped with a one-line note
+    on stderr: the run's metrics are written before, and its pictures never fail it."""
     from anchorlearn.viz import plots as viz
 
     run_dir = Path(run_dir)
@@ -218,16 +222,28 @@ def write_run_plots(
         outputs = collect_outputs(module, dm, max_points=max(2000, max_points))
     ref = reference_points(module)
     name = _run_name(run_dir) if name is None else name
-    viz.plot_tsne(
-        outputs["features"],
-        outputs["labels"],
-        plots / "tsne.png",
-        anchors=None if ref is None else ref[1],
-        max_points=max_points,
-        title=f"{name}: test features{'' if ref is None else ' and ' + ref[0]} (t-SNE)",
-        class_names=list(dm.class_names),
-        note=shut_gate_note(module),
-    )
+    # a finished run is never failed by its pictures: too few test points (a small
+    # data.max_test_samples) skip the t-SNE, with a note
+    points = min(len(outputs["labels"]), max_points)
+    stars = 0 if ref is None else len(ref[1])
+    if points + stars < viz.TSNE_MIN_POINTS:
+        with_stars = f" and {stars} {ref[0]}" if stars else ""
+        print(
+            f"anchorlearn: note: no t-SNE picture: {points} test points{with_stars}, it "
+            f"needs at least {viz.TSNE_MIN_POINTS} (metrics.json is written)",
+            file=sys.stderr,
+        )
+    else:
+        viz.plot_tsne(
+            outputs["features"],
+            outputs["labels"],
+            plots / "tsne.png",
+            anchors=None if ref is None else ref[1],
+            max_points=max_points,
+            title=f"{name}: test features{'' if ref is None else ' and ' + ref[0]} (t-SNE)",
+            class_names=list(dm.class_names),
+            note=shut_gate_note(module),
+        )
     if ref is not None:
         viz.plot_anchor_similarity(
             ref[1],

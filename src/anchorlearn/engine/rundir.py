@@ -5,7 +5,9 @@ Nothing here imports torch (the command line may call it before a run loads anyt
 
 - :func:`lock_run_dir` makes a run directory one process's: ``fit``, ``pretrain`` and
   ``compare`` hold it while they write, and a second process is refused at once with the
-  holder's pid, host and start time.
+  holder's pid, host and start time. The lock records the holder's boot id, PID namespace
+  and process start time too, so that a lock of another container is never taken for a
+  dead one and a reused pid is not taken for a live holder.
 - :func:`check_output_dir` / :func:`check_output_file` create an output's folder and a
   temporary file in it, so that an unwritable path fails before hours of work, not after.
 - :func:`write_json` writes every JSON file of a run (``metrics.json``, ``eval --out``, ...):
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -55,6 +58,12 @@ DATA_FINGERPRINT_KEY = "anchorlearn_data_fingerprint"
 _RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
 # How long a lock file that cannot be parsed is re-read (its holder may be writing it).
 _UNREADABLE_WAIT_S = 1.0
+# How long a take-over of a stale lock by another process is waited for (it takes
+# milliseconds; one still claimed after this was interrupted).
+_CLAIM_WAIT_S = 2.0
+# Linux: this boot's id, and the /proc/<pid>/stat field (1-based) of a process's start time.
+_BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id"
+_STAT_START_FIELD = 22
 
 
 class RunError(RuntimeError):
@@ -90,12 +99,13 @@ def write_json(path: str | os.PathLike[str], payload: Any) -> Path:
     ``NaN``), are written as ``null``: a metric that is undefined, such as the ``few``
     accuracy when no test image belongs to a few-shot class, reads back as ``None``. The
     file is written beside its destination and then renamed onto it, so that a reader
-    never sees half a file (a destination that is not a regular file, e.g.
-    ``/dev/stdout``, is written directly); missing folders are created.
+    never sees half a file. A destination that is not a regular file (``/dev/stdout``,
+    a pipe) or is a symbolic link is written in place: through the link, which stays, and
+    without its folder (``/dev``) having to be writable. Missing folders are created.
     """
     path = Path(path)
     text = json.dumps(json_safe(payload), indent=2, allow_nan=False) + "\n"
-    if path.exists() and not path.is_file():
+    if _written_in_place(path):
         path.write_text(text)
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,6 +119,12 @@ def write_json(path: str | os.PathLike[str], payload: Any) -> Path:
 
 
 # -- writable outputs ------------------------------------------------------------------------
+
+
+def _written_in_place(path: Path) -> bool:
+    """Whether :func:`write_json` writes ``path`` directly rather than through a temporary
+    file in its folder: an existing link, device or pipe."""
+    return path.exists() and (path.is_symlink() or not path.is_file())
 
 
 def _missing_parents(path: Path) -> list[Path]:
@@ -148,12 +164,18 @@ def check_output_dir(path: str | os.PathLike[str], what: str) -> Path:
 
 
 def check_output_file(path: str | os.PathLike[str], what: str) -> Path:
-    """Make sure the file ``path`` can be written later: its folder is created and written
-    to now (as :func:`check_output_dir`); a folder or a read-only file at ``path`` is
-    refused with a one-line :class:`RunError`."""
+    """Make sure the file ``path`` can be written later by :func:`write_json`: its folder is
+    created and written to now (as :func:`check_output_dir`), as the file will be replaced
+    through a temporary file there; an existing link, device or pipe (``/dev/stdout``),
+    which is written in place, only has to be writable itself. A folder or a read-only
+    file at ``path`` is refused with a one-line :class:`RunError`."""
     path = Path(path)
     if path.is_dir():
         raise RunError(f"{what} {path} is a folder: give a file name, e.g. {path / 'out.json'}")
+    if _written_in_place(path):
+        if not os.access(path, os.W_OK):
+            raise RunError(f"{what} {path}: the file is read-only")
+        return path
     failure = _unwritable(path.parent)
     if failure is not None:
         step, err = failure
@@ -191,6 +213,49 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _boot_id() -> str | None:
+    """This boot's id (Linux; it changes at every boot); ``None`` where it cannot be read."""
+    try:
+        return Path(_BOOT_ID_FILE).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _pid_namespace() -> str | None:
+    """The id of this process's PID namespace, e.g. ``"pid:[4026531836]"`` (Linux; a
+    container has its own, in which pids mean other processes); ``None`` where it cannot be
+    read."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _parse_start_time(stat: str) -> int | None:
+    """The start time (clock ticks after boot, field 22) in the text of ``/proc/<pid>/stat``;
+    ``None`` when the text does not hold it. The second field, the command name in
+    parentheses, may itself hold spaces and parentheses: the fields are counted after the
+    last ``")"``, where field 3 begins."""
+    _, paren, rest = stat.rpartition(")")
+    fields = rest.split()
+    index = _STAT_START_FIELD - 3
+    if not paren or len(fields) <= index or not fields[index].isdigit():
+        return None
+    return int(fields[index])
+
+
+def _start_time(pid: int) -> int | None:
+    """When the process ``pid`` of this PID namespace started (clock ticks after boot);
+    ``None`` where it cannot be read (no such process, no ``/proc``)."""
+    if pid <= 0:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes().decode(errors="replace")
+    except OSError:
+        return None
+    return _parse_start_time(stat)
+
+
 def _read_record(lock: Path) -> dict | None:
     """The lock file's record; ``None`` when the file is gone. A file that does not parse is
     re-read for a moment (its holder may be writing it), then a :class:`RunError`."""
@@ -225,58 +290,146 @@ def _in_use(lock: Path, record: dict) -> str:
     )
 
 
-def _take_over(lock: Path, record: dict) -> None:
-    """Remove the stale lock ``record`` of a dead process of this host; a lock file that has
-    changed meanwhile (another process took it over first) is put back."""
-    stale = lock.with_name(f"{LOCK_FILE}.stale-{os.getpid()}")
-    try:
-        os.replace(lock, stale)
-    except FileNotFoundError:
-        return
-    try:
-        moved = json.loads(stale.read_text())
-    except (OSError, ValueError):
-        moved = None
-    if moved != record:  # a live lock, written after we read the stale one: restore it
-        with contextlib.suppress(OSError):
-            os.link(stale, lock)
-        stale.unlink(missing_ok=True)
-        return
-    stale.unlink(missing_ok=True)
-    print(
-        f"warning: taking over the lock of {lock.parent}: pid {record.get('pid')} on this "
-        f"host, which took it at {record.get('started')}, is no longer running",
-        file=sys.stderr,
-    )
+def _differ(theirs: Any, ours: Any) -> bool:
+    """Whether an identity field of a lock record and this process's are known and differ."""
+    return theirs is not None and ours is not None and theirs != ours
 
 
-def _acquire(lock: Path, record: dict) -> None:
-    host = record["host"]
-    for _ in range(5):
+def _stale_because(lock: Path, holder: dict, ours: dict) -> str:
+    """Why the lock ``holder`` is stale (its process is dead), for the warning; a
+    :class:`RunError` naming the holder when it may live.
+
+    A lock is stale only when it was taken on this host, under this boot and in this PID
+    namespace (when both records hold these), and its pid is no process, this process, or
+    a process that started at another time than the holder did (the pid was reused). A
+    lock without the identity fields (an older one), or a process that cannot read its own
+    (no ``/proc``), is judged by the pid alone."""
+    if holder.get("host") != ours["host"]:
+        raise RunError(
+            f"{_in_use(lock, holder)}: it may be a run on another machine; wait for it, choose "
+            f"another --out, or, if that run is dead, delete {lock}"
+        )
+    boot, namespace = holder.get("boot_id"), holder.get("pid_namespace")
+    if _differ(boot, ours["boot_id"]):
+        raise RunError(
+            f"{_in_use(lock, holder)}: it was taken under another boot id ({boot}, now "
+            f"{ours['boot_id']}): before this host restarted, or on another machine of the same "
+            f"name; wait for it, choose another --out, or, if that run is dead, delete {lock}"
+        )
+    if _differ(namespace, ours["pid_namespace"]):
+        raise RunError(
+            f"{_in_use(lock, holder)}: it was taken in another PID namespace of this host "
+            f"({namespace}, this process is in {ours['pid_namespace']}: another container), "
+            "whose processes cannot be seen from here; wait for it, choose another --out, or, "
+            f"if that run is dead, delete {lock}"
+        )
+    pid = int(holder["pid"])
+    # this process's own pid in a lock it does not hold: left by an earlier process that had
+    # the same pid (a container restarted, say)
+    if pid == os.getpid() or not _pid_alive(pid):
+        return "is no longer running"
+    recorded = holder.get("process_start")
+    if namespace is not None and namespace == ours["pid_namespace"] and isinstance(recorded, int):
+        now = _start_time(pid)
+        if now is not None and now != recorded:
+            return f"is no longer running (pid {pid} is another process now)"
+    raise RunError(f"{_in_use(lock, holder)}; wait for it or choose another --out")
+
+
+def _claim_path(lock: Path, stale: dict) -> Path:
+    """The file whose exclusive creation gives one process the right to remove the stale lock
+    ``stale``: ``.lock.takeover-<digest of the record>`` beside ``lock``."""
+    digest = hashlib.sha256(json.dumps(stale, sort_keys=True).encode()).hexdigest()
+    return lock.with_name(f"{LOCK_FILE}.takeover-{digest[:16]}")
+
+
+def _take_over(lock: Path, stale: dict, why: str) -> None:
+    """Remove the stale lock ``stale`` unless it has changed meanwhile; the caller then
+    creates its own lock exclusively, as in any acquire, so that a lock another process
+    created first wins.
+
+    Processes that find the same stale lock at once would each remove "the lock", and a
+    late one would remove the live lock an early one had just created. So only the process
+    that creates the claim file of this record (``O_CREAT | O_EXCL``) removes it, and only
+    after reading that the lock file still holds it: a stale record is replaced by no one
+    else. The file is moved aside (an atomic rename) and read once more before it is
+    deleted; one that was deleted by hand and locked again meanwhile is put back. Another
+    process's claim is waited for (up to ``_CLAIM_WAIT_S``); one that stays was interrupted,
+    and the message says which files to delete.
+    """
+    claim = _claim_path(lock, stale)
+    deadline = time.monotonic() + _CLAIM_WAIT_S
+    while True:
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            break
         except FileExistsError:
-            holder = _read_record(lock)
-            if holder is None:
-                continue  # released meanwhile
-            if holder.get("host") != host:
-                raise RunError(
-                    f"{_in_use(lock, holder)}: it may be a run on another machine; wait for "
-                    f"it, choose another --out, or, if that run is dead, delete {lock}"
-                ) from None
-            # this process's own pid in a lock it does not hold: left by an earlier process
-            # that had the same pid (a container restarted, say)
-            if holder["pid"] != os.getpid() and _pid_alive(int(holder["pid"])):
-                raise RunError(
-                    f"{_in_use(lock, holder)}; wait for it or choose another --out"
-                ) from None
-            _take_over(lock, holder)
-            continue
+            pass
         except OSError as err:
             raise RunError(
                 f"cannot write to the run directory {lock.parent} ({_reason(err)}): choose "
                 "another --out"
             ) from err
+        if _read_record(lock) != stale:
+            return  # the process that claimed it took it over
+        if time.monotonic() > deadline:
+            raise RunError(
+                f"{lock.parent}: another process began to take over the stale lock {lock} of "
+                f"pid {stale.get('pid')} and did not finish; if no run uses {lock.parent}, "
+                f"delete {claim} and {lock}"
+            )
+        time.sleep(0.05)
+    try:
+        if _read_record(lock) != stale:
+            return  # taken over before this process claimed it
+        aside = lock.with_name(f"{LOCK_FILE}.stale-{os.getpid()}")
+        try:
+            os.rename(lock, aside)
+        except FileNotFoundError:
+            return
+        try:
+            try:
+                moved = json.loads(aside.read_text())
+            except (OSError, ValueError):
+                moved = None
+            if moved != stale:  # deleted by hand and locked again since it was read
+                try:
+                    os.link(aside, lock)
+                except OSError as err:
+                    displaced = moved.get("pid") if isinstance(moved, dict) else "unknown"
+                    raise RunError(
+                        f"{lock.parent}: its lock {lock} changed hands while a stale lock was "
+                        f"removed (was it deleted by hand?): pid {displaced} and the holder "
+                        "now named in it may both write there; stop one"
+                    ) from err
+                return
+        finally:
+            aside.unlink(missing_ok=True)
+    finally:
+        claim.unlink(missing_ok=True)
+    print(
+        f"warning: taking over the lock of {lock.parent}: pid {stale.get('pid')} on this "
+        f"host, which took it at {stale.get('started')}, {why}",
+        file=sys.stderr,
+    )
+
+
+def _acquire(lock: Path, record: dict) -> None:
+    for _ in range(5):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            fd = None
+        except OSError as err:
+            raise RunError(
+                f"cannot write to the run directory {lock.parent} ({_reason(err)}): choose "
+                "another --out"
+            ) from err
+        if fd is None:  # held, or left by a dead process: then removed, and tried again
+            holder = _read_record(lock)
+            if holder is not None:  # else released meanwhile
+                _take_over(lock, holder, _stale_because(lock, holder, record))
+            continue
         try:
             with os.fdopen(fd, "w") as handle:
                 json.dump(record, handle)
@@ -309,22 +462,27 @@ def lock_run_dir(run_dir: str | os.PathLike[str], *, command: str | None = None)
     """Hold ``run_dir`` exclusively for this process while the ``with`` block runs.
 
     Creates ``run_dir`` (with its parents) and, atomically (``O_CREAT | O_EXCL``), the lock
-    file ``run_dir/.lock`` holding ``{"pid", "host", "started", "command"}`` (``command``
-    defaults to this process's command line). The lock is removed when the block ends,
-    normally or by an exception (``KeyboardInterrupt`` and ``SystemExit`` included), and
-    the folders created for it are removed again when they are still empty.
+    file ``run_dir/.lock`` holding ``{"pid", "host", "boot_id", "pid_namespace",
+    "process_start", "started", "command"}`` (``command`` defaults to this process's command
+    line; the boot id, the PID namespace and the start time of the process in clock ticks
+    are read from ``/proc`` and ``None`` where there is none, e.g. on macOS). The lock is
+    removed when the block ends, normally or by an exception (``KeyboardInterrupt`` and
+    ``SystemExit`` included), and the folders created for it are removed again when they
+    are still empty.
 
     Raises :class:`RunError`, without waiting, when another live process holds the
     directory (naming its pid, host and start time) or when the directory cannot be
-    created or written. A lock left by a process of this host that no longer runs (killed)
-    is taken over with a warning on stderr; one from another host is never taken over
-    (whether its process lives cannot be told from here): the message says to delete it if
-    that run is dead. The lock is re-entrant within a process, and not taken at all by the
-    extra processes of a distributed run (:func:`is_secondary_rank`), which re-run the
-    command of the process that holds it. A process killed with ``SIGKILL`` leaves its
-    lock behind, which the next run on the same host takes over (unless its pid has been
-    reused by another process meanwhile: then the message names that pid, and the lock
-    file is to be deleted by hand).
+    created or written. A lock left by a process of this host, boot and PID namespace that
+    no longer runs (killed; its pid gone, or reused by a process that started later) is
+    taken over with a warning on stderr, by one process only when several find it at once.
+    One from another host, another boot or another PID namespace (another container on a
+    shared volume) is never taken over (whether its process lives cannot be told from
+    here): the message says to delete it if that run is dead. A lock without these fields
+    (written by an earlier version), or any lock where ``/proc`` is missing, is judged by
+    its host and pid alone. The lock is re-entrant within a process, and not taken at all
+    by the extra processes of a distributed run (:func:`is_secondary_rank`), which re-run
+    the command of the process that holds it. A process killed with ``SIGKILL`` leaves its
+    lock behind, which the next run on the same host takes over.
     """
     run_dir = Path(run_dir)
     if is_secondary_rank():
@@ -345,6 +503,9 @@ def lock_run_dir(run_dir: str | os.PathLike[str], *, command: str | None = None)
             record = {
                 "pid": os.getpid(),
                 "host": socket.gethostname(),
+                "boot_id": _boot_id(),
+                "pid_namespace": _pid_namespace(),
+                "process_start": _start_time(os.getpid()),
                 "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                 "command": shlex.join(sys.argv) if command is None else command,
             }
@@ -367,18 +528,45 @@ def lock_run_dir(run_dir: str | os.PathLike[str], *, command: str | None = None)
 # -- data fingerprints -----------------------------------------------------------------------
 
 _SPLIT_ORDER = ("test", "val", "train")
-_WHAT_CHANGED = {"arrays": "images", "files": "files (names or sizes)"}
+# What a split's content hash covers: "arrays" hash the images and labels (or masks) of a split
+# together, "files" the names and sizes of its image and annotation files.
+_WHAT_CHANGED = {"arrays": "images or labels", "files": "files (names or sizes)"}
 
 
 def _short(digest: Any) -> str:
     return f"{str(digest)[:8]}..."
 
 
+def _split_differences(name: str, source: Any, old: Mapping, new: Mapping) -> list[str]:
+    """What differs in the split ``name`` besides its content hash: its number of samples,
+    its image shape, which split of the data set it is."""
+    differences = []
+    if old.get("samples") != new.get("samples"):
+        differences.append(
+            f"the {name} split of {source} now has {new.get('samples')} samples, "
+            f"{old.get('samples')} when the run trained"
+        )
+    if "image_shape" in old and "image_shape" in new and old["image_shape"] != new["image_shape"]:
+        differences.append(
+            f"the {name} split of {source} now has images of shape {new['image_shape']}, "
+            f"{old['image_shape']} when the run trained"
+        )
+    if "split" in old and "split" in new and old["split"] != new["split"]:
+        differences.append(
+            f"the {name} split of {source} is now the data set's {new['split']!r} split, "
+            f"{old['split']!r} when the run trained"
+        )
+    return differences
+
+
 def fingerprint_differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """What differs between the fingerprint ``stored`` with a run and ``current`` (the data
-    as they are now), one phrase per difference: a split's number of samples, the splits
-    whose content hash differs, or, when every split holds the same samples, the
-    split-index hash. Empty when the data are those the run read."""
+    as they are now), one phrase per difference: a split's number of samples, image shape
+    or split of the data set, the splits whose content hash differs (the images or labels
+    of in-memory data, which one hash covers together; the file names or sizes of a folder
+    data set), or, when every split holds the same samples, the split-index hash; and,
+    before these, the source when it differs too. Empty when the data are those the run
+    read (from wherever they are read now)."""
     source = current.get("source")
     noun = _WHAT_CHANGED.get(str(current.get("kind")), "data")
     if stored.get("version") != current.get("version") or stored.get("kind") != current.get("kind"):
@@ -396,12 +584,10 @@ def fingerprint_differences(stored: Mapping[str, Any], current: Mapping[str, Any
         if old is None or new is None:
             had = "had no" if old is None else "had a"
             differences.append(f"the run {had} {name} split of {source}")
-        elif old.get("samples") != new.get("samples"):
-            differences.append(
-                f"the {name} split of {source} now has {new.get('samples')} samples, "
-                f"{old.get('samples')} when the run trained"
-            )
-        elif old.get("content_sha256") != new.get("content_sha256"):
+            continue
+        split_differences = _split_differences(name, source, old, new)
+        differences += split_differences
+        if not split_differences and old.get("content_sha256") != new.get("content_sha256"):
             changed.append(name)
     if changed:
         first = old_splits[changed[0]], new_splits[changed[0]]
@@ -425,6 +611,12 @@ def fingerprint_differences(stored: Mapping[str, Any], current: Mapping[str, Any
         differences.append(
             f"the splits of {source} now draw other samples than when the run trained "
             f"(split-index hash {_short(new_index)} now, {_short(old_index)} then)"
+        )
+    if differences and stored.get("source") != source:
+        differences.insert(
+            0,
+            f"the data are read from {source} now, from {stored.get('source')} when the run "
+            "trained",
         )
     return differences
 

@@ -24,7 +24,7 @@ from torch import nn
 from anchorlearn.models import create_model
 
 from .config import TrainerConfig
-from .progress import ProgressLines, QuietTrainer, terminal_attached
+from .progress import InterruptNotice, ProgressLines, QuietTrainer, terminal_attached
 from .rundir import (
     DATA_FINGERPRINT_FILE,
     DATA_FINGERPRINT_KEY,
@@ -266,8 +266,12 @@ def make_trainer(
     under ``run_dir/logs``; DDP when ``t.devices > 1``. ``extra`` goes to ``L.Trainer``.
 
     Unless ``quiet``: Lightning's progress bar when ``t.progress`` and standard output and
-    error are terminals, otherwise one line per epoch (per validation with ``t.max_steps``)
-    on standard error (:class:`~anchorlearn.engine.progress.ProgressLines`). Lightning's
+    error are terminals, otherwise plain lines on standard error
+    (:class:`~anchorlearn.engine.progress.ProgressLines`): one per epoch (and one every
+    ``t.log_every_n_steps`` steps within epochs of at least ten times as many), or with
+    ``t.max_steps`` one per validation and one every ``t.log_every_n_steps`` steps between.
+    Quiet or not, a Ctrl-C prints where training stopped and the checkpoint ``--resume``
+    continues from (:class:`~anchorlearn.engine.progress.InterruptNotice`). Lightning's
     tips and known noise are silenced while the trainer is built and fitted
     (:class:`~anchorlearn.engine.progress.QuietTrainer`)."""
     # last.ckpt rewritten at the end of every epoch (save_last with save_top_k=0 would only
@@ -296,13 +300,15 @@ def make_trainer(
             "use_distributed_sampler": False,
             "enable_checkpointing": False,  # StepCheckpoint writes last.ckpt
         }
-    callbacks = [checkpoint, *callbacks]
-    # the bar on a terminal; one plain line per epoch (or validation) anywhere else
+
+    callbacks = [checkpoint, *callbacks, InterruptNotice(run_dir / "checkpoints" / "last.ckpt")]
+    # the bar on a terminal; plain lines anywhere else
     bar = t.progress and not quiet and terminal_attached()
     if bar:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
     elif not quiet:
-        callbacks.append(ProgressLines("epoch" if t.max_steps is None else "validation"))
+        every = "epoch" if t.max_steps is None else "validation"
+        callbacks.append(ProgressLines(every, log_every_n_steps=t.log_every_n_steps))
     distributed = t.devices * t.num_nodes > 1
     return QuietTrainer(
         **schedule,

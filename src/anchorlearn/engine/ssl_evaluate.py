@@ -25,9 +25,39 @@ from .datamodules import TwoViewDataModule
 from .ssl_config import PretrainConfig
 from .ssl_module import ContrastivePretrainModule
 
-__all__ = ["estep_time_metrics", "evaluate_pretrained"]
+__all__ = [
+    "COLLAPSED_PROTOTYPE_COSINE",
+    "estep_time_metrics",
+    "evaluate_pretrained",
+    "prototype_tsne_text",
+]
 
 _EMBED_BATCH = 1024
+
+# E-step prototypes whose mean pairwise cosine similarity exceeds this are nearly one point
+# (an encoder with little training embeds every image alike): the t-SNE says so
+COLLAPSED_PROTOTYPE_COSINE = 0.99
+
+
+def prototype_tsne_text(prototypes: torch.Tensor, estep_epoch: int) -> tuple[str, str | None]:
+    """What the t-SNE says of E-step ``prototypes`` ``(k, dim)`` computed at the start of
+    epoch ``estep_epoch`` (counted from 0, as in the logs): a caption naming that E-step,
+    and a note when they are nearly collapsed (mean pairwise cosine similarity above
+    :data:`COLLAPSED_PROTOTYPE_COSINE`; ``None`` otherwise, and for a single prototype)."""
+    caption = f"prototypes of the E-step at the start of epoch {int(estep_epoch)}"
+    rows = torch.nn.functional.normalize(prototypes.detach().double(), dim=1)
+    k = rows.shape[0]
+    if k < 2:
+        return caption, None
+    cosines = rows @ rows.T
+    mean = float((cosines.sum() - cosines.diagonal().sum()) / (k * (k - 1)))
+    if mean <= COLLAPSED_PROTOTYPE_COSINE:
+        return caption, None
+    note = (
+        f"prototypes nearly identical (mean cosine {mean:.4f}): the encoder had little "
+        "training at that E-step"
+    )
+    return caption, note
 
 
 def estep_time_metrics(timings: list[dict[str, float]]) -> dict[str, float]:
@@ -103,6 +133,8 @@ def evaluate_pretrained(
     coloured by label, and of the first granularity's E-step prototypes, drawn as stars, with
     the momentum encoder's embedding they were computed from (for ``moco``, or before any
     E-step: the test k-means centroids, with the query encoder's embedding they cluster).
+    The title names the epoch whose E-step gave the prototypes, and a note says when they
+    are nearly identical (:func:`prototype_tsne_text`).
     """
     torch.manual_seed(cfg.seed)
     was_training = module.training
@@ -158,7 +190,7 @@ def evaluate_pretrained(
 
         have_prototypes = module.uses_prototypes and int(module.estep_epoch) >= 0
         points, stars = test["embedding"], clusters.centroids
-        kind, encoder = "test k-means centroids", "query"
+        kind, encoder, note = "test k-means centroids", "query", None
         if have_prototypes:
             # The E-step clusters the momentum encoder's embeddings: its prototypes are
             # drawn with that encoder's embedding of the test images, in one t-SNE (beside
@@ -169,7 +201,9 @@ def evaluate_pretrained(
                 for i in range(0, images.shape[0], _EMBED_BATCH)
             ]
             points = torch.cat(chunks).float().cpu()
-            stars, kind, encoder = module.prototypes[0].cpu(), "E-step prototypes", "momentum"
+            stars, encoder = module.prototypes[0].cpu(), "momentum"
+            # after a short run the last E-step's prototypes may sit as one star
+            kind, note = prototype_tsne_text(stars, int(module.estep_epoch))
         plot_tsne(
             points,
             test["labels"],
@@ -177,8 +211,9 @@ def evaluate_pretrained(
             anchors=stars,
             max_points=ev.tsne_points,
             seed=cfg.seed,
-            title=f"{cfg.name}: test embedding ({encoder} encoder), stars = {kind} (k={k})",
+            title=f"{cfg.name}: test embedding ({encoder} encoder)\nstars = {kind} (k={k})",
             anchors_are_classes=False,
             class_names=list(dm.class_names),
+            note=note,
         )
     return metrics

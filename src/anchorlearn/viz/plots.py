@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from matplotlib.lines import Line2D
 __all__ = [
     "LEGEND_MAX_CLASSES",
     "TSNE_MAX_ITER",
+    "TSNE_MIN_POINTS",
     "TSNE_PCA_DIMS",
     "embed_2d",
     "plot_anchor_similarity",
@@ -55,6 +57,11 @@ def _save(fig: Figure, path: str | Path) -> Path:
 # by PCA, and 500 iterations (scikit-learn's default is 1,000) settle such small inputs.
 TSNE_PCA_DIMS = 50
 TSNE_MAX_ITER = 500
+# a t-SNE of fewer rows (points and anchors together) is refused: two rows only ever land
+# at two opposite places, which shows nothing of the features
+TSNE_MIN_POINTS = 3
+# a t-SNE's note is wrapped to lines of at most this many characters (the axes' width)
+_NOTE_WIDTH = 60
 # a legend names the classes of a t-SNE up to this many classes (tab20 has 20 colours)
 LEGEND_MAX_CLASSES = 20
 
@@ -129,8 +136,10 @@ def embed_2d(
     if pca_dims < 2:
         raise ValueError(f"pca_dims must be >= 2, got {pca_dims}")
     rows = np.concatenate([data, more])
-    if len(rows) < 3:
-        raise ValueError(f"points and extra must hold at least 3 rows in all, got {len(rows)}")
+    if len(rows) < TSNE_MIN_POINTS:
+        raise ValueError(
+            f"points and extra must hold at least {TSNE_MIN_POINTS} rows in all, got {len(rows)}"
+        )
     if not np.isfinite(rows).all():
         raise ValueError("points and extra must be finite to embed, got NaN or inf")
     # PCA initialisation divides by the spread of the first component (0 for identical points)
@@ -173,7 +182,7 @@ def plot_tsne(
     prototypes, which are not classes). A legend names the classes drawn (``class_names``,
     indexed by label, else the labels) when there are at most
     :data:`LEGEND_MAX_CLASSES`. ``note`` is written in a box at the top of the plot (e.g.
-    why there are no anchors).
+    why there are no anchors), wrapped to lines of at most 60 characters.
     """
     feats = _to_numpy(features, "features")
     labs = _to_numpy(labels, "labels")
@@ -185,9 +194,10 @@ def plot_tsne(
     feats, labs = feats[keep], labs[keep].astype(np.int64)
     anchor_rows = None if anchors is None else _rows(anchors, "anchors", feats.shape[1])
     num_anchors = 0 if anchor_rows is None else len(anchor_rows)
-    if len(feats) + num_anchors < 3:
+    if len(feats) + num_anchors < TSNE_MIN_POINTS:
         raise ValueError(
-            f"features must hold at least 3 points in all, got {len(feats) + num_anchors}"
+            f"features must hold at least {TSNE_MIN_POINTS} points in all, "
+            f"got {len(feats) + num_anchors}"
         )
     if not (np.isfinite(feats).all() and (anchor_rows is None or np.isfinite(anchor_rows).all())):
         raise ValueError("features and anchors must be finite to plot a t-SNE, got NaN or inf")
@@ -232,7 +242,7 @@ def plot_tsne(
         ax.text(
             0.5,
             0.98,
-            note,
+            textwrap.fill(note, _NOTE_WIDTH),
             transform=ax.transAxes,
             ha="center",
             va="top",
