@@ -181,12 +181,28 @@ def _run_pretrain(args: argparse.Namespace) -> int:
 
 def _run_probe(args: argparse.Namespace) -> int:
     from anchorlearn.engine.rundir import check_output_file
-    from anchorlearn.engine.ssl_runner import probe_checkpoint
+    from anchorlearn.engine.ssl_runner import probe_checkpoint, probe_floor
 
+    floor = "random_init" if args.random_init else "pixels" if args.pixels else None
+    flag = "--random-init" if args.random_init else "--pixels"
+    if floor is None:
+        for name, given in (("--config", args.config), ("--seed", args.seed), ("--set", args.set)):
+            if given is not None and given != []:
+                raise ValueError(
+                    f"{name} is only for --random-init or --pixels: a checkpoint carries its config"
+                )
+    elif args.config is None:
+        raise ValueError(f"{flag} needs --config: the pretraining config to probe, got none")
+    elif args.allow_data_change:
+        raise ValueError(f"--allow-data-change is only for --checkpoint, got it with {flag}")
     out = None if args.out is None else check_output_file(args.out, "--out")
-    metrics = probe_checkpoint(
-        args.checkpoint, plot_dir=args.plots, allow_data_change=args.allow_data_change
-    )
+    if floor is None:
+        metrics = probe_checkpoint(
+            args.checkpoint, plot_dir=args.plots, allow_data_change=args.allow_data_change
+        )
+    else:
+        overrides = [*args.set, *([] if args.seed is None else [f"seed={args.seed}"])]
+        metrics = probe_floor(args.config, floor, overrides=overrides, plot_dir=args.plots)
     _print_metrics(metrics)  # first: a failed write of --out loses nothing
     _write_metrics(out, metrics)
     return 0
@@ -396,11 +412,33 @@ def _add_probe_parser(subparsers: argparse._SubParsersAction) -> None:
         "probe",
         help="re-run the frozen-feature evaluation of a pretraining checkpoint",
         description="Linear probe, kNN, alignment, uniformity, coagulation and NMI/AMI of a "
-        "checkpoint written by `anchorlearn pretrain`, on the data it was trained for.",
+        "checkpoint written by `anchorlearn pretrain`, on the data it was trained for; or, "
+        "with --random-init / --pixels and --config, of the floors a pretrained encoder has "
+        "to beat, on the same data and settings.",
+    )
+    encoder = probe.add_mutually_exclusive_group(required=True)
+    encoder.add_argument("--checkpoint", help="a .ckpt written by anchorlearn pretrain")
+    encoder.add_argument(
+        "--random-init",
+        action="store_true",
+        help="probe the --config's network as initialised with its seed (no training)",
+    )
+    encoder.add_argument(
+        "--pixels",
+        action="store_true",
+        help="probe the --config's images as features: flattened, standardised per pixel",
     )
     probe.add_argument(
-        "--checkpoint", required=True, help="a .ckpt written by anchorlearn pretrain"
+        "--config", default=None, help="the pretraining config (with --random-init / --pixels)"
     )
+    probe.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a --config key, e.g. --set data.max_test_samples=1000 (repeatable)",
+    )
+    probe.add_argument("--seed", type=int, default=None, help="override the --config's seed")
     probe.add_argument(
         "--out", default=None, help="write the metrics JSON here (undefined ones as null)"
     )

@@ -67,6 +67,9 @@ class PretrainModelConfig:
     queue_size: int = 4096
     momentum: float = 0.999
     temperature: float = 0.2
+    # 0: the backbone's BatchNorm as is; G >= 2: SplitBatchNorm with G chunks per (per-rank)
+    # batch plus shuffled keys, against batch-statistics leakage (data.batch_size % G == 0)
+    split_bn: int = 0
 
 
 @dataclass
@@ -209,9 +212,21 @@ def parse_pretrain_config(raw: dict[str, Any]) -> PretrainConfig:
             f"in trainer.max_epochs={cfg.trainer.max_epochs}: lower the warm-up or train longer"
         )
     check_ranges(cfg, _RANGES)
+    _check_split_bn(cfg)
     _refuse_supervised_only_settings(cfg)
     _resolve_loss_weights(cfg)
     return cfg
+
+
+def _check_split_bn(cfg: PretrainConfig) -> None:
+    split, batch = cfg.model.split_bn, cfg.data.batch_size
+    if split < 0 or split == 1:
+        raise ConfigError(f"model.split_bn must be 0 (off) or an int >= 2, got {split}")
+    if split and batch % split:
+        raise ConfigError(
+            f"model.split_bn={split} must divide data.batch_size={batch} (the per-rank batch "
+            "is normalised in split_bn equal chunks): change one of them"
+        )
 
 
 # settings of supervised (segmentation) training that pretraining does not implement, with

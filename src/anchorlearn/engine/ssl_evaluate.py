@@ -6,10 +6,12 @@ t-SNE picture; and the summary of a run's E-step times (:func:`estep_time_metric
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from anchorlearn.cluster import kmeans
 from anchorlearn.metrics.ssl import (
@@ -87,22 +89,40 @@ def _mean_seconds(rows: list[dict[str, float]], key: str) -> float:
 
 @torch.no_grad()
 def _frozen_outputs(
-    module: ContrastivePretrainModule, dm: TwoViewDataModule, split: str, views: bool
+    module: ContrastivePretrainModule,
+    dm: TwoViewDataModule,
+    split: str,
+    views: bool,
+    features: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Backbone features, normalised embeddings (and of two augmented views) of a split."""
-    encoder = module.moco.encoder_q
+    """Backbone features, normalised embeddings (and of two augmented views) of a split.
+
+    ``features``, when given, replaces the encoder: its output is the features, and
+    L2-normalised, the embedding.
+    """
+    if features is None:
+        features_of = module.moco.encoder_q.features
+
+        def embed(x: torch.Tensor) -> torch.Tensor:
+            return module.moco.embed(x, momentum=False)
+    else:
+        features_of = features
+
+        def embed(x: torch.Tensor) -> torch.Tensor:
+            return F.normalize(features(x), dim=1)
+
     dataset = dm.labelled_dataset(split)
     images, labels = dataset.tensors
     out: dict[str, list[torch.Tensor]] = {"features": [], "embedding": [], "view1": [], "view2": []}
     for start in range(0, images.shape[0], _EMBED_BATCH):
         batch = images[start : start + _EMBED_BATCH].to(module.device)
         x = dm.preprocess(batch)
-        out["features"].append(encoder.features(x).float().cpu())
-        out["embedding"].append(module.moco.embed(x, momentum=False).float().cpu())
+        out["features"].append(features_of(x).float().cpu())
+        out["embedding"].append(embed(x).float().cpu())
         if views:
             first, second = dm.views(batch)
-            out["view1"].append(module.moco.embed(first, momentum=False).float().cpu())
-            out["view2"].append(module.moco.embed(second, momentum=False).float().cpu())
+            out["view1"].append(embed(first).float().cpu())
+            out["view2"].append(embed(second).float().cpu())
     result = {key: torch.cat(value) for key, value in out.items() if value}
     result["labels"] = labels.long()
     return result
@@ -114,8 +134,13 @@ def evaluate_pretrained(
     cfg: PretrainConfig,
     *,
     plot_dir: str | Path | None = None,
+    features: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Frozen-network evaluation of a pretrained module; torch is seeded with ``cfg.seed``.
+
+    ``features``, when given, replaces the module's encoder (e.g. raw pixels as a floor): a
+    function of preprocessed images ``(B, C, H, W)`` to features ``(B, D)``, which stand
+    for the backbone features and, L2-normalised, for the embedding.
 
     Metrics (test split unless said otherwise):
 
@@ -140,8 +165,8 @@ def evaluate_pretrained(
     was_training = module.training
     module.eval()
     try:
-        train = _frozen_outputs(module, dm, "train", views=False)
-        test = _frozen_outputs(module, dm, "test", views=True)
+        train = _frozen_outputs(module, dm, "train", views=False, features=features)
+        test = _frozen_outputs(module, dm, "test", views=True, features=features)
     finally:
         module.train(was_training)
     ev = cfg.eval
@@ -188,9 +213,12 @@ def evaluate_pretrained(
     if plot_dir is not None and ev.tsne:
         from anchorlearn.viz.plots import plot_tsne
 
-        have_prototypes = module.uses_prototypes and int(module.estep_epoch) >= 0
+        have_prototypes = (
+            features is None and module.uses_prototypes and int(module.estep_epoch) >= 0
+        )
         points, stars = test["embedding"], clusters.centroids
-        kind, encoder, note = "test k-means centroids", "query", None
+        kind, note = "test k-means centroids", None
+        encoder = "query encoder" if features is None else "given features"
         if have_prototypes:
             # The E-step clusters the momentum encoder's embeddings: its prototypes are
             # drawn with that encoder's embedding of the test images, in one t-SNE (beside
@@ -201,7 +229,7 @@ def evaluate_pretrained(
                 for i in range(0, images.shape[0], _EMBED_BATCH)
             ]
             points = torch.cat(chunks).float().cpu()
-            stars, encoder = module.prototypes[0].cpu(), "momentum"
+            stars, encoder = module.prototypes[0].cpu(), "momentum encoder"
             # after a short run the last E-step's prototypes may sit as one star
             kind, note = prototype_tsne_text(stars, int(module.estep_epoch))
         plot_tsne(
@@ -211,7 +239,7 @@ def evaluate_pretrained(
             anchors=stars,
             max_points=ev.tsne_points,
             seed=cfg.seed,
-            title=f"{cfg.name}: test embedding ({encoder} encoder)\nstars = {kind} (k={k})",
+            title=f"{cfg.name}: test embedding ({encoder})\nstars = {kind} (k={k})",
             anchors_are_classes=False,
             class_names=list(dm.class_names),
             note=note,

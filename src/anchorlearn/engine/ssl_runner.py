@@ -4,10 +4,14 @@ frozen-network evaluation of :mod:`~anchorlearn.engine.ssl_evaluate`.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import lightning as L
+import torch
 from torch import nn
 
 from anchorlearn.models.moco import MoCo
@@ -35,19 +39,29 @@ from .runs import (
     resume_differences,
 )
 from .schema import ConfigError
-from .ssl_config import PretrainConfig, parse_pretrain_config, pretrain_config_to_dict
+from .ssl_config import (
+    PretrainConfig,
+    load_pretrain_config,
+    parse_pretrain_config,
+    pretrain_config_to_dict,
+)
 from .ssl_evaluate import estep_time_metrics, evaluate_pretrained
 from .ssl_module import ContrastivePretrainModule, EStepCallback
 
 __all__ = [
+    "FLOOR_KINDS",
     "PRETRAIN_CONFIG_KEY",
     "build_pretrain_run",
     "load_pretrain_checkpoint",
     "pretrain",
     "probe_checkpoint",
+    "probe_floor",
 ]
 
 PRETRAIN_CONFIG_KEY = "anchorlearn_pretrain_config"
+
+# the encoders that bound an SSL table from below: an untrained network and raw pixels
+FLOOR_KINDS = ("random_init", "pixels")
 
 
 def build_pretrain_run(cfg: PretrainConfig) -> tuple[TwoViewDataModule, ContrastivePretrainModule]:
@@ -108,6 +122,7 @@ def build_pretrain_run(cfg: PretrainConfig) -> tuple[TwoViewDataModule, Contrast
             momentum=m.momentum,
             temperature=m.temperature,
             mlp=m.mlp,
+            split_bn=m.split_bn,
         )
         module = ContrastivePretrainModule(
             moco,
@@ -250,7 +265,62 @@ def probe_checkpoint(
     )
     if plot_dir is not None:
         cfg.eval.tsne = True  # asked for, whatever the run itself drew
-    metrics = evaluate_pretrained(module, dm, cfg, plot_dir=plot_dir)
+    metrics = {"encoder": "checkpoint", **evaluate_pretrained(module, dm, cfg, plot_dir=plot_dir)}
+    if out is not None:
+        write_json(out, metrics)
+    return metrics
+
+
+def probe_floor(
+    config: PretrainConfig | str | Path,
+    kind: str = "random_init",
+    *,
+    overrides: Sequence[str] = (),
+    out: str | Path | None = None,
+    plot_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """The metrics of :func:`probe_checkpoint` for an encoder that had no pretraining: the
+    floor a pretrained one has to beat, on the same data, split and ``eval`` settings.
+
+    ``config`` is a pretraining config, or the path of one (``overrides``, ``key=value``,
+    apply to a path only). ``kind`` is ``"random_init"``, the config's network as
+    initialised with ``cfg.seed``, or ``"pixels"``, the preprocessed images flattened to
+    ``(N, C*H*W)`` and standardised per pixel with the training split's mean and std (a
+    pixel constant over the training split is only centred); these are the features, and
+    L2-normalised, the embedding. The metrics carry ``"encoder": kind``. ``out`` and
+    ``plot_dir`` are as in :func:`probe_checkpoint`.
+    """
+    if kind not in FLOOR_KINDS:
+        raise ValueError(f"kind must be one of {list(FLOOR_KINDS)}, got {kind!r}")
+    if isinstance(config, PretrainConfig):
+        if overrides:
+            raise ValueError(
+                f"overrides apply to a config path only, got {list(overrides)} with a "
+                "PretrainConfig"
+            )
+        cfg = copy.deepcopy(config)  # --plots turns the t-SNE on in this copy only
+    elif isinstance(config, (str, Path)):
+        cfg = load_pretrain_config(config, list(overrides))
+    else:
+        raise TypeError(f"config must be a PretrainConfig or a path, got {type(config).__name__}")
+    if out is not None:
+        check_output_file(out, "--out")
+    if plot_dir is not None:
+        check_output_dir(plot_dir, "--plots")
+        cfg.eval.tsne = True
+    L.seed_everything(cfg.seed, verbose=False)  # the initialisation a run of this seed starts from
+    dm, module = build_pretrain_run(cfg)
+    features = None
+    if kind == "pixels":
+        train = dm.preprocess(dm.labelled_dataset("train").tensors[0]).flatten(1)
+        mean, std = train.mean(dim=0), train.std(dim=0)
+        std = torch.where(std > 0, std, torch.ones_like(std))
+
+        def features(x: torch.Tensor) -> torch.Tensor:
+            return (x.flatten(1) - mean.to(x.device)) / std.to(x.device)
+
+    metrics = evaluate_pretrained(module, dm, cfg, plot_dir=plot_dir, features=features)
+    metrics = {"encoder": kind, **metrics}
     if out is not None:
         write_json(out, metrics)
     return metrics

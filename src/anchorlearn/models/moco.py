@@ -1,9 +1,17 @@
 """MoCo: a query encoder, a momentum key encoder and a queue of negative keys (He et al. 2020).
 
 The version here is MoCo v2 (Chen et al. 2020: MLP head, temperature 0.2), the base of PCL.
-Shuffled BatchNorm is not implemented: use a backbone whose normalisation does not leak
-batch statistics across the two views (GroupNorm, or SyncBatchNorm under DDP) if that
-matters for the study.
+
+Batch statistics: the query batch and the key batch are forwarded separately, but both
+hold the same images, so with ordinary BatchNorm the query of an image and its positive key
+are normalised with statistics of the same set of samples, a signature that the negatives
+from the queue (other batches) lack; the contrastive task can use it to find the positive
+instead of learning features. MoCo breaks it with Shuffle-BN across devices. Here
+``split_bn=G`` does it on each device (each DDP rank on its own batch), as MoCo's
+single-device demo: every ``BatchNorm2d`` of both encoders becomes a
+:class:`~anchorlearn.models.split_bn.SplitBatchNorm2d` normalising ``G`` chunks of the
+batch separately, and the key batch is randomly permuted before the key encoder (and put
+back after), so a key's chunk is a random group of samples, not its query's chunk.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anchorlearn._dist import all_gather_cat, is_distributed
+from anchorlearn.models.split_bn import split_batchnorm
 
 __all__ = ["MoCo"]
 
@@ -74,6 +83,12 @@ class MoCo(nn.Module):
         momentum: :math:`m \in [0, 1]` (0.999).
         temperature: :math:`\tau > 0` of the returned logits (0.2).
         mlp: two-layer MLP head (MoCo v2) if ``True``, else a linear projection (v1).
+        split_bn: 0 (default) keeps the backbone's BatchNorm; ``G >= 2`` converts every
+            ``BatchNorm2d`` of both encoders to a ``SplitBatchNorm2d`` with ``G`` chunks and,
+            in training mode, shuffles the keys' batch order for the key encoder (see the
+            module docstring); the backbone must contain a ``BatchNorm2d`` and is converted
+            in place. The ``state_dict`` keys do not change, and eval mode (``embed``) is
+            unaffected.
 
     Buffers:
         ``queue`` ``(dim, K)`` of L2-normalised keys (random unit vectors at start) and
@@ -101,6 +116,7 @@ class MoCo(nn.Module):
         momentum: float = 0.999,
         temperature: float = 0.2,
         mlp: bool = True,
+        split_bn: int = 0,
     ) -> None:
         super().__init__()
         if not isinstance(backbone, nn.Module):
@@ -116,10 +132,18 @@ class MoCo(nn.Module):
             raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
         if not float(temperature) > 0.0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if (
+            isinstance(split_bn, bool)
+            or not isinstance(split_bn, int)
+            or split_bn < 0
+            or split_bn == 1
+        ):
+            raise ValueError(f"split_bn must be 0 (off) or an int >= 2, got {split_bn!r}")
         self.dim = dim
         self.queue_size = queue_size
         self.momentum = float(momentum)
         self.temperature = float(temperature)
+        self.split_bn = split_bn
 
         hidden = feat_dim if hidden_dim is None else hidden_dim
         head: nn.Module = (
@@ -130,6 +154,11 @@ class MoCo(nn.Module):
             else nn.Linear(feat_dim, dim)
         )
         self.encoder_q = _Encoder(backbone, feat_dim, head)
+        if split_bn and split_batchnorm(self.encoder_q, split_bn) == 0:
+            raise ValueError(
+                f"split_bn={split_bn} needs a backbone with BatchNorm2d layers, "
+                f"got a {type(backbone).__name__} without any"
+            )
         self.encoder_k = copy.deepcopy(self.encoder_q)
         for param in self.encoder_k.parameters():
             param.requires_grad_(False)
@@ -174,7 +203,7 @@ class MoCo(nn.Module):
         with torch.no_grad():
             if self.training:
                 self.momentum_update()
-            k = F.normalize(self.encoder_k(x_k), dim=1)
+            k = F.normalize(self._encode_keys(x_k), dim=1)
         if k.shape[0] != q.shape[0]:
             raise ValueError(
                 f"x_k must have the batch size of x_q ({q.shape[0]}), got {k.shape[0]}"
@@ -186,6 +215,15 @@ class MoCo(nn.Module):
         if self.training:
             self.dequeue_and_enqueue(k)
         return {"q": q, "k": k, "logits": logits, "labels": labels, "queue": queue}
+
+    def _encode_keys(self, x_k: torch.Tensor) -> torch.Tensor:
+        """The key encoder on ``x_k``; with ``split_bn`` in training mode on a random
+        permutation of the batch, returned in the original order."""
+        if not (self.split_bn and self.training) or x_k.shape[0] < 2:
+            return self.encoder_k(x_k)
+        order = torch.randperm(x_k.shape[0], device=x_k.device)
+        keys = self.encoder_k(x_k[order])
+        return keys[torch.argsort(order)]
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor, momentum: bool = True) -> torch.Tensor:
