@@ -40,22 +40,6 @@ def _lock_record(pid: int, host: str | None = None) -> str:
     return json.dumps(record)
 
 
-@pytest.fixture
-def dead_pid() -> int:
-    """The pid of a process that has exited (and been reaped)."""
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
-@pytest.fixture
-def live_pid():
-    proc = subprocess.Popen(["sleep", "30"])
-    yield proc.pid
-    proc.kill()
-    proc.wait()
-
-
 def test_the_rundir_module_and_the_cli_parser_stay_torch_free() -> None:
     source = Path(rundir.__file__).read_text()
     imported = set()

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -53,21 +51,6 @@ def _create(lock: Path, record: dict) -> None:
 
 def _held(lock: Path) -> dict:
     return json.loads(lock.read_text())
-
-
-@pytest.fixture
-def dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
-@pytest.fixture
-def live_pid():
-    proc = subprocess.Popen(["sleep", "30"])
-    yield proc.pid
-    proc.kill()
-    proc.wait()
 
 
 @pytest.fixture

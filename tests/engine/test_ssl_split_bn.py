@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.engine.test_ssl import tiny_config
 
 from anchorlearn.engine import ssl_runner
 from anchorlearn.engine.schema import ConfigError
@@ -13,28 +14,6 @@ from anchorlearn.engine.ssl_config import parse_pretrain_config
 from anchorlearn.engine.ssl_runner import load_pretrain_checkpoint, pretrain
 from anchorlearn.models.moco import MoCo
 from anchorlearn.models.split_bn import SplitBatchNorm2d
-
-
-def tiny_config(method: str, **sections) -> dict:
-    """A MoCo run of a few seconds: 256 digits, one epoch of 4 steps, a small network."""
-    raw = {
-        "name": f"tiny_{method}",
-        "method": method,
-        "data": {
-            "source": "digits",
-            "batch_size": 64,
-            "max_train_samples": 256,
-            "max_test_samples": 128,
-        },
-        "model": {"kwargs": {"width": 8, "feat_dim": 16}, "queue_size": 256},
-        "cluster": {"num_clusters": [6], "warmup_epochs": 0, "niter": 5},
-        "optim": {"lr": 0.05},
-        "trainer": {"max_epochs": 1, "progress": False, "log_every_n_steps": 1},
-        "eval": {"tsne": False, "probe_steps": 30},
-    }
-    for section, values in sections.items():
-        raw[section] = {**raw.get(section, {}), **values}
-    return raw
 
 
 def test_split_bn_defaults_to_off_and_accepts_a_divisor_of_the_batch() -> None:
