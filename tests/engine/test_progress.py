@@ -20,6 +20,7 @@ import pytest
 import yaml
 from lightning.pytorch.callbacks import TQDMProgressBar
 from tests.data.segfixtures import make_camvid
+from tests.engine import runfixtures
 
 from anchorlearn.engine.config import OptimConfig, parse_config
 from anchorlearn.engine.module import lr_factor
@@ -40,15 +41,9 @@ NOISE = (
 
 
 def digits_config(**trainer) -> dict:
-    return {
-        "name": "digits",
-        "task": "classification",
-        "data": {"source": "digits", "imbalance_ratio": 10, "batch_size": 64},
-        "model": {"name": "small_cnn", "kwargs": {"width": 8, "feat_dim": 16}},
-        "losses": ["ce", {"name": "sar", "update_conf": 0.5}],
-        "optim": {"lr": 0.05},
-        "trainer": {"max_epochs": 2, **trainer},
-    }
+    """The shared digits config with its trainer section replaced by two epochs and
+    ``trainer`` (the progress setting left at its default unless given)."""
+    return runfixtures.digits_config(trainer={"max_epochs": 2, **trainer})
 
 
 def fields(line: str) -> dict[str, str]:

@@ -296,10 +296,9 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            if _number_hint(value):
-                raise ConfigError(
-                    f"{key} must be a number, got the string {value!r}{_number_hint(value)}"
-                )
+            hint = _number_hint(value)
+            if hint:
+                raise ConfigError(f"{key} must be a number, got the string {value!r}{hint}")
             raise ConfigError(f"{key} must be a number, got {value!r}")
         return float(value)
     if tp is str:
