@@ -56,3 +56,35 @@ def test_seg_speed_times_both_variants_with_the_gate_open(tmp_path: Path) -> Non
     assert all(t > 0 for t in result["step_seconds"].values())
     assert result["slide_images_per_second"] > 0
     assert "| hrnet_w18 (270) | 5 | 64² x 1 | fp32 |" in out.read_text()
+
+
+def _ssl_grid():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ssl_grid", ROOT / "benchmarks" / "ssl_grid.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ssl_grid_tabulates_floors_and_per_seed_differences() -> None:
+    grid = _ssl_grid()
+
+    def row(seed: int, probe: float, **extra) -> dict:
+        return {"seed": seed, "linear_probe": probe, "knn": probe - 0.1, "nmi": 0.5, **extra}
+
+    results = {
+        "floor_pixels": [row(0, 0.80), row(1, 0.82)],
+        "moco": [row(0, 0.84, estep_share=0.0), row(1, 0.86, estep_share=0.0)],
+        "pcl": [row(0, 0.85, estep_share=0.2), row(1, 0.85, estep_share=0.2)],
+    }
+    text = grid.table(results)
+    lines = {line.split("|")[1].strip(): line for line in text.splitlines()[2:]}
+    assert set(lines) == {"raw pixels (n=2)", "moco (n=2)", "pcl (n=2)"}
+    assert "| 81.0 ± 1.4 |" in lines["raw pixels (n=2)"]
+    # a column the floors do not have is a dash, not an error
+    assert lines["raw pixels (n=2)"].split("|")[-4].strip() == "-"
+    diffs = grid.paired(results, ["pcl-moco", "pauc-pcl"])
+    body = [line for line in diffs.splitlines() if line.startswith("| pcl")]
+    assert len(body) == 1 and "pauc" not in diffs  # a pair without runs is left out
+    assert "0.0 ± 1.4 (+1.0, -1.0)" in body[0]

@@ -134,7 +134,7 @@ def test_alignment_rejects_bad_input() -> None:
         AlignmentLoss()(2 * q, assignments, prototypes)
     with pytest.raises(ValueError, match=r"prototypes\[1\] must be L2-normalised"):
         AlignmentLoss()(q, assignments, [prototypes[0], 3 * prototypes[1]])
-    with pytest.raises(ValueError, match=r"k .* is required when view_weight > 0"):
+    with pytest.raises(ValueError, match=r"k .* is required with view_weight > 0"):
         AlignmentLoss(view_weight=1.0)(q, assignments, prototypes)
     with pytest.raises(ValueError, match="alpha must be finite and > 0"):
         AlignmentLoss(alpha=0.0)
@@ -420,3 +420,61 @@ def test_pauc_from_params_refuses_unknown_names_and_other_types() -> None:
         ValueError, match=r"mode must be one of \('batch_means', 'assignment'\), got 'centr"
     ):
         PAUCLoss.from_params({"uniform_mode": "centroids"})
+
+
+@pytest.mark.parametrize("alpha", [2.0, 1.0])
+def test_alignment_modes_match_loops(alpha: float) -> None:
+    q, assignments, prototypes, _ = make_inputs()
+    k = unit(N, D)
+    views = AlignmentLoss(alpha, mode="views")(q, assignments, prototypes, k)
+    view_term = sum(float((q[i] - k[i]).norm()) ** alpha for i in range(N)) / N
+    assert math.isclose(float(views["loss"]), view_term, rel_tol=1e-9)
+    assert math.isclose(float(views["view_alignment"]), view_term, rel_tol=1e-9)
+    pairs = AlignmentLoss(alpha, mode="pairs")(q, assignments, prototypes, k)
+    per_gran = []
+    for labels in assignments:
+        per_sample = []
+        for i in range(N):
+            mates = [j for j in range(N) if int(labels[j]) == int(labels[i])]
+            assert i in mates
+            per_sample.append(sum(float((q[i] - k[j]).norm()) ** alpha for j in mates) / len(mates))
+        per_gran.append(sum(per_sample) / N)
+    expected = sum(per_gran) / len(per_gran)
+    assert math.isclose(float(pairs["alignment"]), expected, rel_tol=1e-7)
+    assert math.isclose(float(pairs["loss"]), expected, rel_tol=1e-7)
+
+
+def test_pair_alignment_of_singleton_clusters_is_view_alignment() -> None:
+    q, k = unit(N, D), unit(N, D)
+    distinct = [torch.arange(N) for _ in SIZES]
+    prototypes = [unit(N, D) for _ in SIZES]
+    pairs = AlignmentLoss(mode="pairs")(q, distinct, prototypes, k)
+    views = AlignmentLoss(mode="views")(q, distinct, prototypes, k)
+    assert math.isclose(float(pairs["loss"]), float(views["loss"]), rel_tol=1e-9)
+
+
+def test_alignment_modes_need_the_second_view_and_refuse_a_double_view_term() -> None:
+    q, assignments, prototypes, concentrations = make_inputs()
+    for mode in ("views", "pairs"):
+        with pytest.raises(ValueError, match=f"k .*required with mode='{mode}'"):
+            AlignmentLoss(mode=mode)(q, assignments, prototypes)
+        with pytest.raises(ValueError, match="required when align_view_weight > 0 or align_mode"):
+            PAUCLoss(align_mode=mode, corr_weight=0.0)(q, assignments, prototypes, concentrations)
+    with pytest.raises(ValueError, match="mode='views' is that term alone"):
+        AlignmentLoss(view_weight=0.5, mode="views")
+    with pytest.raises(ValueError, match="mode"):
+        AlignmentLoss(mode="cluster")
+
+
+def test_pauc_alignment_mode_sends_a_gradient_to_the_queries_only_through_its_term() -> None:
+    q, assignments, prototypes, concentrations = make_inputs(torch.float32)
+    q.requires_grad_(True)
+    k = unit(N, D, dtype=torch.float32)
+    loss = PAUCLoss.from_params(
+        {"align_mode": "pairs", "protonce_weight": 0.0, "uniform_weight": 0.0, "corr_weight": 0.0}
+    )
+    out = loss(q, assignments, prototypes, concentrations, k=k)
+    direct = AlignmentLoss(mode="pairs")(q.detach(), assignments, prototypes, k)["loss"]
+    assert math.isclose(float(out["loss"].detach()), float(direct), rel_tol=1e-6)
+    out["loss"].backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all() and q.grad.abs().sum() > 0

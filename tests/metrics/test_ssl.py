@@ -13,6 +13,7 @@ from anchorlearn.metrics import (
     linear_probe_accuracy,
     uniformity,
 )
+from anchorlearn.metrics.ssl import low_shot_probe_accuracies
 
 
 def test_alignment_hand_values() -> None:
@@ -130,3 +131,67 @@ def test_linear_probe_bad_inputs_name_the_argument(change: dict, error, message:
     args.update(change)
     with pytest.raises(error, match=message):
         linear_probe_accuracy(**args)
+
+
+def _clusters(n_per_class: int, num_classes: int = 4, spread: float = 1.0, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(num_classes).repeat(n_per_class)
+    centres = torch.randn(num_classes, 8, generator=generator) * 4
+    return centres[labels] + spread * torch.randn(len(labels), 8, generator=generator), labels
+
+
+def test_low_shot_probe_one_label_per_class_suffices_for_separated_classes() -> None:
+    train, train_labels = _clusters(30)
+    test, test_labels = _clusters(10, seed=1)
+    # the test clusters share the training centres: draw them from the same generator state
+    test = train[:40] + 0.1 * torch.randn(40, 8)
+    test_labels = train_labels[:40]
+    accs = low_shot_probe_accuracies(train, train_labels, test, test_labels, 4, 1, draws=3)
+    assert len(accs) == 3 and all(a == 1.0 for a in accs)
+
+
+def test_low_shot_probe_draws_differ_and_repeat_with_the_seed() -> None:
+    train, labels = _clusters(40, spread=6.0)
+    test, test_labels = train[:80], labels[:80]
+    first = low_shot_probe_accuracies(train, labels, test, test_labels, 4, 2, draws=6, seed=3)
+    again = low_shot_probe_accuracies(train, labels, test, test_labels, 4, 2, draws=6, seed=3)
+    other = low_shot_probe_accuracies(train, labels, test, test_labels, 4, 2, draws=6, seed=4)
+    assert first == again
+    assert len(set(first)) > 1  # the draws pick different images
+    assert first != other
+
+
+def test_low_shot_probe_standardises_with_every_training_feature(monkeypatch) -> None:
+    import anchorlearn.metrics.ssl as ssl_metrics
+
+    seen = []
+    real = ssl_metrics.linear_probe_accuracy
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["standardize_with"])
+        assert args[0].shape[0] == 4 * 5  # 5 labelled images of each of 4 classes
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ssl_metrics, "linear_probe_accuracy", spy)
+    train, labels = _clusters(20)
+    ssl_metrics.low_shot_probe_accuracies(train, labels, train, labels, 4, 5, draws=2)
+    assert len(seen) == 2 and all(s is train for s in seen)
+
+
+def test_low_shot_probe_names_a_class_with_too_few_images() -> None:
+    train, labels = _clusters(5)
+    labels = labels.clone()
+    labels[labels == 2] = 1
+    labels[0] = 2  # class 2 keeps a single image
+    with pytest.raises(
+        ValueError, match="3-shot probe needs 3 training images of every class; class 2 has 1"
+    ):
+        low_shot_probe_accuracies(train, labels, train, labels, 4, 3)
+
+
+def test_linear_probe_standardize_with_sets_the_statistics() -> None:
+    train, labels = _clusters(20)
+    same = linear_probe_accuracy(train, labels, train, labels, 4, standardize_with=train)
+    assert same == linear_probe_accuracy(train, labels, train, labels, 4)
+    with pytest.raises(ValueError, match="standardize_with must be"):
+        linear_probe_accuracy(train, labels, train, labels, 4, standardize_with=train[:, :3])

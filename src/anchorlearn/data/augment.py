@@ -69,14 +69,16 @@ def classification_train_augment(
     return _Checked(nn.Sequential(K.RandomCrop(pair, padding=pad), K.RandomHorizontalFlip(p=0.5)))
 
 
-def ssl_augment(size: int | Sequence[int]) -> nn.Module:
+def ssl_augment(size: int | Sequence[int], min_scale: float = 0.2) -> nn.Module:
     """The self-supervised view recipe (MoCo v2 style, without colour-only terms):
-    random resized crop (scale 0.2-1), horizontal flip, brightness/contrast jitter
-    (p = 0.8) and Gaussian blur (p = 0.5)."""
+    random resized crop (area scale ``min_scale``-1; MoCo v2 uses 0.2), horizontal flip,
+    brightness/contrast jitter (p = 0.8) and Gaussian blur (p = 0.5)."""
     pair = _size_pair(size)
+    if not 0.0 < min_scale <= 1.0:
+        raise ValueError(f"min_scale must be in (0, 1], got {min_scale}")
     return _Checked(
         nn.Sequential(
-            K.RandomResizedCrop(pair, scale=(0.2, 1.0)),
+            K.RandomResizedCrop(pair, scale=(float(min_scale), 1.0)),
             K.RandomHorizontalFlip(p=0.5),
             K.ColorJitter(brightness=0.4, contrast=0.4, p=0.8),
             K.RandomGaussianBlur((3, 3), (0.1, 2.0), p=0.5),

@@ -619,8 +619,15 @@ class TwoViewDataModule(_InMemoryDataModule):
         max_train_samples: stratified subset of about this many training images.
         max_test_samples: the same for the test split, drawn with ``seed`` too: runs of
             one seed share their test images, other seeds are scored on other subsets.
-        view_transform: the augmentation of each view (default :func:`ssl_augment`).
+        view_transform: the augmentation of each view (default :func:`ssl_augment` with
+            ``crop_min_scale``).
         data_root: Fashion-MNIST directory.
+        val_fraction: when above 0, a stratified fraction of the (capped) training images,
+            drawn with ``seed``, is held out and takes the place of the test split: the
+            model pretrains, and probes fit, on the rest, and the evaluation scores the
+            held-out images (:attr:`eval_split` is ``"val"``); the test images are not
+            read. For choosing settings without looking at the test set.
+        crop_min_scale: the smallest area fraction of the views' random resized crop.
 
     Training batches after :meth:`on_after_batch_transfer`: ``(view1, view2, index)``,
     two float ``(B, C, H, W)`` views and the int64 ``(B,)`` indices of the images in the
@@ -640,12 +647,20 @@ class TwoViewDataModule(_InMemoryDataModule):
         max_test_samples: int | None = None,
         view_transform: nn.Module | None = None,
         data_root: str | os.PathLike[str] | None = None,
+        val_fraction: float = 0.0,
+        crop_min_scale: float = 0.2,
     ) -> None:
         super().__init__(batch_size, num_workers, seed, augment=True)
         _check_optional_count(max_train_samples, "max_train_samples")
         _check_optional_count(max_test_samples, "max_test_samples")
         self.source = source
         self.test_fraction = _check_fraction(test_fraction, "test_fraction", low_open=True)
+        if val_fraction:
+            _check_fraction(val_fraction, "val_fraction", low_open=True)
+        self.val_fraction = float(val_fraction)
+        if not 0.0 < float(crop_min_scale) <= 1.0:
+            raise ValueError(f"crop_min_scale must lie in (0, 1], got {crop_min_scale}")
+        self.crop_min_scale = float(crop_min_scale)
         self.max_train_samples = max_train_samples
         self.max_test_samples = max_test_samples
         self.view_transform = view_transform
@@ -659,7 +674,16 @@ class TwoViewDataModule(_InMemoryDataModule):
             kept, held = stratified_split(train.labels, self.test_fraction, seed=0)
             train, test = _subset(train, kept), _subset(train, held)
         train = _cap(train, self.max_train_samples, self.seed)
-        test = _cap(test, self.max_test_samples, self.seed)
+        if self.val_fraction:
+            kept, held = stratified_split(train.labels, self.val_fraction, seed=self.seed)
+            if not len(held):
+                raise ValueError(
+                    f"val_fraction={self.val_fraction} holds out no image of the "
+                    f"{len(train.labels)} training images: raise it"
+                )
+            train, test = _subset(train, kept), _subset(train, held)
+        else:
+            test = _cap(test, self.max_test_samples, self.seed)
         self._class_names = list(train.class_names)
         self._split_positions = {"train": (train.pool, train.positions)}
         self._split_positions["test"] = (test.pool, test.positions)
@@ -669,14 +693,23 @@ class TwoViewDataModule(_InMemoryDataModule):
         train_images = self._train_images = self._labelled["train"].tensors[0]
         self._unlabelled = TensorDataset(train_images, torch.arange(len(train_images)))
         self.mean, self.std = _channel_stats(train_images)
-        view = self.view_transform or ssl_augment(tuple(train_images.shape[2:]))
+        view = self.view_transform or ssl_augment(
+            tuple(train_images.shape[2:]), min_scale=self.crop_min_scale
+        )
         self.two_views = TwoViewTransform(view)
 
     def _fingerprinted_splits(self) -> dict[str, TensorDataset]:
         return self._labelled
 
+    @property
+    def eval_split(self) -> str:
+        """What the ``"test"`` split holds: ``"test"`` (the source's test images) or
+        ``"val"`` (training images held out with ``val_fraction``)."""
+        return "val" if self.val_fraction else "test"
+
     def labelled_dataset(self, split: str) -> TensorDataset:
-        """uint8 images and int64 labels of ``"train"`` or ``"test"``."""
+        """uint8 images and int64 labels of ``"train"`` or ``"test"`` (the held-out
+        training images when ``val_fraction`` is set: see :attr:`eval_split`)."""
         self.setup()
         if split not in self._labelled:
             raise ValueError(f"split must be one of {sorted(self._labelled)}, got {split!r}")

@@ -11,7 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from anchorlearn.losses.pauc import CORRELATION_MODES, UNIFORMITY_MODES, PAUCParameters
+from anchorlearn.losses.pauc import (
+    ALIGNMENT_MODES,
+    CORRELATION_MODES,
+    UNIFORMITY_MODES,
+    PAUCParameters,
+)
 
 from .config import PRECISIONS, OptimConfig, TrainerConfig
 from .schema import (
@@ -38,6 +43,7 @@ __all__ = [
     "load_pretrain_config",
     "parse_pretrain_config",
     "pretrain_config_to_dict",
+    "warmup_epochs",
 ]
 
 METHODS = ("moco", "pcl", "pauc")
@@ -53,6 +59,11 @@ class PretrainDataConfig:
     num_workers: int = 0
     max_train_samples: int | None = None
     max_test_samples: int | None = None
+    # > 0: hold out this stratified fraction of the training images and evaluate on it
+    # instead of the test images (for choosing settings; the test set is not read)
+    val_fraction: float = 0.0
+    # smallest area fraction of the views' random resized crop (MoCo v2: 0.2)
+    crop_min_scale: float = 0.2
 
 
 @dataclass
@@ -81,7 +92,11 @@ class ClusterConfig:
     """
 
     num_clusters: list[int] = field(default_factory=lambda: [20, 50])
-    warmup_epochs: int = 2
+    # Epochs of InfoNCE only before the first E-step: warmup_epochs, or else
+    # round(warmup_fraction * trainer.max_epochs) (at least 1 when the fraction is > 0); set
+    # one of the two. Neither: warmup_fraction 0.2.
+    warmup_epochs: int | None = None
+    warmup_fraction: float | None = None
     niter: int = 20
     nredo: int = 1
     backend: str = "auto"
@@ -89,6 +104,23 @@ class ClusterConfig:
     # torch backend: Lloyd first on warm_start * k sampled rows when N > 2 * warm_start * k
     # (None: the library default, 256; 0: off); must stay unset with backend faiss
     warm_start: int | None = None
+
+
+DEFAULT_WARMUP_FRACTION = 0.2
+
+
+def warmup_epochs(cluster: ClusterConfig, max_epochs: int) -> int:
+    """The epochs of InfoNCE only before the first E-step: ``cluster.warmup_epochs`` when
+    set, else ``round(warmup_fraction * max_epochs)`` (at least 1 for a fraction above 0;
+    :data:`DEFAULT_WARMUP_FRACTION` when neither is set)."""
+    if cluster.warmup_epochs is not None:
+        return int(cluster.warmup_epochs)
+    fraction = (
+        DEFAULT_WARMUP_FRACTION if cluster.warmup_fraction is None else cluster.warmup_fraction
+    )
+    if fraction <= 0:
+        return 0
+    return max(1, round(fraction * max_epochs))
 
 
 @dataclass
@@ -117,7 +149,8 @@ class EvalConfig:
     ``probe_steps`` LBFGS iterations of a full-batch logistic regression on standardised
     backbone features (L2 penalty ``probe_weight_decay``); weighted kNN with ``knn_k`` and
     ``knn_temperature``; uniformity on at most ``uniformity_points`` test embeddings; a
-    t-SNE picture of at most ``tsne_points`` test embeddings when ``tsne``.
+    t-SNE picture of at most ``tsne_points`` test embeddings when ``tsne``; low-shot linear
+    probes with ``low_shot`` labels per class, ``low_shot_draws`` draws each.
     """
 
     probe_steps: int = 100
@@ -127,6 +160,10 @@ class EvalConfig:
     uniformity_points: int = 2000
     tsne: bool = True
     tsne_points: int = 2000
+    # labels per class of low-shot linear probes (each low_shot_draws random draws; the
+    # metrics low_shot_<n> and low_shot_<n>_std); empty: none
+    low_shot: list[int] = field(default_factory=list)
+    low_shot_draws: int = 5
 
 
 @dataclass
@@ -151,6 +188,7 @@ _CHOICES = {
     "cluster.backend": ("auto", "faiss", "torch"),
     "cluster.init": ("auto", "k-means++", "random"),
     "loss.uniform_mode": UNIFORMITY_MODES,
+    "loss.align_mode": ALIGNMENT_MODES,
     "loss.corr_mode": CORRELATION_MODES,
     "loss.corr_features": UNIFORMITY_MODES,
     "optim.name": ("sgd", "adamw"),
@@ -168,6 +206,7 @@ _POSITIVE_INTS = (
     "loss.num_negatives",
     "eval.probe_steps",
     "eval.knn_k",
+    "eval.low_shot_draws",
     "trainer.max_epochs",
 )
 
@@ -204,18 +243,55 @@ def parse_pretrain_config(raw: dict[str, Any]) -> PretrainConfig:
             f"cluster.warm_start={cfg.cluster.warm_start} applies to the torch backend only: "
             "remove it or set cluster.backend to auto or torch"
         )
-    if cfg.cluster.warmup_epochs < 0:
-        raise ConfigError(f"cluster.warmup_epochs must be >= 0, got {cfg.cluster.warmup_epochs}")
-    if cfg.method != "moco" and cfg.cluster.warmup_epochs >= cfg.trainer.max_epochs:
-        raise ConfigError(
-            f"cluster.warmup_epochs={cfg.cluster.warmup_epochs} leaves no epoch with an E-step "
-            f"in trainer.max_epochs={cfg.trainer.max_epochs}: lower the warm-up or train longer"
-        )
+    _check_warmup(cfg)
+    _check_eval_split(cfg)
     check_ranges(cfg, _RANGES)
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in cfg.eval.low_shot):
+        raise ConfigError(
+            f"eval.low_shot must list labels per class as ints >= 1, got {cfg.eval.low_shot}"
+        )
     _check_split_bn(cfg)
     _refuse_supervised_only_settings(cfg)
     _resolve_loss_weights(cfg)
     return cfg
+
+
+def _check_warmup(cfg: PretrainConfig) -> None:
+    c = cfg.cluster
+    if c.warmup_epochs is not None and c.warmup_fraction is not None:
+        raise ConfigError(
+            f"cluster.warmup_epochs={c.warmup_epochs} and cluster.warmup_fraction="
+            f"{c.warmup_fraction} both set the warm-up: keep one of them"
+        )
+    if c.warmup_epochs is not None and c.warmup_epochs < 0:
+        raise ConfigError(f"cluster.warmup_epochs must be >= 0, got {c.warmup_epochs}")
+    if c.warmup_fraction is not None and not 0.0 <= c.warmup_fraction < 1.0:
+        raise ConfigError(f"cluster.warmup_fraction must lie in [0, 1), got {c.warmup_fraction}")
+    epochs = warmup_epochs(c, cfg.trainer.max_epochs)
+    if cfg.method != "moco" and epochs >= cfg.trainer.max_epochs:
+        how = (
+            f"cluster.warmup_epochs={c.warmup_epochs}"
+            if c.warmup_epochs is not None
+            else f"a warm-up of {epochs} epochs (cluster.warmup_fraction)"
+        )
+        raise ConfigError(
+            f"{how} leaves no epoch with an E-step in trainer.max_epochs="
+            f"{cfg.trainer.max_epochs}: lower the warm-up or train longer"
+        )
+
+
+def _check_eval_split(cfg: PretrainConfig) -> None:
+    d = cfg.data
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must lie in [0, 1), got {d.val_fraction}")
+    if d.val_fraction and d.max_test_samples is not None:
+        raise ConfigError(
+            f"data.max_test_samples={d.max_test_samples} caps the test split, which is not "
+            f"scored with data.val_fraction={d.val_fraction} (the held-out training images "
+            "are): remove one of them"
+        )
+    if not 0.0 < d.crop_min_scale <= 1.0:
+        raise ConfigError(f"data.crop_min_scale must lie in (0, 1], got {d.crop_min_scale}")
 
 
 def _check_split_bn(cfg: PretrainConfig) -> None:

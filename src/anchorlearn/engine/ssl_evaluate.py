@@ -20,6 +20,7 @@ from anchorlearn.metrics.ssl import (
     coagulation,
     knn_accuracy,
     linear_probe_accuracy,
+    low_shot_probe_accuracies,
 )
 from anchorlearn.metrics.ssl import uniformity as uniformity_metric
 
@@ -152,7 +153,12 @@ def evaluate_pretrained(
     - ``uniformity``: of one augmented view's embeddings (at most ``eval.uniformity_points``,
       drawn with the seed);
     - ``coagulation``, ``nmi``, ``ami``: of a k-means (``k = cluster.num_clusters[0]``) of
-      the embeddings of the un-augmented test images.
+      the embeddings of the un-augmented test images;
+    - ``low_shot_<n>`` and ``low_shot_<n>_std`` for each ``n`` of ``eval.low_shot``: mean
+      and standard deviation over ``eval.low_shot_draws`` draws of
+      :func:`~anchorlearn.metrics.ssl.low_shot_probe_accuracies`;
+    - ``eval_split``: ``"val"`` when ``data.val_fraction`` held out training images in
+      place of the test images, else ``"test"``.
 
     With ``plot_dir``, writes ``tsne.png``: one t-SNE of the un-augmented test embedding,
     coloured by label, and of the first granularity's E-step prototypes, drawn as stars, with
@@ -181,6 +187,23 @@ def evaluate_pretrained(
         steps=ev.probe_steps,
         weight_decay=ev.probe_weight_decay,
     )
+    for shots in ev.low_shot:
+        accuracies = low_shot_probe_accuracies(
+            train["features"],
+            train["labels"],
+            test["features"],
+            test["labels"],
+            num_classes,
+            shots,
+            draws=ev.low_shot_draws,
+            seed=cfg.seed,
+            steps=ev.probe_steps,
+            weight_decay=ev.probe_weight_decay,
+        )
+        metrics[f"low_shot_{shots}"] = sum(accuracies) / len(accuracies)
+        metrics[f"low_shot_{shots}_std"] = (
+            float(torch.tensor(accuracies).std()) if len(accuracies) > 1 else 0.0
+        )
     metrics["knn"] = knn_accuracy(
         train["features"],
         train["labels"],
@@ -208,6 +231,7 @@ def evaluate_pretrained(
     )
     metrics["coagulation"] = coagulation(test["embedding"], clusters.assignments)
     metrics.update(clustering_scores(clusters.assignments, test["labels"]))
+    metrics["eval_split"] = dm.eval_split
     metrics["num_train"] = int(train["labels"].shape[0])
     metrics["num_test"] = int(test["labels"].shape[0])
     if plot_dir is not None and ev.tsne:

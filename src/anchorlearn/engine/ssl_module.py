@@ -31,7 +31,7 @@ from .module import (
     build_optimizer,
     rank_divergence,
 )
-from .ssl_config import ClusterConfig, PretrainLossConfig
+from .ssl_config import ClusterConfig, PretrainLossConfig, warmup_epochs
 
 __all__ = ["ContrastivePretrainModule", "EStepCallback"]
 
@@ -188,8 +188,9 @@ class ContrastivePretrainModule(L.LightningModule):
 
 
 class EStepCallback(L.Callback):
-    """Runs the E-step at the start of every epoch from ``cluster.warmup_epochs`` on, and
-    times it.
+    """Runs the E-step at the start of every epoch after the warm-up
+    (:func:`~anchorlearn.engine.ssl_config.warmup_epochs` of ``cluster`` and the trainer's
+    ``max_epochs``), and times it.
 
     The training images (``dm.labelled_dataset("train")``, in the order of the training
     indices) are embedded on their un-augmented form (``dm.preprocess``) by the momentum
@@ -263,7 +264,8 @@ class EStepCallback(L.Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._estep_seconds = 0.0
         self._estep_parts = {"estep_embed_s": 0.0, "estep_cluster_s": 0.0}
-        if pl_module.uses_prototypes and trainer.current_epoch >= self.cluster.warmup_epochs:
+        warmup = warmup_epochs(self.cluster, int(trainer.max_epochs or 0))
+        if pl_module.uses_prototypes and trainer.current_epoch >= warmup:
             start = time.perf_counter()
             self.run_estep(trainer, pl_module)
             self._estep_seconds = time.perf_counter() - start

@@ -84,6 +84,8 @@ def build_pretrain_run(cfg: PretrainConfig) -> tuple[TwoViewDataModule, Contrast
             seed=cfg.seed,
             max_train_samples=d.max_train_samples,
             max_test_samples=d.max_test_samples,
+            val_fraction=d.val_fraction,
+            crop_min_scale=d.crop_min_scale,
         )
         dm.setup("fit")
     except FileNotFoundError as err:

@@ -47,6 +47,7 @@ from anchorlearn._checks import (
 from anchorlearn.losses.contrastive import ProtoNCE, check_prototype_inputs
 
 __all__ = [
+    "ALIGNMENT_MODES",
     "CORRELATION_MODES",
     "UNIFORMITY_MODES",
     "AlignmentLoss",
@@ -61,6 +62,7 @@ __all__ = [
 UniformityMode = Literal["batch_means", "assignment"]
 CorrelationMode = Literal["barlow", "vicreg"]
 UNIFORMITY_MODES: tuple[str, ...] = ("batch_means", "assignment")
+ALIGNMENT_MODES: tuple[str, ...] = ("prototype", "views", "pairs")
 CORRELATION_MODES: tuple[str, ...] = ("barlow", "vicreg")
 
 
@@ -162,16 +164,28 @@ class AlignmentLoss(nn.Module):
             \lVert q_i - c^{g}_{a^g_i} \rVert_2^{\alpha}
             \;+\; w_{view}\,\frac{1}{N}\sum_i \lVert q_i - k_i \rVert_2^{\alpha}
 
-    The first part is Wang & Isola's (2020) alignment with the positive prototype in place of
-    the positive sample: it pulls each embedding towards its cluster instead of only pushing
-    it away from the others, as ProtoNCE does. The optional second part is their original
-    view-to-view alignment. Alternatives not chosen: the cosine form :math:`1 - q\cdot c`
-    (equal to half the :math:`\alpha = 2` form on the sphere) and a concentration-weighted
-    distance :math:`\lVert q - c\rVert^2/\phi`.
+    The first part (``mode="prototype"``, the default) is Wang & Isola's (2020) alignment
+    with the positive prototype in place of the positive sample: it pulls each embedding
+    towards its cluster instead of only pushing it away from the others, as ProtoNCE does.
+    The optional second part is their original view-to-view alignment. Alternatives not
+    chosen: the cosine form :math:`1 - q\cdot c` (equal to half the :math:`\alpha = 2`
+    form on the sphere) and a concentration-weighted distance :math:`\lVert q - c\rVert^2/\phi`.
+
+    Pulling every sample to its prototype tightens the clusters (it raises coagulation).
+    Two other readings replace the first part, both needing the other view ``k``:
+
+    - ``mode="views"``: only Wang & Isola's view-to-view term,
+      :math:`\frac{1}{N}\sum_i \lVert q_i - k_i \rVert^{\alpha}` (``view_weight`` must
+      stay 0: this mode is that term);
+    - ``mode="pairs"``: alignment between samples that share a prototype,
+      :math:`\frac{1}{G}\sum_g \frac{1}{N}\sum_i \frac{1}{|S^g_i|}\sum_{j \in S^g_i}
+      \lVert q_i - k_j \rVert^{\alpha}` with :math:`S^g_i = \{j : a^g_j = a^g_i\}` (which
+      holds :math:`i`, so each sample's own other view is one of its positives).
 
     Args:
         alpha: :math:`\alpha > 0` (Wang & Isola: 2).
         view_weight: :math:`w_{view} \ge 0`; 0 disables the view term (reported as 0).
+        mode: one of :data:`ALIGNMENT_MODES`.
 
     Shapes:
         ``q``: ``(N, D)`` L2-normalised; ``assignments[g]``: ``(N,)`` integer;
@@ -180,10 +194,23 @@ class AlignmentLoss(nn.Module):
         "view_alignment"}``: the weighted total, the prototype part and the view part.
     """
 
-    def __init__(self, alpha: float = 2.0, view_weight: float = 0.0) -> None:
+    def __init__(
+        self, alpha: float = 2.0, view_weight: float = 0.0, mode: str = "prototype"
+    ) -> None:
         super().__init__()
         self.alpha = check_positive(alpha, "alpha")
         self.view_weight = check_non_negative(view_weight, "view_weight")
+        self.mode = _check_choice(mode, "mode", ALIGNMENT_MODES)
+        if self.mode == "views" and self.view_weight > 0:
+            raise ValueError(
+                f"view_weight={view_weight} adds the view term to the prototype term; "
+                "mode='views' is that term alone: set view_weight to 0"
+            )
+
+    @property
+    def needs_second_view(self) -> bool:
+        """Whether :meth:`forward` needs ``k``."""
+        return self.view_weight > 0 or self.mode != "prototype"
 
     def _distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         sq = (a - b).pow(2).sum(dim=1)
@@ -205,8 +232,9 @@ class AlignmentLoss(nn.Module):
         for g, protos in enumerate(prototypes):
             check_l2_normalised(protos, f"prototypes[{g}]")
         _check_second_view(k, q)
-        if self.view_weight > 0 and k is None:
-            raise ValueError("k (the second view, (N, D)) is required when view_weight > 0")
+        if self.needs_second_view and k is None:
+            why = "view_weight > 0" if self.mode == "prototype" else f"mode={self.mode!r}"
+            raise ValueError(f"k (the second view, (N, D)) is required with {why}")
         with autocast_off(q):
             return self._terms(_upcast(q), assignments, prototypes, _upcast(k))
 
@@ -220,17 +248,41 @@ class AlignmentLoss(nn.Module):
         if q.shape[0] == 0:
             zero = _zero(q)
             return {"loss": zero, "alignment": zero, "view_alignment": zero}
-        proto_terms = [
-            self._distance(q, protos.to(q.dtype)[labels.long()]).mean()
-            for labels, protos in zip(assignments, prototypes, strict=True)
-        ]
-        alignment = torch.stack(proto_terms).mean()
+        if self.mode == "views":
+            view_alignment = self._distance(q, k.to(q.dtype)).mean()
+            return {"loss": view_alignment, "alignment": _zero(q), "view_alignment": view_alignment}
+        if self.mode == "pairs":
+            alignment = torch.stack(
+                [self._shared_prototype_pairs(q, k.to(q.dtype), a.long()) for a in assignments]
+            ).mean()
+        else:
+            alignment = torch.stack(
+                [
+                    self._distance(q, protos.to(q.dtype)[labels.long()]).mean()
+                    for labels, protos in zip(assignments, prototypes, strict=True)
+                ]
+            ).mean()
         if self.view_weight > 0 and k is not None:
             view_alignment = self._distance(q, k.to(q.dtype)).mean()
         else:
             view_alignment = _zero(q)
         loss = alignment + self.view_weight * view_alignment
         return {"loss": loss, "alignment": alignment, "view_alignment": view_alignment}
+
+    def _shared_prototype_pairs(
+        self, q: torch.Tensor, k: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """Mean over ``i`` of the mean distance from ``q_i`` to the ``k_j`` of its cluster."""
+        sq = _pairwise_sq(q, k)
+        dist = sq if self.alpha == 2.0 else sq.clamp_min(1e-12).pow(self.alpha / 2.0)
+        same = (labels[:, None] == labels[None, :]).to(q.dtype)
+        return ((dist * same).sum(dim=1) / same.sum(dim=1)).mean()
+
+
+def _pairwise_sq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances ``(N, M)`` between rows, exact on the unit sphere up to
+    rounding and never negative."""
+    return (a.pow(2).sum(1)[:, None] + b.pow(2).sum(1)[None, :] - 2.0 * a @ b.T).clamp_min(0.0)
 
 
 class UniformityLoss(nn.Module):
@@ -414,6 +466,7 @@ class PAUCParameters:
         num_negatives: negative prototypes sampled per granularity by ProtoNCE.
         align_alpha: :class:`AlignmentLoss`'s ``alpha``.
         align_view_weight: :class:`AlignmentLoss`'s ``view_weight``.
+        align_mode: :class:`AlignmentLoss`'s ``mode``, one of :data:`ALIGNMENT_MODES`.
         uniform_t: :class:`UniformityLoss`'s ``t``.
         uniform_mode: :class:`UniformityLoss`'s ``mode``, one of :data:`UNIFORMITY_MODES`.
         corr_mode: :class:`CorrelationLoss`'s ``mode``, one of :data:`CORRELATION_MODES`.
@@ -429,6 +482,7 @@ class PAUCParameters:
     num_negatives: int = 16000
     align_alpha: float = 2.0
     align_view_weight: float = 0.0
+    align_mode: str = "prototype"
     uniform_t: float = 2.0
     uniform_mode: str = "batch_means"
     corr_mode: str = "barlow"
@@ -469,7 +523,8 @@ class PAUCLoss(nn.Module):
     Shapes:
         ``q``: ``(N, D)`` L2-normalised query embeddings (with gradient); ``k``: ``(N, D)``
         L2-normalised embeddings of the other view (e.g. MoCo's keys), required when
-        ``corr_weight > 0`` in ``"barlow"`` mode or ``align_view_weight > 0``; the E-step
+        ``corr_weight > 0`` in ``"barlow"`` mode, ``align_view_weight > 0`` or
+        ``align_mode`` other than ``"prototype"``; the E-step
         result per granularity as for ProtoNCE. Returns ``{"loss", "protonce",
         "alignment", "uniformity", "correlation"}``, scalars, each term without its PAUC
         weight (``alignment`` is AlignmentLoss's total: the prototype part plus
@@ -487,6 +542,7 @@ class PAUCLoss(nn.Module):
         *,
         align_alpha: float = _DEFAULTS.align_alpha,
         align_view_weight: float = _DEFAULTS.align_view_weight,
+        align_mode: str = _DEFAULTS.align_mode,
         uniform_t: float = _DEFAULTS.uniform_t,
         uniform_mode: UniformityMode = _DEFAULTS.uniform_mode,
         corr_mode: CorrelationMode = _DEFAULTS.corr_mode,
@@ -495,7 +551,7 @@ class PAUCLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.protonce = ProtoNCE(temperature, check_positive_int(num_negatives, "num_negatives"))
-        self.alignment = AlignmentLoss(align_alpha, align_view_weight)
+        self.alignment = AlignmentLoss(align_alpha, align_view_weight, align_mode)
         self.uniformity = UniformityLoss(uniform_t, uniform_mode, temperature)
         self.correlation = CorrelationLoss(corr_mode, corr_lambda)
         self.corr_features = _check_choice(corr_features, "corr_features", UNIFORMITY_MODES)
@@ -570,8 +626,11 @@ class PAUCLoss(nn.Module):
             return {"loss": zero, **dict.fromkeys(self.weights, zero)}
         if k is None and self.weights["correlation"] > 0 and self.correlation.mode == "barlow":
             raise ValueError("k (the second view, (N, D)) is required when corr_weight > 0")
-        if k is None and self.weights["alignment"] > 0 and self.alignment.view_weight > 0:
-            raise ValueError("k (the second view, (N, D)) is required when align_view_weight > 0")
+        if k is None and self.weights["alignment"] > 0 and self.alignment.needs_second_view:
+            raise ValueError(
+                "k (the second view, (N, D)) is required when align_view_weight > 0 or "
+                f"align_mode={self.alignment.mode!r}"
+            )
         if self.weights["alignment"] > 0:
             for g, protos in enumerate(prototypes):
                 check_l2_normalised(protos, f"prototypes[{g}]")

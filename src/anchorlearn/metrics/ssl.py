@@ -27,6 +27,7 @@ __all__ = [
     "knn_accuracy",
     "knn_predict",
     "linear_probe_accuracy",
+    "low_shot_probe_accuracies",
     "uniformity",
 ]
 
@@ -191,10 +192,13 @@ def linear_probe_accuracy(
     *,
     steps: int = 100,
     weight_decay: float = 1e-4,
+    standardize_with: torch.Tensor | None = None,
 ) -> float:
     """Top-1 test accuracy of a multinomial logistic regression on frozen features.
 
-    The features ``(N, D)`` / ``(M, D)`` are standardised with the training mean and std;
+    The features ``(N, D)`` / ``(M, D)`` are standardised with the mean and std of
+    ``standardize_with`` (``(P, D)``, default the training features: a low-shot probe
+    passes every unlabelled training feature, whose statistics a few labels would miss);
     the weights start at zero and are fitted full-batch with LBFGS (strong Wolfe line
     search, at most ``steps`` iterations) on cross-entropy plus ``weight_decay * ||W||^2``.
     Deterministic for given inputs. Labels are ``(N,)`` / ``(M,)`` integers in
@@ -222,8 +226,15 @@ def linear_probe_accuracy(
             )
     if bool(((train_labels < 0) | (train_labels >= num_classes)).any()):
         raise ValueError(f"train_labels must lie in [0, {num_classes})")
-    mean = train_features.mean(dim=0)
-    std = train_features.std(dim=0).clamp_min(1e-6)
+    reference = train_features if standardize_with is None else standardize_with
+    _check_embeddings(reference, "standardize_with")
+    if reference.shape[1] != train_features.shape[1] or reference.shape[0] < 2:
+        raise ValueError(
+            f"standardize_with must be (P >= 2, {train_features.shape[1]}), got "
+            f"{tuple(reference.shape)}"
+        )
+    mean = reference.mean(dim=0)
+    std = reference.std(dim=0).clamp_min(1e-6)
     x_train = ((train_features - mean) / std).double()
     x_test = ((test_features - mean) / std).double()
     linear = nn.Linear(x_train.shape[1], num_classes).double()
@@ -245,3 +256,57 @@ def linear_probe_accuracy(
     with torch.no_grad():
         predictions = linear(x_test).argmax(dim=1)
     return float((predictions == test_labels.long()).double().mean())
+
+
+def low_shot_probe_accuracies(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    num_classes: int,
+    shots: int,
+    *,
+    draws: int = 5,
+    seed: int = 0,
+    steps: int = 100,
+    weight_decay: float = 1e-4,
+) -> list[float]:
+    """Linear-probe accuracies with ``shots`` labelled training images per class, one per
+    draw.
+
+    Each of ``draws`` draws takes ``shots`` images of every class at random (a generator
+    seeded with ``seed``; draw ``d`` differs from draw ``d - 1``) and fits
+    :func:`linear_probe_accuracy` on them, standardising with the statistics of all the
+    training features (unlabelled images are available to a self-supervised method).
+    Raises ``ValueError`` naming the class when one has fewer than ``shots`` images.
+    """
+    check_positive_int(shots, "shots")
+    check_positive_int(draws, "draws")
+    check_labels_tensor(train_labels, "train_labels")
+    counts = torch.bincount(train_labels.long(), minlength=num_classes)
+    if int(counts.min()) < shots:
+        short = int(counts.argmin())
+        raise ValueError(
+            f"a {shots}-shot probe needs {shots} training images of every class; class "
+            f"{short} has {int(counts[short])}"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    by_class = [torch.nonzero(train_labels == c).flatten() for c in range(num_classes)]
+    accuracies = []
+    for _ in range(draws):
+        picked = torch.cat(
+            [rows[torch.randperm(len(rows), generator=generator)[:shots]] for rows in by_class]
+        )
+        accuracies.append(
+            linear_probe_accuracy(
+                train_features[picked],
+                train_labels[picked],
+                test_features,
+                test_labels,
+                num_classes,
+                steps=steps,
+                weight_decay=weight_decay,
+                standardize_with=train_features,
+            )
+        )
+    return accuracies
