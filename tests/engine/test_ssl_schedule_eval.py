@@ -89,7 +89,7 @@ def test_val_fraction_holds_out_training_images_and_never_reads_the_test_set() -
 
 def test_val_fraction_refuses_a_test_cap_and_bad_fractions() -> None:
     raw = tiny_config("moco", data={"val_fraction": 0.2})
-    with pytest.raises(ConfigError, match="data.max_test_samples=128 caps the test split"):
+    with pytest.raises(ConfigError, match=r"data\.max_test_samples=128 caps the test split"):
         parse_pretrain_config(raw)
     raw = tiny_config("moco", data={"val_fraction": 1.0})
     with pytest.raises(ConfigError, match=r"data.val_fraction must lie in \[0, 1\)"):
@@ -113,7 +113,7 @@ def test_crop_min_scale_reaches_the_views() -> None:
 def test_low_shot_config_checks() -> None:
     with pytest.raises(ConfigError, match=r"eval.low_shot must list labels per class"):
         parse_pretrain_config(tiny_config("moco", eval={"low_shot": [0, 5]}))
-    with pytest.raises(ConfigError, match="eval.low_shot_draws"):
+    with pytest.raises(ConfigError, match=r"eval\.low_shot_draws"):
         parse_pretrain_config(tiny_config("moco", eval={"low_shot_draws": 0}))
     assert parse_pretrain_config(tiny_config("moco")).eval.low_shot == []
 
