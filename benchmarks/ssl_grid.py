@@ -94,7 +94,9 @@ def run(
                 sets = [*_settings(seed, overrides, val), "eval.tsne=false"]
                 args = ["probe", f"--{kind.replace('_', '-')}", "--config"]
                 args += [str(config_dir / f"{names[0]}.yaml"), "--out", str(target)]
-                tasks.append((f"floor_{kind}", seed, target, [*args, *_as_sets(sets)]))
+                args = [*args, *_as_sets(sets)]
+                _check_floor_settings(target, args)
+                tasks.append((f"floor_{kind}", seed, target, args))
     for name in names:
         for seed in seeds:
             run_dir = out / name / f"seed{seed}"
@@ -122,7 +124,24 @@ def run(
     for name, _seed, done, _args in tasks:
         if done.exists():
             results.setdefault(name, []).append(json.loads(done.read_text()))
+    splits = {row.get("eval_split", "test") for rows in results.values() for row in rows}
+    if len(splits) > 1:
+        raise SystemExit(f"[ssl_grid] the runs in {out} mix evaluation splits {sorted(splits)}")
     return results
+
+
+def _check_floor_settings(target: Path, args: list[str]) -> None:
+    """A floor's metrics are reused only if they came from the same command: its arguments
+    are kept beside them (``<seed>.args.json``)."""
+    record = target.with_suffix(".args.json")
+    if target.exists() and record.exists() and json.loads(record.read_text()) != args:
+        raise SystemExit(
+            f"[ssl_grid] {target} was computed with other settings ({record}): use another "
+            "--out or delete it"
+        )
+    record.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        record.write_text(json.dumps(args))
 
 
 def _as_sets(settings: list[str]) -> list[str]:
@@ -138,7 +157,7 @@ def paired(results: dict[str, list[dict]], pairs: list[str]) -> str:
         "|---" * (len(keys) + 2) + "|",
     ]
     for pair in pairs:
-        a, b = pair.split("-", 1)
+        a, b = pair.split("-", 1)  # config names hold no "-" (configs/ssl uses "_")
         rows_a = {r["seed"]: r for r in results.get(a, [])}
         rows_b = {r["seed"]: r for r in results.get(b, [])}
         seeds = sorted(set(rows_a) & set(rows_b))
@@ -230,7 +249,7 @@ def main() -> int:
     wall = time.perf_counter() - began
     body = table(results)
     pairs = [p for p in args.pairs.split(",") if p]
-    if pairs and len(seeds) > 0:
+    if pairs:
         body += "\n\nPer-seed differences (mean ± std over seeds, then each seed):\n\n"
         body += paired(results, pairs)
     print(body)

@@ -12,11 +12,12 @@ import pytest
 
 from anchorlearn.data.augment import ssl_augment
 from anchorlearn.engine.datamodules import TwoViewDataModule
+from anchorlearn.engine.rundir import RunError
 from anchorlearn.engine.schema import ConfigError
 from anchorlearn.engine.ssl_config import ClusterConfig, parse_pretrain_config, warmup_epochs
 from anchorlearn.engine.ssl_runner import pretrain
 
-from .test_ssl import tiny_config
+from .test_ssl import callback_state, tiny_config
 
 
 def _without_warmup_epochs(raw: dict, **cluster) -> dict:
@@ -27,7 +28,8 @@ def _without_warmup_epochs(raw: dict, **cluster) -> dict:
 
 @pytest.mark.parametrize(
     ("epochs", "fraction", "expected"),
-    [(16, None, 3), (16, 0.2, 3), (6, 0.2, 1), (2, 0.1, 1), (10, 0.0, 0), (10, 0.55, 6)],
+    [(16, None, 3), (16, 0.2, 3), (6, 0.2, 1), (2, 0.1, 1), (10, 0.0, 0), (10, 0.55, 6)]
+    + [(3, 0.5, 2), (5, 0.5, 3), (25, 0.1, 3)],  # halves round up
 )
 def test_warmup_fraction_rounds_to_epochs(epochs: int, fraction, expected: int) -> None:
     assert warmup_epochs(ClusterConfig(warmup_fraction=fraction), epochs) == expected
@@ -66,7 +68,40 @@ def test_warmup_fraction_delays_the_first_estep(tmp_path: Path) -> None:
     assert estep[0] == 0.0 and estep[1] == 0.0 and estep[2] > 0.0
 
 
-def test_val_fraction_holds_out_training_images_and_never_reads_the_test_set() -> None:
+def test_a_resumed_run_with_more_epochs_keeps_its_esteps_going(tmp_path: Path) -> None:
+    raw = _without_warmup_epochs(
+        tiny_config("pcl", optim={"schedule": "constant"}, trainer={"max_epochs": 2}),
+        warmup_fraction=0.5,
+    )
+    run_dir = tmp_path / "run"
+    pretrain(parse_pretrain_config(raw), run_dir, quiet=True)  # warm-up 1, E-step at epoch 1
+    raw["trainer"]["max_epochs"] = 6  # the fraction now asks for a warm-up of 3 epochs
+    pretrain(parse_pretrain_config(raw), run_dir, resume=True, quiet=True)
+    timings = callback_state(run_dir, "EStepCallback")["timings"]
+    estep = {row["epoch"]: row["estep_s"] for row in timings}
+    assert estep[0] == 0.0
+    # without the fix, epoch 2 trained ProtoNCE on the prototypes of epoch 1's E-step
+    assert all(estep[epoch] > 0.0 for epoch in range(1, 6)), estep
+
+
+def test_low_shot_larger_than_a_class_is_refused_before_training(tmp_path: Path) -> None:
+    raw = tiny_config("moco", eval={"low_shot": [1, 100]})
+    with pytest.raises(RunError, match=r"eval.low_shot asks for 100 labels per class but class"):
+        pretrain(parse_pretrain_config(raw), tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    with pytest.raises(ConfigError, match="distinct labels per class"):
+        parse_pretrain_config(tiny_config("moco", eval={"low_shot": [5, 5]}))
+
+
+def test_a_small_validation_split_names_the_validation_settings(tmp_path: Path) -> None:
+    raw = tiny_config("moco", cluster={"num_clusters": [40]})
+    raw["data"].pop("max_test_samples")
+    raw["data"]["val_fraction"] = 0.1
+    with pytest.raises(RunError, match=r"validation split .* raise data.val_fraction"):
+        pretrain(parse_pretrain_config(raw), tmp_path / "run", quiet=True)
+
+
+def test_val_fraction_holds_out_training_images_and_never_scores_the_test_set() -> None:
     plain = TwoViewDataModule(source="digits", seed=1, max_train_samples=400)
     held = TwoViewDataModule(source="digits", seed=1, max_train_samples=400, val_fraction=0.25)
     assert plain.eval_split == "test" and held.eval_split == "val"
@@ -79,7 +114,11 @@ def test_val_fraction_holds_out_training_images_and_never_reads_the_test_set() -
 
     assert rows(fit).isdisjoint(rows(val))
     assert rows(fit) | rows(val) == rows(train)
-    assert rows(val).isdisjoint(rows(plain.labelled_dataset("test")) - rows(train))
+    # what the evaluation scores (the "test" split) is the held-out training images
+    assert rows(held.labelled_dataset("test")) == rows(val)
+    assert rows(val).isdisjoint(rows(plain.labelled_dataset("test")))
+    with pytest.raises(ValueError, match="max_test_samples=50 caps the test split"):
+        TwoViewDataModule(source="digits", val_fraction=0.2, max_test_samples=50)
     # stratified: every class is in the validation images
     assert set(np.unique(val.tensors[1].numpy())) == set(range(10))
     # pretraining batches come from the kept images only
@@ -111,7 +150,7 @@ def test_crop_min_scale_reaches_the_views() -> None:
 
 
 def test_low_shot_config_checks() -> None:
-    with pytest.raises(ConfigError, match=r"eval.low_shot must list labels per class"):
+    with pytest.raises(ConfigError, match=r"eval.low_shot must list distinct labels per class"):
         parse_pretrain_config(tiny_config("moco", eval={"low_shot": [0, 5]}))
     with pytest.raises(ConfigError, match=r"eval\.low_shot_draws"):
         parse_pretrain_config(tiny_config("moco", eval={"low_shot_draws": 0}))

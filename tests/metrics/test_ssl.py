@@ -142,10 +142,8 @@ def _clusters(n_per_class: int, num_classes: int = 4, spread: float = 1.0, seed:
 
 def test_low_shot_probe_one_label_per_class_suffices_for_separated_classes() -> None:
     train, train_labels = _clusters(30)
-    test, test_labels = _clusters(10, seed=1)
-    # the test clusters share the training centres: draw them from the same generator state
-    test = train[:40] + 0.1 * torch.randn(40, 8)
-    test_labels = train_labels[:40]
+    noise = torch.randn(40, 8, generator=torch.Generator().manual_seed(1))
+    test, test_labels = train[:40] + 0.1 * noise, train_labels[:40]  # the same centres
     accs = low_shot_probe_accuracies(train, train_labels, test, test_labels, 4, 1, draws=3)
     assert len(accs) == 3 and all(a == 1.0 for a in accs)
 
@@ -190,8 +188,28 @@ def test_low_shot_probe_names_a_class_with_too_few_images() -> None:
 
 
 def test_linear_probe_standardize_with_sets_the_statistics() -> None:
-    train, labels = _clusters(20)
-    same = linear_probe_accuracy(train, labels, train, labels, 4, standardize_with=train)
-    assert same == linear_probe_accuracy(train, labels, train, labels, 4)
+    train, labels = _clusters(20, spread=5.0)
+    test, test_labels = _clusters(20, spread=5.0, seed=0)
+    test = test + torch.randn(test.shape, generator=torch.Generator().manual_seed(2))
+    reference = 3.0 * torch.randn(50, 8, generator=torch.Generator().manual_seed(3)) + 7.0
+    mean, std = reference.mean(0), reference.std(0)
+    by_hand = linear_probe_accuracy(
+        (train - mean) / std,
+        labels,
+        (test - mean) / std,
+        test_labels,
+        4,
+        steps=3,
+        standardize_with=(reference - mean) / std,
+    )
+    given = linear_probe_accuracy(
+        train, labels, test, test_labels, 4, steps=3, standardize_with=reference
+    )
+    own = linear_probe_accuracy(train, labels, test, test_labels, 4, steps=3)
+    assert given == pytest.approx(by_hand, abs=1e-9)
+    # a few LBFGS steps from zero depend on the scaling: the reference is really used
+    assert given != own
     with pytest.raises(ValueError, match="standardize_with must be"):
         linear_probe_accuracy(train, labels, train, labels, 4, standardize_with=train[:, :3])
+    with pytest.raises(ValueError, match=r"train_features must be \(P >= 2, 8\)"):
+        linear_probe_accuracy(train[:1], labels[:1], train, labels, 4)

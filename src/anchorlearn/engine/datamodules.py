@@ -625,8 +625,9 @@ class TwoViewDataModule(_InMemoryDataModule):
         val_fraction: when above 0, a stratified fraction of the (capped) training images,
             drawn with ``seed``, is held out and takes the place of the test split: the
             model pretrains, and probes fit, on the rest, and the evaluation scores the
-            held-out images (:attr:`eval_split` is ``"val"``); the test images are not
-            read. For choosing settings without looking at the test set.
+            held-out images (:attr:`eval_split` is ``"val"``); the test images are
+            loaded with the source but never scored or used (``max_test_samples`` must
+            stay ``None``). For choosing settings without looking at the test set.
         crop_min_scale: the smallest area fraction of the views' random resized crop.
 
     Training batches after :meth:`on_after_batch_transfer`: ``(view1, view2, index)``,
@@ -657,6 +658,11 @@ class TwoViewDataModule(_InMemoryDataModule):
         self.test_fraction = _check_fraction(test_fraction, "test_fraction", low_open=True)
         if val_fraction:
             _check_fraction(val_fraction, "val_fraction", low_open=True)
+            if max_test_samples is not None:
+                raise ValueError(
+                    f"max_test_samples={max_test_samples} caps the test split, which "
+                    f"val_fraction={val_fraction} does not score: leave it None"
+                )
         self.val_fraction = float(val_fraction)
         if not 0.0 < float(crop_min_scale) <= 1.0:
             raise ValueError(f"crop_min_scale must lie in (0, 1], got {crop_min_scale}")

@@ -7,6 +7,7 @@ and the allowed ones; ``--set a.b=value`` overrides are applied before validatio
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,8 +94,9 @@ class ClusterConfig:
 
     num_clusters: list[int] = field(default_factory=lambda: [20, 50])
     # Epochs of InfoNCE only before the first E-step: warmup_epochs, or else
-    # round(warmup_fraction * trainer.max_epochs) (at least 1 when the fraction is > 0); set
-    # one of the two. Neither: warmup_fraction 0.2.
+    # warmup_fraction * trainer.max_epochs rounded, halves up (at least 1 when the fraction
+    # is > 0); set one of the two. Neither: warmup_fraction 0.2 (it was 2 epochs before
+    # 2026-12: a config without either key now warms up for a fifth of its epochs).
     warmup_epochs: int | None = None
     warmup_fraction: float | None = None
     niter: int = 20
@@ -111,8 +113,9 @@ DEFAULT_WARMUP_FRACTION = 0.2
 
 def warmup_epochs(cluster: ClusterConfig, max_epochs: int) -> int:
     """The epochs of InfoNCE only before the first E-step: ``cluster.warmup_epochs`` when
-    set, else ``round(warmup_fraction * max_epochs)`` (at least 1 for a fraction above 0;
-    :data:`DEFAULT_WARMUP_FRACTION` when neither is set)."""
+    set, else ``warmup_fraction * max_epochs`` rounded to the nearest epoch, halves up (at
+    least 1 for a fraction above 0; :data:`DEFAULT_WARMUP_FRACTION` when neither is set).
+    A run resumed with more epochs keeps its E-steps going once they have started."""
     if cluster.warmup_epochs is not None:
         return int(cluster.warmup_epochs)
     fraction = (
@@ -120,7 +123,7 @@ def warmup_epochs(cluster: ClusterConfig, max_epochs: int) -> int:
     )
     if fraction <= 0:
         return 0
-    return max(1, round(fraction * max_epochs))
+    return max(1, math.floor(fraction * max_epochs + 0.5))  # halves round up
 
 
 @dataclass
@@ -246,9 +249,12 @@ def parse_pretrain_config(raw: dict[str, Any]) -> PretrainConfig:
     _check_warmup(cfg)
     _check_eval_split(cfg)
     check_ranges(cfg, _RANGES)
-    if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in cfg.eval.low_shot):
+    shots = cfg.eval.low_shot
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in shots) or len(
+        set(shots)
+    ) != len(shots):
         raise ConfigError(
-            f"eval.low_shot must list labels per class as ints >= 1, got {cfg.eval.low_shot}"
+            f"eval.low_shot must list distinct labels per class as ints >= 1, got {shots}"
         )
     _check_split_bn(cfg)
     _refuse_supervised_only_settings(cfg)

@@ -265,7 +265,10 @@ class EStepCallback(L.Callback):
         self._estep_seconds = 0.0
         self._estep_parts = {"estep_embed_s": 0.0, "estep_cluster_s": 0.0}
         warmup = warmup_epochs(self.cluster, int(trainer.max_epochs or 0))
-        if pl_module.uses_prototypes and trainer.current_epoch >= warmup:
+        # a run resumed with more epochs has a later warm-up by the fraction, but its
+        # prototypes exist already: they are refreshed every epoch, never left to go stale
+        started = int(pl_module.estep_epoch) >= 0
+        if pl_module.uses_prototypes and (trainer.current_epoch >= warmup or started):
             start = time.perf_counter()
             self.run_estep(trainer, pl_module)
             self._estep_seconds = time.perf_counter() - start

@@ -102,11 +102,25 @@ def build_pretrain_run(cfg: PretrainConfig) -> tuple[TwoViewDataModule, Contrast
             "data.max_train_samples"
         )
     if cfg.cluster.num_clusters[0] > num_test:
-        raise RunError(
-            f"the evaluation clusters the test set into cluster.num_clusters[0]="
-            f"{cfg.cluster.num_clusters[0]} groups but it has only {num_test} images: lower "
-            "it or raise data.max_test_samples"
+        split, raise_it = (
+            ("validation split", "data.val_fraction or data.max_train_samples")
+            if dm.eval_split == "val"
+            else ("test set", "data.max_test_samples")
         )
+        raise RunError(
+            f"the evaluation clusters the {split} into cluster.num_clusters[0]="
+            f"{cfg.cluster.num_clusters[0]} groups but it has only {num_test} images: lower "
+            f"it or raise {raise_it}"
+        )
+    if cfg.eval.low_shot:
+        counts = torch.bincount(dm.labelled_dataset("train").tensors[1], minlength=dm.num_classes)
+        fewest = int(counts.min())
+        if max(cfg.eval.low_shot) > fewest:
+            raise RunError(
+                f"eval.low_shot asks for {max(cfg.eval.low_shot)} labels per class but class "
+                f"{dm.class_names[int(counts.argmin())]!r} has {fewest} training images: lower "
+                "eval.low_shot or raise data.max_train_samples"
+            )
     backbone = create_model_for_data(cfg.model.name, cfg.model.kwargs, dm, d.source)
     if not hasattr(backbone, "feat_dim"):
         raise ConfigError(f"model {cfg.model.name!r} has no feat_dim: it cannot be pretrained")

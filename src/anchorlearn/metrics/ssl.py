@@ -226,11 +226,16 @@ def linear_probe_accuracy(
             )
     if bool(((train_labels < 0) | (train_labels >= num_classes)).any()):
         raise ValueError(f"train_labels must lie in [0, {num_classes})")
-    reference = train_features if standardize_with is None else standardize_with
-    _check_embeddings(reference, "standardize_with")
+    if standardize_with is None:
+        reference, name = train_features, "train_features"
+    else:
+        reference, name = (
+            _check_embeddings(standardize_with, "standardize_with"),
+            "standardize_with",
+        )
     if reference.shape[1] != train_features.shape[1] or reference.shape[0] < 2:
         raise ValueError(
-            f"standardize_with must be (P >= 2, {train_features.shape[1]}), got "
+            f"{name} must be (P >= 2, {train_features.shape[1]}) to standardise with, got "
             f"{tuple(reference.shape)}"
         )
     mean = reference.mean(dim=0)
