@@ -88,3 +88,15 @@ def test_ssl_grid_tabulates_floors_and_per_seed_differences() -> None:
     body = [line for line in diffs.splitlines() if line.startswith("| pcl")]
     assert len(body) == 1 and "pauc" not in diffs  # a pair without runs is left out
     assert "0.0 ± 1.4 (+1.0, -1.0)" in body[0]
+
+
+def test_ssl_grid_reuses_a_floor_only_from_the_same_command(tmp_path: Path) -> None:
+    import pytest
+
+    grid = _ssl_grid()
+    target = tmp_path / "floor_pixels" / "seed0.json"
+    grid._check_floor_settings(target, ["probe", "--pixels", "--set", "seed=0"])
+    target.write_text("{}")
+    grid._check_floor_settings(target, ["probe", "--pixels", "--set", "seed=0"])  # the same
+    with pytest.raises(SystemExit, match="computed with other settings"):
+        grid._check_floor_settings(target, ["probe", "--pixels", "--set", "data.val_fraction=0.2"])
