@@ -28,8 +28,17 @@ def _without_warmup_epochs(raw: dict, **cluster) -> dict:
 
 @pytest.mark.parametrize(
     ("epochs", "fraction", "expected"),
-    [(16, None, 3), (16, 0.2, 3), (6, 0.2, 1), (2, 0.1, 1), (10, 0.0, 0), (10, 0.55, 6)]
-    + [(3, 0.5, 2), (5, 0.5, 3), (25, 0.1, 3)],  # halves round up
+    [
+        (16, None, 3),
+        (16, 0.2, 3),
+        (6, 0.2, 1),
+        (2, 0.1, 1),
+        (10, 0.0, 0),
+        (10, 0.55, 6),
+        (3, 0.5, 2),  # halves round up
+        (5, 0.5, 3),
+        (25, 0.1, 3),
+    ],
 )
 def test_warmup_fraction_rounds_to_epochs(epochs: int, fraction, expected: int) -> None:
     assert warmup_epochs(ClusterConfig(warmup_fraction=fraction), epochs) == expected
