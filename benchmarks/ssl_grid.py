@@ -37,7 +37,23 @@ from anchorlearn.engine.ssl_config import (
     pretrain_config_to_dict,
 )
 
-CONFIGS = ["moco", "pcl", "pauc", "pauc_no_protonce", "pauc_view_align", "pauc_pair_align"]
+CONFIGS = [
+    "moco",
+    "moco_split_bn",
+    "pcl",
+    "pauc",
+    "pauc_no_protonce",
+    "pauc_view_align",
+    "pauc_pair_align",
+]
+PAIRS = [
+    "pcl-moco",
+    "pauc-pcl",
+    "pauc_no_protonce-pcl",
+    "pauc_view_align-pcl",
+    "pauc_pair_align-pcl",
+    "moco_split_bn-moco",
+]
 FLOORS = {"pixels": "raw pixels", "random_init": "random init"}
 VAL_FRACTION = 0.2
 COLUMNS = [  # key, title, scale, decimals
@@ -229,7 +245,7 @@ def main() -> int:
     )
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at a time")
     parser.add_argument(
-        "--pairs", default="pcl-moco,pauc-pcl", help="per-seed differences a-b (comma-separated)"
+        "--pairs", default=",".join(PAIRS), help="per-seed differences a-b (comma-separated)"
     )
     args = parser.parse_args()
     names = args.configs.split(",")
