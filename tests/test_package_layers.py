@@ -11,7 +11,7 @@ import pytest
 import anchorlearn
 
 SRC = Path(anchorlearn.__file__).parent
-SHARED = {"_checks", "_dist"}
+SHARED = {"_checks", "_dist", "_geometry"}
 
 
 def project_imports(source: str, package: str) -> set[str]:

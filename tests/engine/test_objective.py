@@ -50,6 +50,8 @@ def test_loss_parameters_are_the_constructor_keywords_less_what_the_engine_suppl
         "ema_momentum",
         "gate_warn_steps",
         "seed",
+        "anchor_init",
+        "pull",
     ]
     assert loss_parameters("ema_prototype") == ["weight", "momentum"]
     assert loss_parameters("center") == ["weight"]
@@ -86,7 +88,7 @@ def test_dot_regression_alone_trains_an_etf_model_onto_its_classifier_weight() -
             [LossConfig("ce"), LossConfig("sar", {"pull_wieght": 0.1})],
             "losses.1: unknown parameter 'pull_wieght' for loss sar (did you mean "
             "'pull_weight'?); allowed: pull_weight, aux_weight, filter_conf, update_conf, "
-            "ema_momentum, gate_warn_steps, seed",
+            "ema_momentum, gate_warn_steps, seed, anchor_init, pull",
         ),
         (
             [LossConfig("sarr")],

@@ -77,7 +77,8 @@ LOSSES: dict[str, _LossSpec] = {
 
 # constructor arguments a config does not set: modules built in Python, and the void label,
 # which is the data's
-_NOT_CONFIGURABLE = frozenset({"projector", "ignore_index"})
+# modules and tensors are built in Python, not read from YAML
+_NOT_CONFIGURABLE = frozenset({"projector", "ignore_index", "class_weights"})
 
 
 def loss_parameters(name: str) -> list[str]:

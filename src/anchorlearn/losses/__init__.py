@@ -19,7 +19,7 @@ from .etf import DotRegressionLoss
 from .long_tail import BalancedSoftmaxLoss, CrossEntropyLoss, LogitAdjustedLoss
 from .pauc import AlignmentLoss, CorrelationLoss, PAUCLoss, PAUCParameters, UniformityLoss
 from .prototypes import CenterLoss, EMAPrototypeLoss
-from .sar import SemanticAnchorRegularizer, default_projector
+from .sar import SemanticAnchorRegularizer, class_balanced_weights, default_projector
 
 __all__ = [
     "AlignmentLoss",
@@ -36,5 +36,6 @@ __all__ = [
     "ProtoNCE",
     "SemanticAnchorRegularizer",
     "UniformityLoss",
+    "class_balanced_weights",
     "default_projector",
 ]

@@ -8,8 +8,9 @@ confidently classified, and the learned features are pulled towards them.
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +28,17 @@ from anchorlearn._checks import (
     valid_label_mask,
     validate_features_and_labels,
 )
+from anchorlearn._geometry import riesz_uniform_points, simplex_etf
 
-__all__ = ["SemanticAnchorRegularizer", "default_projector"]
+__all__ = ["SemanticAnchorRegularizer", "class_balanced_weights", "default_projector"]
 
 Classifier = nn.Module | Callable[[torch.Tensor], torch.Tensor]
+
+ANCHOR_INITS = ("gaussian", "etf", "uniform")
+PULLS = ("l2", "cosine")
+# the smallest norm a feature or an anchor counts with in the cosine pull: a zero feature
+# has cosine 0 with every anchor (pull 1) and a finite gradient
+_COSINE_EPS = 1e-8
 
 
 def default_projector(feat_dim: int) -> nn.Sequential:
@@ -50,8 +58,8 @@ class SemanticAnchorRegularizer(nn.Module):
 
     Each training step, with ``C`` classes and ``D`` feature channels:
 
-    1. ``P = g(A0)``: the fixed anchors ``A0`` (``C x D``, drawn once from N(0, 1)) through
-       the trainable projector ``g``.
+    1. ``P = g(A0)``: the fixed anchors ``A0`` (``C x D``, drawn once; by default from
+       N(0, 1), see ``anchor_init``) through the trainable projector ``g``.
     2. Auxiliary CE through the task's own ``classifier``: row ``i`` of ``classifier(P)``
        has target ``i``. With ``ce_i`` the per-anchor CE and ``p_i = exp(-ce_i)``, anchors
        with ``p_i > filter_conf`` count as solved and
@@ -62,8 +70,10 @@ class SemanticAnchorRegularizer(nn.Module):
        semantic anchors ``S`` are set to ``P`` the first time and updated as
        ``S <- m S + (1 - m) P`` afterwards (``m = ema_momentum``; ``P`` detached).
     4. Pull, on gated steps only, with ``S`` as updated in the same step:
-       ``pull = mean over valid positions of ||f - S[y]||^2 / D``. Its gradient reaches
-       only ``features``.
+       ``pull = mean over valid positions of ||f - S[y]||^2 / D`` (``pull="l2"``, the
+       release) or of ``1 - cos(f, S[y])`` (``pull="cosine"``); with ``class_weights`` ``w``
+       the mean becomes ``sum_i w[y_i] d_i / sum_i w[y_i]``. Its gradient reaches only
+       ``features``.
 
     ``loss = aux_weight * aux_ce + pull_weight * pull``. The returned ``aux_ce`` and ``pull``
     are unweighted; both are always present (zero while inactive) so that loss keys agree
@@ -99,6 +109,27 @@ class SemanticAnchorRegularizer(nn.Module):
             every rank must draw the same ones, so pass the same ``seed`` on every rank (or
             seed every rank alike before building, as the engine does): DDP with
             ``broadcast_buffers=False``, as the engine runs it, does not copy rank 0's.
+        anchor_init: how ``A0`` is drawn. ``"gaussian"`` (the release): N(0, 1) entries.
+            ``"etf"``: the rows of a simplex equiangular tight frame
+            (:func:`~anchorlearn.models.etf.simplex_etf`: unit rows, pairwise cosine exactly
+            ``-1/(C-1)``; needs ``feat_dim >= num_classes``). ``"uniform"``: ``C`` points
+            spread on the unit sphere by minimising the Riesz 1-energy
+            (``anchorlearn._geometry.riesz_uniform_points``: 500 projected gradient steps,
+            any ``C``, ``C > D + 1`` included; ``O(C^2 D)`` per step when the module is
+            built). The unit rows of ``"etf"`` and ``"uniform"`` are scaled by ``sqrt(D)``,
+            the typical norm of a Gaussian anchor, so that only their directions differ from
+            the release's. Both draw from a generator seeded with ``seed``, or, when ``seed``
+            is ``None``, with a seed drawn from torch's global generator, so that seeding
+            torch reproduces them as it does the Gaussian anchors.
+        pull: the distance the pull averages: ``"l2"`` (the release),
+            ``||f - S[y]||^2 / D``, or ``"cosine"``, ``1 - cos(f, S[y])`` (norms clamped
+            below at 1e-8, so a zero feature gives 1 and a finite gradient).
+        class_weights: optional ``(C,)`` finite, non-negative weights, not all zero, of the
+            positions of each class in the pull (see :func:`class_balanced_weights`): the
+            pull is ``sum_i w[y_i] d_i / sum_i w[y_i]`` over the valid positions, so equal
+            weights give the unweighted mean and a class of weight 0 is not pulled. Kept as
+            a non-persistent buffer: it moves with ``.to()`` but is not in ``state_dict``
+            (it is a setting, passed again when the module is rebuilt). ``None``: unweighted.
 
     Shapes:
         ``features`` ``(N, D)`` with ``labels`` ``(N,)``, or ``(B, D, H, W)`` with ``labels``
@@ -111,6 +142,7 @@ class SemanticAnchorRegularizer(nn.Module):
 
     anchors: torch.Tensor
     semantic_anchors: torch.Tensor
+    class_weights: torch.Tensor | None
     step: torch.Tensor
     gate_open_step: torch.Tensor
 
@@ -129,6 +161,9 @@ class SemanticAnchorRegularizer(nn.Module):
         projector: nn.Module | None = None,
         gate_warn_steps: int = 1000,
         seed: int | None = None,
+        anchor_init: str = "gaussian",
+        pull: str = "l2",
+        class_weights: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.num_classes = check_num_classes(num_classes)
@@ -153,14 +188,18 @@ class SemanticAnchorRegularizer(nn.Module):
         elif not isinstance(projector, nn.Module):
             raise TypeError(f"projector must be an nn.Module, got {type(projector).__name__}")
         self.projector = projector
-
-        generator = None if check_seed(seed) is None else torch.Generator().manual_seed(seed)
-        self.register_buffer(
-            "anchors", torch.randn(self.num_classes, self.feat_dim, generator=generator)
+        self.anchor_init = _check_choice(anchor_init, "anchor_init", ANCHOR_INITS)
+        self.pull = _check_choice(pull, "pull", PULLS)
+        weights = _check_class_weights(class_weights, self.num_classes)
+        anchors = _initial_anchors(
+            self.anchor_init, self.num_classes, self.feat_dim, check_seed(seed)
         )
+
+        self.register_buffer("anchors", anchors)
         self.register_buffer("semantic_anchors", torch.zeros(self.num_classes, self.feat_dim))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("gate_open_step", torch.full((), -1, dtype=torch.long))
+        self.register_buffer("class_weights", weights, persistent=False)
         self._warned_gate = False
 
     @property
@@ -229,7 +268,14 @@ class SemanticAnchorRegularizer(nn.Module):
             gate_open = self._update_semantic_anchors(logits.detach(), ce.detach(), projected)
         use_pull = gate_open or (not self.training and self.gate_ever_opened)
         if use_pull:
-            pull = _masked_pull(features, labels, self.semantic_anchors, self.ignore_index)
+            pull = _masked_pull(
+                features,
+                labels,
+                self.semantic_anchors,
+                self.ignore_index,
+                kind=self.pull,
+                class_weights=self.class_weights,
+            )
         else:
             pull = connected_zero(features)
         loss = self.aux_weight * aux_ce + self.pull_weight * pull
@@ -276,8 +322,109 @@ class SemanticAnchorRegularizer(nn.Module):
             f"num_classes={self.num_classes}, feat_dim={self.feat_dim}, "
             f"pull_weight={self.pull_weight}, aux_weight={self.aux_weight}, "
             f"filter_conf={self.filter_conf}, update_conf={self.update_conf}, "
-            f"ema_momentum={self.ema_momentum}, ignore_index={self.ignore_index}"
+            f"ema_momentum={self.ema_momentum}, ignore_index={self.ignore_index}, "
+            f"anchor_init={self.anchor_init!r}, pull={self.pull!r}, "
+            f"class_weights={None if self.class_weights is None else 'tensor'}"
         )
+
+
+def class_balanced_weights(
+    counts: Sequence[int] | torch.Tensor, kind: str = "inverse", beta: float = 0.999
+) -> torch.Tensor:
+    r"""Per-class weights from per-class training counts ``n_c``, for ``class_weights``.
+
+    ``kind="inverse"``: ``1 / n_c``. ``kind="effective"``: the inverse effective number of
+    samples of Cui et al., "Class-Balanced Loss Based on Effective Number of Samples",
+    CVPR 2019: ``(1 - beta) / (1 - beta^n_c)`` (``beta`` in ``[0, 1)``; ``beta -> 1`` tends
+    to the inverse frequency, ``beta = 0`` gives equal weights). A class with ``n_c = 0``
+    gets weight 0. The weights are normalised to mean 1 over the ``C`` classes (they sum to
+    ``C``, as in Cui et al.); a float32 tensor of shape ``(C,)``.
+    """
+    if isinstance(counts, torch.Tensor):
+        if counts.is_complex() or counts.dtype == torch.bool:
+            raise TypeError(f"counts must hold real numbers, got dtype {counts.dtype}")
+        values = counts.detach().to("cpu", torch.float64)
+    else:
+        if isinstance(counts, (str, bytes)) or not isinstance(counts, Sequence):
+            raise TypeError(f"counts must be a sequence or a tensor, got {type(counts).__name__}")
+        if any(isinstance(c, bool) or not isinstance(c, (int, float)) for c in counts):
+            raise TypeError(f"counts must hold real numbers, got {list(counts)!r}")
+        values = torch.tensor([float(c) for c in counts], dtype=torch.float64)
+    if values.ndim != 1 or values.numel() < 2:
+        raise ValueError(
+            f"counts must be 1-D with one entry per class (>= 2), got shape {tuple(values.shape)}"
+        )
+    if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
+        raise ValueError(f"counts must be finite and >= 0, got {values.tolist()}")
+    if not bool((values > 0).any()):
+        raise ValueError(f"counts must have at least one positive entry, got {values.tolist()}")
+    kind = _check_choice(kind, "kind", ("inverse", "effective"))
+    beta = check_probability(beta, "beta")
+    present = values > 0
+    if kind == "inverse":
+        raw = torch.where(present, 1.0 / values.clamp_min(1e-300), 0.0)
+    else:
+        if beta >= 1.0:
+            raise ValueError(f"beta must lie in [0, 1) for kind='effective', got {beta}")
+        raw = torch.where(present, (1.0 - beta) / (1.0 - beta**values), 0.0)
+    return (raw * (values.numel() / raw.sum())).to(torch.float32)
+
+
+def _check_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
+    allowed = ", ".join(repr(c) for c in choices)
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be one of {allowed}, got {type(value).__name__} {value!r}")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return value
+
+
+def _check_class_weights(weights: object, num_classes: int) -> torch.Tensor | None:
+    """``None``, or ``weights`` as a float tensor after checking it is a usable ``(C,)``
+    weighting: finite, non-negative, not all zero."""
+    if weights is None:
+        return None
+    if not isinstance(weights, torch.Tensor):
+        raise TypeError(
+            f"class_weights must be None or a torch.Tensor, got {type(weights).__name__}"
+        )
+    if weights.dtype == torch.bool or weights.is_complex():
+        raise TypeError(f"class_weights must hold real numbers, got dtype {weights.dtype}")
+    if tuple(weights.shape) != (num_classes,):
+        raise ValueError(
+            f"class_weights must have shape ({num_classes},) (num_classes,), "
+            f"got {tuple(weights.shape)}"
+        )
+    weights = weights.detach().to(torch.get_default_dtype()).clone()
+    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+        raise ValueError(f"class_weights must be finite and >= 0, got {weights.tolist()}")
+    if not bool((weights > 0).any()):
+        raise ValueError(f"class_weights must not be all zero, got {weights.tolist()}")
+    return weights
+
+
+def _initial_anchors(
+    anchor_init: str, num_classes: int, feat_dim: int, seed: int | None
+) -> torch.Tensor:
+    """The fixed anchors ``A0``, ``(C, D)`` in the default dtype (see the class docstring)."""
+    if anchor_init == "gaussian":
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        return torch.randn(num_classes, feat_dim, generator=generator)
+    if anchor_init == "etf" and feat_dim < num_classes:
+        raise ValueError(
+            f"anchor_init='etf' needs feat_dim >= num_classes, got num_classes={num_classes} "
+            f"and feat_dim={feat_dim}; use anchor_init='uniform', which spreads any number of "
+            "anchors on the sphere"
+        )
+    if anchor_init == "uniform" and feat_dim < 2:
+        raise ValueError(f"anchor_init='uniform' needs feat_dim >= 2, got feat_dim={feat_dim}")
+    if seed is None:
+        seed = int(torch.randint(2**31, ()))
+    if anchor_init == "etf":
+        unit = simplex_etf(feat_dim, num_classes, seed=seed).T
+    else:
+        unit = riesz_uniform_points(num_classes, feat_dim, seed=seed)
+    return (math.sqrt(feat_dim) * unit).to(torch.get_default_dtype()).contiguous()
 
 
 def _check_classifier_layer(classifier: Classifier, num_classes: int, feat_dim: int) -> None:
@@ -308,39 +455,73 @@ def _hard_anchor_weighted_ce(ce: torch.Tensor, filter_conf: float) -> torch.Tens
 
 
 def _masked_pull(
-    features: torch.Tensor, labels: torch.Tensor, anchors: torch.Tensor, ignore_index: int | None
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    anchors: torch.Tensor,
+    ignore_index: int | None,
+    *,
+    kind: str = "l2",
+    class_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean over valid positions of ``||f - anchors[y]||^2 / D``, in float32 or wider.
+    """Mean over valid positions of ``d = ||f - anchors[y]||^2 / D`` (``kind="l2"``) or
+    ``d = 1 - cos(f, anchors[y])`` (``kind="cosine"``), in float32 or wider; with
+    ``class_weights`` ``w``, the weighted mean ``sum w[y] d / sum w[y]`` (zero when no valid
+    position has a positive weight).
 
     Per-position gather for ``(N, D)``. For ``(B, D, H, W)`` see :class:`_DenseSquaredDistance`:
-    no one-hot map and no ``(B, D, H, W)`` target is kept alive. ``anchors`` get no gradient.
+    no one-hot map and no ``(B, D, H, W)`` target is kept alive; the cosine reads the ``(B, C,
+    HW)`` dot products with every unit anchor. ``anchors`` get no gradient.
     """
     dtype = torch.promote_types(torch.promote_types(features.dtype, anchors.dtype), torch.float32)
     with torch.autocast(features.device.type, enabled=False):
         feats = features.to(dtype)
         anchors = anchors.detach().to(dtype)
         valid = valid_label_mask(labels, ignore_index)
-        n_valid = valid.sum()
         safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
+        if class_weights is None:
+            weights = valid.to(dtype)
+            denominator = valid.sum().clamp_min(1)
+        else:
+            weights = class_weights.to(dtype)[safe_labels] * valid
+            weight_sum = weights.sum()
+            denominator = torch.where(weight_sum > 0, weight_sum, torch.ones_like(weight_sum))
         d = feats.shape[1]
+        if kind == "cosine":
+            return (_cosine_distance(feats, safe_labels, anchors) * weights).sum() / denominator
         if feats.ndim == 2:
             per_position = (feats - anchors[safe_labels]).pow(2).sum(dim=1)
-            total = (per_position * valid).sum()
+            total = (per_position * weights).sum()
         else:
             b, _, h, w = feats.shape
             total = _DenseSquaredDistance.apply(
                 feats.reshape(b, d, h * w),
                 safe_labels.reshape(b, h * w),
-                valid.reshape(b, h * w).to(dtype),
+                weights.reshape(b, h * w),
                 anchors.t().contiguous(),
             )
-        return total / (n_valid.clamp_min(1) * d)
+        return total / (denominator * d)
+
+
+def _cosine_distance(
+    feats: torch.Tensor, labels: torch.Tensor, anchors: torch.Tensor
+) -> torch.Tensor:
+    """``1 - cos(f, anchors[y])`` per position: ``(N,)`` for ``(N, D)`` features, ``(B, H, W)``
+    for ``(B, D, H, W)``; both norms clamped below at ``_COSINE_EPS``."""
+    units = anchors / anchors.norm(dim=1, keepdim=True).clamp_min(_COSINE_EPS)
+    if feats.ndim == 2:
+        dots = (feats * units[labels]).sum(dim=1)
+    else:
+        b, d, h, w = feats.shape
+        all_dots = torch.einsum("cd,bdn->bcn", units, feats.reshape(b, d, h * w))
+        dots = all_dots.gather(1, labels.reshape(b, 1, h * w)).reshape(b, h, w)
+    return 1.0 - dots / feats.norm(dim=1).clamp_min(_COSINE_EPS)
 
 
 class _DenseSquaredDistance(torch.autograd.Function):
     """``sum_{b, n} valid[b, n] * ||feats[b, :, n] - anchors_t[:, labels[b, n]]||^2``.
 
-    ``feats`` ``(B, D, HW)``, ``labels`` and ``valid`` ``(B, HW)``, ``anchors_t`` ``(D, C)``.
+    ``feats`` ``(B, D, HW)``, ``labels`` and ``valid`` ``(B, HW)``, ``anchors_t`` ``(D, C)``;
+    ``valid`` is a float weight per position (1 or 0, or a class weight for a valid one).
     The target columns are gathered one batch item at a time and worked on in place, so the
     forward holds one ``(D, HW)`` temporary and the backward only its ``(B, D, HW)`` result,
     ``2 * valid * (f - a_y)``, recomputed rather than saved.

@@ -9,46 +9,15 @@ their class.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anchorlearn._checks import (
-    check_float_tensor,
-    check_num_classes,
-    check_positive_int,
-    check_seed,
-)
+from anchorlearn._checks import check_float_tensor
+from anchorlearn._geometry import simplex_etf
 from anchorlearn.models._layers import FeatureBatchNorm
 
 __all__ = ["ETFClassifier", "FixedETFModel", "simplex_etf"]
-
-
-def simplex_etf(feat_dim: int, num_classes: int, *, seed: int = 0) -> torch.Tensor:
-    r"""Simplex ETF ``M`` of shape ``(D, C)`` (float64), one unit-norm column per class.
-
-    .. math::
-        M = \sqrt{\tfrac{C}{C-1}}\; U \left(I_C - \tfrac{1}{C} \mathbf{1}\mathbf{1}^\top\right),
-
-    with :math:`U \in \mathbb{R}^{D \times C}` a random partial orthogonal matrix
-    (:math:`U^\top U = I_C`), the Q factor of a QR decomposition of a Gaussian matrix drawn
-    from a generator seeded with ``seed``. Every column has unit norm and any two columns have
-    cosine exactly :math:`-1/(C-1)`. The construction needs ``D >= C``.
-    """
-    num_classes = check_num_classes(num_classes)
-    feat_dim = check_positive_int(feat_dim, "feat_dim")
-    if feat_dim < num_classes:
-        raise ValueError(
-            f"feat_dim must be >= num_classes for a simplex ETF built from a D x C partial "
-            f"orthogonal matrix, got feat_dim={feat_dim} < num_classes={num_classes}"
-        )
-    generator = torch.Generator().manual_seed(check_seed(seed, optional=False))
-    gaussian = torch.randn(feat_dim, num_classes, generator=generator, dtype=torch.float64)
-    orthonormal, _ = torch.linalg.qr(gaussian, mode="reduced")
-    centering = torch.eye(num_classes, dtype=torch.float64) - 1.0 / num_classes
-    return math.sqrt(num_classes / (num_classes - 1)) * orthonormal @ centering
 
 
 class ETFClassifier(nn.Module):
