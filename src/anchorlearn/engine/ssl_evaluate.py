@@ -6,6 +6,7 @@ t-SNE picture; and the summary of a run's E-step times (:func:`estep_time_metric
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -178,40 +179,20 @@ def evaluate_pretrained(
     ev = cfg.eval
     num_classes = dm.num_classes
     metrics: dict[str, Any] = {"method": cfg.method, "name": cfg.name, "seed": cfg.seed}
-    metrics["linear_probe"] = linear_probe_accuracy(
-        train["features"],
-        train["labels"],
-        test["features"],
-        test["labels"],
-        num_classes,
-        steps=ev.probe_steps,
-        weight_decay=ev.probe_weight_decay,
-    )
+    # every probe fits on the training split's features and scores the test split's
+    split_pair = (train["features"], train["labels"], test["features"], test["labels"])
+    probe = {"steps": ev.probe_steps, "weight_decay": ev.probe_weight_decay}
+    metrics["linear_probe"] = linear_probe_accuracy(*split_pair, num_classes, **probe)
     for shots in ev.low_shot:
         accuracies = low_shot_probe_accuracies(
-            train["features"],
-            train["labels"],
-            test["features"],
-            test["labels"],
-            num_classes,
-            shots,
-            draws=ev.low_shot_draws,
-            seed=cfg.seed,
-            steps=ev.probe_steps,
-            weight_decay=ev.probe_weight_decay,
+            *split_pair, num_classes, shots, draws=ev.low_shot_draws, seed=cfg.seed, **probe
         )
-        metrics[f"low_shot_{shots}"] = sum(accuracies) / len(accuracies)
+        metrics[f"low_shot_{shots}"] = statistics.fmean(accuracies)
         metrics[f"low_shot_{shots}_std"] = (
-            float(torch.tensor(accuracies).std()) if len(accuracies) > 1 else 0.0
+            statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
         )
     metrics["knn"] = knn_accuracy(
-        train["features"],
-        train["labels"],
-        test["features"],
-        test["labels"],
-        num_classes,
-        k=ev.knn_k,
-        temperature=ev.knn_temperature,
+        *split_pair, num_classes, k=ev.knn_k, temperature=ev.knn_temperature
     )
     metrics["alignment"] = alignment(test["view1"], test["view2"])
     generator = torch.Generator().manual_seed(cfg.seed)
