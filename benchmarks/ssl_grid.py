@@ -108,9 +108,9 @@ def run(
             for seed in seeds:
                 target = out / f"floor_{kind}" / f"seed{seed}.json"
                 sets = [*_settings(seed, overrides, val), "eval.tsne=false"]
-                args = ["probe", f"--{kind.replace('_', '-')}", "--config"]
-                args += [str(config_dir / f"{names[0]}.yaml"), "--out", str(target)]
-                args = [*args, *_as_sets(sets)]
+                config = str(config_dir / f"{names[0]}.yaml")
+                flag = f"--{kind.replace('_', '-')}"
+                args = ["probe", flag, "--config", config, "--out", str(target), *_as_sets(sets)]
                 _check_floor_settings(target, args)
                 tasks.append((f"floor_{kind}", seed, target, args))
     for name in names:
@@ -184,9 +184,9 @@ def paired(results: dict[str, list[dict]], pairs: list[str]) -> str:
             if any(rows[s].get(key) is None for rows in (rows_a, rows_b) for s in seeds):
                 cells.append("-")
                 continue
-            diffs = [(rows_a[s][key] - rows_b[s][key]) * scale for s in seeds]
-            per_seed = ", ".join(f"{d:+.{decimals}f}" for d in diffs)
-            cells.append(f"{_cell([d / scale for d in diffs], scale, decimals)} ({per_seed})")
+            diffs = [rows_a[s][key] - rows_b[s][key] for s in seeds]
+            per_seed = ", ".join(f"{d * scale:+.{decimals}f}" for d in diffs)
+            cells.append(f"{_cell(diffs, scale, decimals)} ({per_seed})")
         lines.append(f"| {a} - {b} | {len(seeds)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
