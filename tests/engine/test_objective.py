@@ -41,6 +41,7 @@ def test_loss_parameters_are_the_constructor_keywords_less_what_the_engine_suppl
     assert loss_parameters("ce") == ["label_smoothing"]
     assert loss_parameters("logit_adjusted") == ["tau"]
     assert loss_parameters("balanced_softmax") == []
+    assert loss_parameters("ldam") == ["max_margin", "scale", "drw_start_epoch", "drw_beta"]
     assert loss_parameters("dot_regression") == []  # the weight is the model's ETF
     assert loss_parameters("sar") == [
         "pull_weight",
@@ -59,7 +60,7 @@ def test_loss_parameters_are_the_constructor_keywords_less_what_the_engine_suppl
 
 def test_the_task_losses_are_those_flagged_as_training_the_classifier() -> None:
     flagged = {name for name, entry in LOSSES.items() if entry.trains_classifier}
-    assert flagged == {"ce", "logit_adjusted", "balanced_softmax", "dot_regression"}
+    assert flagged == {"ce", "logit_adjusted", "balanced_softmax", "ldam", "dot_regression"}
     assert all(LOSSES[name].reads == "features" for name in set(LOSSES) - flagged)
     with pytest.raises(ConfigError) as info:
         build([LossConfig("sar"), LossConfig("center")])

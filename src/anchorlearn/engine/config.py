@@ -128,6 +128,10 @@ class OptimConfig:
     poly_power: float = 0.9
     min_lr: float = 0.0
     backbone_lr_mult: float = 1.0
+    # schedule "step": the learning rate is multiplied by gamma at each milestone (epochs,
+    # or optimiser steps with trainer.max_steps)
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
 
 
 @dataclass
@@ -202,7 +206,7 @@ _CHOICES = {
     "task": ("classification", "segmentation"),
     "data.profile": ("exp", "step"),
     "optim.name": ("sgd", "adamw"),
-    "optim.schedule": ("cosine", "constant", "poly"),
+    "optim.schedule": ("cosine", "constant", "poly", "step"),
     "trainer.accelerator": ("cpu", "gpu", "cuda", "mps", "auto"),
     "trainer.precision": PRECISIONS,
     "inference.mode": ("whole", "slide"),
@@ -241,6 +245,7 @@ def parse_config(raw: dict[str, Any]) -> ExperimentConfig:
     _check_losses(cfg.losses)
     check_ranges(cfg, _RANGES)
     check_step_settings(cfg.trainer, cfg.optim)
+    check_milestones(cfg.trainer, cfg.optim)
     _check_segmentation_settings(cfg)
     if cfg.task != "classification" and cfg.data.max_test_samples is not None:
         raise ConfigError(
@@ -285,6 +290,35 @@ def check_step_settings(t: TrainerConfig, o: OptimConfig) -> None:
         )
     if o.min_lr > o.lr:
         raise ConfigError(f"optim.min_lr ({o.min_lr}) must not exceed optim.lr ({o.lr})")
+
+
+def check_milestones(t: TrainerConfig, o: OptimConfig) -> None:
+    """``optim.milestones`` are increasing epochs (steps with ``trainer.max_steps``) inside
+    the run, given exactly when the schedule is ``step``."""
+    unit, length = ("step", t.max_steps) if t.max_steps is not None else ("epoch", t.max_epochs)
+    if o.schedule != "step":
+        if o.milestones:
+            raise ConfigError(
+                f"optim.milestones are for optim.schedule step, got schedule {o.schedule!r}: "
+                "remove them or set optim.schedule: step"
+            )
+        return
+    if not o.milestones:
+        raise ConfigError(
+            f"optim.schedule step needs optim.milestones (the {unit}s at which the learning "
+            "rate is multiplied by optim.gamma), e.g. [160, 180]"
+        )
+    if any(isinstance(m, bool) or not isinstance(m, int) for m in o.milestones):
+        raise ConfigError(f"optim.milestones must be integers, got {o.milestones!r}")
+    if any(b <= a for a, b in zip(o.milestones, o.milestones[1:], strict=False)):
+        raise ConfigError(f"optim.milestones must increase, got {o.milestones!r}")
+    if o.milestones[0] < 1 or o.milestones[-1] >= length:
+        raise ConfigError(
+            f"optim.milestones must lie in 1..{length - 1} (the run has {length} {unit}s), "
+            f"got {o.milestones!r}"
+        )
+    if not 0 < o.gamma <= 1:
+        raise ConfigError(f"optim.gamma must be in (0, 1], got {o.gamma!r}")
 
 
 def _pair(value: list | None, key: str, kind: type) -> None:

@@ -57,18 +57,25 @@ def parameter_groups(module: nn.Module, cfg: OptimConfig) -> list[dict]:
     ]
 
 
-def lr_factor(step: int, *, total: int, warmup: int, cfg: OptimConfig) -> float:
+def lr_factor(
+    step: int, *, total: int, warmup: int, cfg: OptimConfig, steps_per_unit: int = 1
+) -> float:
     """The learning-rate multiplier at optimiser step ``step`` (0-based) of ``total``.
 
-    A linear warm-up over ``warmup`` steps, then ``constant`` (1), ``cosine`` (1 -> 0) or
+    A linear warm-up over ``warmup`` steps, then ``constant`` (1), ``cosine`` (1 -> 0),
     ``poly`` (``(1 - t) ** poly_power``, t the fraction of the steps after the warm-up; the
-    schedule of DeepLab and mmsegmentation). ``cfg.min_lr`` is a floor for ``poly`` and
-    ``cosine``: the factor decays to ``min_lr / lr`` instead of 0.
+    schedule of DeepLab and mmsegmentation) or ``step`` (``gamma ** k`` once ``k`` of
+    ``cfg.milestones`` are reached, a milestone ``m`` being step ``m * steps_per_unit``:
+    ``steps_per_unit`` is the steps of an epoch for epoch milestones). ``cfg.min_lr`` is a
+    floor for ``poly`` and ``cosine``: the factor decays to ``min_lr / lr`` instead of 0.
     """
     if step < warmup:
         return (step + 1) / warmup
     if cfg.schedule == "constant":
         return 1.0
+    if cfg.schedule == "step":
+        passed = sum(step >= m * steps_per_unit for m in cfg.milestones)
+        return cfg.gamma**passed
     progress = min((step - warmup) / max(total - warmup, 1), 1.0)
     if cfg.schedule == "poly":
         decay = (1.0 - progress) ** cfg.poly_power
@@ -94,14 +101,16 @@ def build_optimizer(module: L.LightningModule, cfg: OptimConfig):
         return opt
     trainer = module.trainer
     total = max(int(trainer.estimated_stepping_batches), 1)
+    per_epoch = 1  # milestones of an iteration-based run are steps
     if cfg.warmup_steps:
         warmup = cfg.warmup_steps
     else:
-        per_epoch = max(total // max(int(trainer.max_epochs or 1), 1), 1)
+        if trainer.max_steps is None or trainer.max_steps < 0:
+            per_epoch = max(total // max(int(trainer.max_epochs or 1), 1), 1)
         warmup = cfg.warmup_epochs * per_epoch
 
     def factor(step: int) -> float:
-        return lr_factor(step, total=total, warmup=warmup, cfg=cfg)
+        return lr_factor(step, total=total, warmup=warmup, cfg=cfg, steps_per_unit=per_epoch)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -230,6 +239,7 @@ class SupervisedModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         # rank r > 0 draws from a stream no other (seed, epoch, rank) uses
         torch.manual_seed(self.seed * 1000 + self.current_epoch + (self.global_rank << 32))
+        self.objective.set_epoch(self.current_epoch)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
         images, labels = batch

@@ -15,7 +15,12 @@ import torch
 from torch import nn
 
 from anchorlearn.losses.etf import DotRegressionLoss
-from anchorlearn.losses.long_tail import BalancedSoftmaxLoss, CrossEntropyLoss, LogitAdjustedLoss
+from anchorlearn.losses.long_tail import (
+    BalancedSoftmaxLoss,
+    CrossEntropyLoss,
+    LDAMLoss,
+    LogitAdjustedLoss,
+)
 from anchorlearn.losses.prototypes import CenterLoss, EMAPrototypeLoss
 from anchorlearn.losses.sar import SemanticAnchorRegularizer
 from anchorlearn.models.etf import ETFClassifier
@@ -51,6 +56,13 @@ LOSSES: dict[str, _LossSpec] = {
         "logits",
         ("class_counts",),
         "balanced softmax (Ren et al. 2020)",
+        trains_classifier=True,
+    ),
+    "ldam": _LossSpec(
+        LDAMLoss,
+        "logits",
+        ("class_counts",),
+        "LDAM with deferred re-weighting (Cao et al. 2019)",
         trains_classifier=True,
     ),
     "dot_regression": _LossSpec(
@@ -128,6 +140,14 @@ class Objective(nn.Module):
         self.names = list(names)
         self.reads = list(reads)
         self.terms = nn.ModuleList(losses)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Tell the terms that follow an epoch schedule (LDAM's deferred re-weighting)
+        which 0-based training epoch starts."""
+        for loss in self.terms:
+            set_epoch = getattr(loss, "set_epoch", None)
+            if callable(set_epoch):
+                set_epoch(epoch)
 
     def forward(
         self,

@@ -19,7 +19,7 @@ from anchorlearn.losses.pauc import (
     PAUCParameters,
 )
 
-from .config import PRECISIONS, OptimConfig, TrainerConfig
+from .config import PRECISIONS, OptimConfig, TrainerConfig, check_milestones
 from .schema import (
     COMMON_RANGES,
     UNIT_INTERVAL,
@@ -237,6 +237,7 @@ def parse_pretrain_config(raw: dict[str, Any]) -> PretrainConfig:
     """Validate a raw mapping and fill in the method's default loss weights."""
     cfg = build_config(PretrainConfig, raw)
     check_choices(cfg, _CHOICES)
+    check_milestones(cfg.trainer, cfg.optim)
     check_ranges(cfg, {key: at_least(1) for key in _POSITIVE_INTS})
     ks = cfg.cluster.num_clusters
     if not ks or any(k < 2 for k in ks):

@@ -5,6 +5,9 @@
   logit adjustment", ICLR 2021).
 * :class:`BalancedSoftmaxLoss`: balanced softmax (Ren et al., "Balanced Meta-Softmax for
   Long-Tailed Visual Recognition", NeurIPS 2020).
+* :class:`LDAMLoss`: label-distribution-aware margins with optional deferred re-weighting
+  (Cao et al., "Learning Imbalanced Datasets with Label-Distribution-Aware Margin Loss",
+  NeurIPS 2019).
 
 Each accepts logits ``(N, C)`` with labels ``(N,)``, or dense logits ``(B, C, H, W)`` with
 labels ``(B, H, W)`` of the same spatial size (no resizing: logits are usually upsampled to
@@ -32,12 +35,14 @@ from anchorlearn._checks import (
     check_label_range,
     check_labels_tensor,
     check_non_negative,
+    check_positive,
     check_probability,
     loss_compute_dtype,
     valid_label_mask,
 )
+from anchorlearn.losses.sar import class_balanced_weights
 
-__all__ = ["BalancedSoftmaxLoss", "CrossEntropyLoss", "LogitAdjustedLoss"]
+__all__ = ["BalancedSoftmaxLoss", "CrossEntropyLoss", "LDAMLoss", "LogitAdjustedLoss"]
 
 
 def _check_class_counts(class_counts: object) -> torch.Tensor:
@@ -227,3 +232,113 @@ class BalancedSoftmaxLoss(_AdjustedCrossEntropy):
 
     def extra_repr(self) -> str:
         return f"num_classes={self.adjustment.numel()}, ignore_index={self.ignore_index}"
+
+
+class LDAMLoss(_AdjustedCrossEntropy):
+    r"""Label-distribution-aware margin loss with deferred re-weighting (LDAM-DRW; Cao et
+    al., NeurIPS 2019).
+
+    Class :math:`c` with :math:`n_c` training samples gets the margin
+    :math:`\Delta_c \propto n_c^{-1/4}`, scaled so that the rarest class's is
+    ``max_margin``; the true class's logit is lowered by its margin and the logits are
+    scaled by :math:`s` before the cross-entropy:
+
+    .. math::
+        \mathcal{L}_\text{LDAM} = \frac{1}{\sum_{i \in V} w_{y_i}} \sum_{i \in V}
+        -w_{y_i} \log \frac{e^{s (z_{i,y_i} - \Delta_{y_i})}}
+        {e^{s (z_{i,y_i} - \Delta_{y_i})} + \sum_{c \ne y_i} e^{s z_{i,c}}} .
+
+    The paper's logits are cosines (normalised features and class vectors), hence
+    ``scale=30``; build the model with a cosine classifier (``CifarResNet(...,
+    cosine_classifier=True)``) for that recipe, or use ``scale=1`` with a plain linear one.
+
+    Deferred re-weighting: the class weights :math:`w` are 1 until epoch
+    ``drw_start_epoch`` (0-based; ``None``: never), then the inverse effective numbers
+    :math:`(1 - \beta) / (1 - \beta^{n_c})` normalised to sum ``C`` (Cui et al. 2019),
+    :math:`\beta` = ``drw_beta``. The engine reports the epoch with :meth:`set_epoch`
+    before each training epoch (so a resumed run re-weights from the same epoch); the
+    paper's CIFAR schedule starts it at epoch 160 of 200.
+
+    Args:
+        class_counts: training-set count per class, ``(C,)``, all > 0.
+        max_margin: the largest margin :math:`\Delta`, > 0 (paper: 0.5).
+        scale: :math:`s` > 0 (paper: 30 with cosine logits).
+        drw_start_epoch: first epoch of the re-weighting, or ``None``.
+        drw_beta: :math:`\beta \in [0, 1)` of the effective numbers (paper: 0.9999).
+        ignore_index: label ignored in ``labels`` (``None``: every label is a class).
+
+    ``forward`` returns ``{"loss", "ce"}``, the (weighted) margin cross-entropy.
+    """
+
+    margins: torch.Tensor
+    drw_weights: torch.Tensor
+
+    def __init__(
+        self,
+        class_counts: torch.Tensor | Sequence[float],
+        *,
+        max_margin: float = 0.5,
+        scale: float = 30.0,
+        drw_start_epoch: int | None = None,
+        drw_beta: float = 0.9999,
+        ignore_index: int | None = 255,
+    ) -> None:
+        counts = _check_class_counts(class_counts)
+        super().__init__(None, ignore_index=ignore_index)
+        self.max_margin = check_positive(max_margin, "max_margin")
+        self.scale = check_positive(scale, "scale")
+        if drw_start_epoch is not None and (
+            isinstance(drw_start_epoch, bool)
+            or not isinstance(drw_start_epoch, int)
+            or drw_start_epoch < 0
+        ):
+            raise ValueError(f"drw_start_epoch must be None or an int >= 0, got {drw_start_epoch!r}")
+        self.drw_start_epoch = drw_start_epoch
+        self.drw_beta = check_probability(drw_beta, "drw_beta")
+        if self.drw_beta >= 1.0:
+            raise ValueError(f"drw_beta must lie in [0, 1), got {drw_beta}")
+        margins = counts.pow(-0.25)
+        margins = margins * (self.max_margin / margins.max())
+        dtype = torch.get_default_dtype()
+        self.register_buffer("margins", margins.to(dtype))
+        weights = class_balanced_weights(counts, "effective", self.drw_beta)
+        self.register_buffer("drw_weights", weights.to(dtype))
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Tell the loss which (0-based) training epoch starts: it decides the re-weighting."""
+        self.epoch = int(epoch)
+
+    @property
+    def reweighting(self) -> bool:
+        """Whether the deferred re-weighting is on at the current epoch."""
+        return self.drw_start_epoch is not None and self.epoch >= self.drw_start_epoch
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Return the LDAM cross-entropy of ``logits`` ``(N, C)`` or ``(B, C, H, W)``."""
+        if logits.shape[1:2] != self.margins.shape:
+            raise ValueError(
+                f"logits must have {self.margins.numel()} classes in dim 1 "
+                f"(len(class_counts)), got shape {tuple(logits.shape)}"
+            )
+        labels = self._validate(logits, labels)
+        dtype = loss_compute_dtype(logits.dtype)
+        logits = logits.to(dtype)
+        valid = valid_label_mask(labels, self.ignore_index)
+        target = torch.where(valid, labels, torch.zeros_like(labels))
+        margin = self.margins.to(dtype)[target]  # (N,) or (B, H, W)
+        true_class = F.one_hot(target, logits.shape[1]).movedim(-1, 1).to(dtype)
+        adjusted = self.scale * (logits - true_class * margin.unsqueeze(1))
+        per_position = F.cross_entropy(adjusted, target, reduction="none")
+        weight = valid.to(dtype)
+        if self.reweighting:
+            weight = weight * self.drw_weights.to(dtype)[target]
+        ce = (per_position * weight).sum() / weight.sum().clamp_min(1e-12)
+        return {"loss": ce, "ce": ce}
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.margins.numel()}, max_margin={self.max_margin}, "
+            f"scale={self.scale}, drw_start_epoch={self.drw_start_epoch}, "
+            f"drw_beta={self.drw_beta}, ignore_index={self.ignore_index}"
+        )

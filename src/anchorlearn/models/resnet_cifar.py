@@ -21,7 +21,7 @@ from anchorlearn._checks import check_num_classes, check_positive_int
 from anchorlearn.models._layers import FeatureBatchNorm
 from anchorlearn.models.registry import register_model
 
-__all__ = ["BasicBlock", "CifarResNet", "resnet20", "resnet32"]
+__all__ = ["BasicBlock", "CifarResNet", "CosineClassifier", "resnet20", "resnet32"]
 
 ShortcutKind = Literal["A", "B"]
 
@@ -68,6 +68,27 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
+class CosineClassifier(nn.Module):
+    """Logits that are cosines: ``normalize(x) @ normalize(W).T``, in ``[-1, 1]``.
+
+    The classifier of LDAM's CIFAR recipe (Cao et al. 2019), whose loss scales the
+    cosines (by 30) before the cross-entropy. ``weight`` is ``(C, D)``, drawn uniformly.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features = check_positive_int(in_features, "in_features")
+        self.out_features = check_num_classes(out_features)
+        bound = 1.0 / in_features**0.5
+        self.weight = nn.Parameter(torch.empty(out_features, in_features).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=-1) @ F.normalize(self.weight, dim=1).t()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
 class CifarResNet(nn.Module):
     """ResNet of depth ``6 * blocks_per_stage + 2`` for small (e.g. 32x32 or 28x28) images.
 
@@ -79,6 +100,8 @@ class CifarResNet(nn.Module):
             and the features are that ``feat_dim``-d vector; by default the features are the
             global-pooled 64-d vector itself.
         shortcut: ``"A"`` (zero-padding, the paper's CIFAR choice) or ``"B"`` (1x1 conv).
+        cosine_classifier: classify with a :class:`CosineClassifier` (cosine logits, for
+            the LDAM recipe) instead of ``nn.Linear``.
 
     ``forward(x)`` with ``x`` ``(B, in_channels, H, W)`` returns ``(logits, features)`` of
     shapes ``(B, C)`` and ``(B, feat_dim)``, with ``logits == classifier(features)``.
@@ -91,6 +114,7 @@ class CifarResNet(nn.Module):
         in_channels: int = 3,
         feat_dim: int | None = None,
         shortcut: ShortcutKind = "A",
+        cosine_classifier: bool = False,
     ) -> None:
         super().__init__()
         check_positive_int(blocks_per_stage, "blocks_per_stage")
@@ -118,7 +142,13 @@ class CifarResNet(nn.Module):
             self.projection = nn.Sequential(
                 nn.Linear(channels, feat_dim, bias=False), FeatureBatchNorm(feat_dim), nn.ReLU()
             )
-        self.classifier = nn.Linear(self.feat_dim, num_classes)
+        if not isinstance(cosine_classifier, bool):
+            raise TypeError(f"cosine_classifier must be a bool, got {cosine_classifier!r}")
+        self.classifier: nn.Module = (
+            CosineClassifier(self.feat_dim, num_classes)
+            if cosine_classifier
+            else nn.Linear(self.feat_dim, num_classes)
+        )
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
