@@ -9,16 +9,18 @@
 #   * the full 10,000 test images; channels-last (20% faster on this CPU); no plots.
 # Methods: CE, CE + SAR, logit adjustment, LA + SAR, with the shipped (release) SAR settings:
 # nothing was tuned, on validation or test. Seeds 0-2, two single-thread runs at a time.
-# Tables: runs/cifar10_lt_cpu/ir{100,10}/results.md.
-# Usage: benchmarks/cifar10_lt_cpu.sh [CIFAR10_ROOT] [extra compare arguments]
+# Tables: runs/cifar10_lt_cpu/ir{100,10}/results.md. RATIOS and SEEDS (environment) choose
+# a part of the grid; finished runs are skipped, so a part can be added to later.
+# Usage: [RATIOS="100 10"] [SEEDS=0,1,2] benchmarks/cifar10_lt_cpu.sh [CIFAR10_ROOT]
+#        [extra compare arguments]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=${1:-../shared/data/cifar10}
 shift || true
-for ratio in 100 10; do
+for ratio in ${RATIOS:-100 10}; do
     .venv/bin/anchorlearn compare \
         configs/cifar10_lt/{ce,ce_sar,logit_adjusted,logit_adjusted_sar}.yaml \
-        --seeds 0,1,2 --jobs 2 --out "runs/cifar10_lt_cpu/ir$ratio" \
+        --seeds "${SEEDS:-0,1,2}" --jobs 2 --out "runs/cifar10_lt_cpu/ir$ratio" \
         --set "data.source=cifar10:$root" --set "data.imbalance_ratio=$ratio" \
         --set data.max_train_samples=10000 --set data.val_fraction=0.1 \
         --set trainer.max_epochs=10 --set optim.warmup_epochs=1 \

@@ -36,8 +36,8 @@ def _add_data_parser(subparsers: argparse._SubParsersAction) -> None:
         "preview",
         help="write a PNG grid of samples and print the class counts",
         description=(
-            "SPEC: fashion_mnist | fashion_mnist_lt:IR | digits | scenes | npz:PATH | "
-            "folder:PATH | segfolder:PATH | ade20k:ROOT | cityscapes:ROOT | "
+            "SPEC: fashion_mnist | fashion_mnist_lt:IR | digits | cifar10:ROOT | scenes | "
+            "npz:PATH | folder:PATH | segfolder:PATH | ade20k:ROOT | cityscapes:ROOT | "
             "pascal_context:ROOT | voc:ROOT | camvid:ROOT"
         ),
     )

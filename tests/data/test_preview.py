@@ -99,3 +99,17 @@ def test_cli_preview_segmentation_set(tmp_path, capsys):
     assert "pixels per class in 4 of 4 training images" in printed and "  wall " in printed
     assert main(["data", "preview", f"ade20k:{tmp_path / 'none'}", "--out", str(out)]) == 2
     assert "ade20k data folder not found" in capsys.readouterr().err
+
+
+def test_cli_preview_of_cifar10_draws_colour_images(tmp_path, capsys):
+    from PIL import Image
+    from tests.data.cifarfixtures import make_cifar_batches
+
+    root = make_cifar_batches(tmp_path / "cifar", per_class=1)
+    out = tmp_path / "cifar.png"
+    assert main(["data", "preview", f"cifar10:{root}", "--out", str(out), "--n", "6"]) == 0
+    printed = capsys.readouterr().out
+    assert "airplane" in printed and "truck" in printed
+    pixels = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    # the fixture's images are red-tinted by class: the grid is not grey
+    assert np.abs(pixels[..., 0] - pixels[..., 2]).max() > 50

@@ -98,7 +98,7 @@ def test_out_of_range_settings_are_config_errors(changes: dict, message: str) ->
     "path",
     sorted(
         str(p)
-        for folder in ("fmnist_lt", "scenes")
+        for folder in ("fmnist_lt", "scenes", "cifar10_lt")
         for p in (Path(__file__).parents[2] / "configs" / folder).glob("*.yaml")
     ),
 )

@@ -1,8 +1,9 @@
 """Preview a data source: a PNG grid of samples and the class counts.
 
 Spec strings: ``"fashion_mnist"``, ``"fashion_mnist_lt:IR"`` (long-tailed training split,
-exponential profile, seed = ``seed``), ``"digits"``, ``"scenes"`` (500 training scenes,
-default parameters), ``"npz:PATH"``, ``"folder:PATH"``, ``"segfolder:PATH"``, and the
+exponential profile, seed = ``seed``), ``"digits"``, ``"cifar10:ROOT"`` (its training
+split), ``"scenes"`` (500 training scenes, default parameters), ``"npz:PATH"``,
+``"folder:PATH"``, ``"segfolder:PATH"``, and the
 standard segmentation data sets ``"ade20k:ROOT"``, ``"camvid:ROOT"``, ``"cityscapes:ROOT"``,
 ``"pascal_context:ROOT"``, ``"voc:ROOT"`` (see :mod:`anchorlearn.data.segmentation_sets`;
 only the ``n`` sampled training images are read, and their pixels counted).
@@ -94,11 +95,11 @@ def load_preview_data(spec: str, seed: int = 0) -> ClassificationData | Segmenta
         return SegmentationData(scenes.images, scenes.masks, scenes.class_names)
     if kind == "segfolder" and arg:
         return load_segmentation_folder(arg)
-    if spec in ("fashion_mnist", "digits") or (kind in ("npz", "folder") and arg):
+    if spec in ("fashion_mnist", "digits") or (kind in ("npz", "folder", "cifar10") and arg):
         return load_classification_source(spec)[0]
     raise ValueError(
-        "spec must be one of 'fashion_mnist', 'fashion_mnist_lt:IR', 'digits', 'scenes', "
-        "'npz:PATH', 'folder:PATH', 'segfolder:PATH', "
+        "spec must be one of 'fashion_mnist', 'fashion_mnist_lt:IR', 'digits', 'cifar10:ROOT', "
+        "'scenes', 'npz:PATH', 'folder:PATH', 'segfolder:PATH', "
         + ", ".join(f"'{kind}:ROOT'" for kind in _SEGMENTATION_KINDS)
         + f", got {spec!r}"
     )

@@ -19,11 +19,11 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 __all__ = [
+    "CIFAR10_CLASSES",
     "IGNORE_INDEX",
     "IMAGE_EXTENSIONS",
     "ClassificationData",
     "SegmentationData",
-    "CIFAR10_CLASSES",
     "load_cifar10",
     "load_classification_source",
     "load_digits_data",

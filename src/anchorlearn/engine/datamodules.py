@@ -322,15 +322,16 @@ class ClassificationDataModule(_InMemoryDataModule):
     """Image classification, optionally long-tailed.
 
     Args:
-        source: ``"fashion_mnist"``, ``"digits"`` (scikit-learn, 8x8), ``"npz:PATH"``
-            or ``"folder:PATH"`` (see :mod:`anchorlearn.data.sources`).
+        source: ``"fashion_mnist"``, ``"digits"`` (scikit-learn, 8x8), ``"cifar10:ROOT"``,
+            ``"npz:PATH"`` or ``"folder:PATH"`` (see :mod:`anchorlearn.data.sources`).
         imbalance_ratio: long-tail ratio applied to the training split (1 = as loaded);
             the test split stays as it is.
         profile: ``"exp"`` or ``"step"``.
         val_fraction: fraction of every class of the (long-tailed) training data held out
             for validation, in ``(0, 1)``.
-        test_fraction: for sources without a test split (all but Fashion-MNIST), the
-            stratified fraction held out as the test split (fixed split, seed 0).
+        test_fraction: for sources without a test split (all but Fashion-MNIST and
+            CIFAR-10), the stratified fraction held out as the test split (fixed split,
+            seed 0).
         batch_size: loader batch size.
         num_workers: loader workers.
         seed: class order and images of the long tail, the validation split, the

@@ -16,7 +16,7 @@ or ``None`` while they have none.
 
 from .contrastive import InfoNCE, ProtoNCE
 from .etf import DotRegressionLoss
-from .long_tail import BalancedSoftmaxLoss, CrossEntropyLoss, LogitAdjustedLoss
+from .long_tail import BalancedSoftmaxLoss, CrossEntropyLoss, LDAMLoss, LogitAdjustedLoss
 from .pauc import AlignmentLoss, CorrelationLoss, PAUCLoss, PAUCParameters, UniformityLoss
 from .prototypes import CenterLoss, EMAPrototypeLoss
 from .sar import SemanticAnchorRegularizer, class_balanced_weights, default_projector
@@ -30,6 +30,7 @@ __all__ = [
     "DotRegressionLoss",
     "EMAPrototypeLoss",
     "InfoNCE",
+    "LDAMLoss",
     "LogitAdjustedLoss",
     "PAUCLoss",
     "PAUCParameters",

@@ -292,7 +292,9 @@ class LDAMLoss(_AdjustedCrossEntropy):
             or not isinstance(drw_start_epoch, int)
             or drw_start_epoch < 0
         ):
-            raise ValueError(f"drw_start_epoch must be None or an int >= 0, got {drw_start_epoch!r}")
+            raise ValueError(
+                f"drw_start_epoch must be None or an int >= 0, got {drw_start_epoch!r}"
+            )
         self.drw_start_epoch = drw_start_epoch
         self.drw_beta = check_probability(drw_beta, "drw_beta")
         if self.drw_beta >= 1.0:
@@ -316,7 +318,7 @@ class LDAMLoss(_AdjustedCrossEntropy):
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Return the LDAM cross-entropy of ``logits`` ``(N, C)`` or ``(B, C, H, W)``."""
-        if logits.shape[1:2] != self.margins.shape:
+        if logits.ndim in (2, 4) and logits.shape[1] != self.margins.numel():
             raise ValueError(
                 f"logits must have {self.margins.numel()} classes in dim 1 "
                 f"(len(class_counts)), got shape {tuple(logits.shape)}"

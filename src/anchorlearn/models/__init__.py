@@ -10,12 +10,13 @@ from anchorlearn.models.etf import ETFClassifier, FixedETFModel, simplex_etf
 from anchorlearn.models.heads import DecodeHead, DeepLabV3PlusHead, FCNHead, MLPHead
 from anchorlearn.models.moco import MoCo
 from anchorlearn.models.registry import create_model, list_models, register_model
-from anchorlearn.models.resnet_cifar import CifarResNet, resnet20, resnet32
+from anchorlearn.models.resnet_cifar import CifarResNet, CosineClassifier, resnet20, resnet32
 from anchorlearn.models.segmentation import SmallUNet, seg_net
 from anchorlearn.models.segmentor import EncoderDecoder, deeplabv3plus, fcn, mlp_head
 
 __all__ = [
     "CifarResNet",
+    "CosineClassifier",
     "DecodeHead",
     "DeepLabV3PlusHead",
     "ETFClassifier",
