@@ -6,6 +6,8 @@
 #     each class is held out for validation;
 #   * 10 epochs instead of 200, everything else in proportion: 1 warm-up epoch, x0.01 at
 #     epochs 8 and 9 (160 and 180 of 200);
+#   * batch 32 with the learning rate scaled linearly (0.025): 4 times the optimiser steps
+#     for about the same CPU time (batch 128 leaves 180 steps in all, and CE at 17% top-1);
 #   * the full 10,000 test images; channels-last (20% faster on this CPU); no plots.
 # Methods: CE, CE + SAR, logit adjustment, LA + SAR, with the shipped (release) SAR settings:
 # nothing was tuned, on validation or test. Seeds 0-2, two single-thread runs at a time.
@@ -24,6 +26,7 @@ for ratio in ${RATIOS:-100 10}; do
         --set "data.source=cifar10:$root" --set "data.imbalance_ratio=$ratio" \
         --set data.max_train_samples=10000 --set data.val_fraction=0.1 \
         --set trainer.max_epochs=10 --set optim.warmup_epochs=1 \
+        --set data.batch_size=32 --set optim.lr=0.025 \
         --set "optim.milestones=[8, 9]" --set trainer.channels_last=true \
         --set trainer.progress=false --set eval.plots=false \
         --columns top1,balanced_acc,many,medium,few,nc1,train_seconds "$@"
