@@ -113,3 +113,54 @@ def test_etf_bad_input_shapes_raise(shape: list[int]) -> None:
 def test_etf_seed_must_be_an_int(seed, got: str) -> None:
     with pytest.raises(TypeError, match=f"seed must be an int, got {got}"):
         simplex_etf(8, 4, seed=seed)
+
+
+def test_uniform_geometry_spreads_more_classes_than_an_etf_can_hold() -> None:
+    """C = 12 > D + 1 = 4: no simplex ETF exists; the uniform rows are unit vectors far
+    apart (the best packing of 12 points on S^2, the icosahedron, has max cosine 1/sqrt(5))."""
+    classifier = ETFClassifier(3, 12, geometry="uniform", seed=1)
+    rows = classifier.weight.double()
+    torch.testing.assert_close(rows.norm(dim=1), torch.ones(12, dtype=torch.float64))
+    cosines = rows @ rows.T - 2 * torch.eye(12, dtype=torch.float64)
+    assert cosines.max().item() < 0.5  # random unit vectors come much closer
+    assert cosines.max().item() > 1 / 5**0.5 - 1e-3  # no packing beats the icosahedron
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(classifier(x), x @ classifier.weight.T)
+    assert "geometry='uniform'" in repr(classifier)
+
+
+def test_uniform_geometry_reaches_the_simplex_when_it_exists() -> None:
+    rows = ETFClassifier(D, C, geometry="uniform").weight.double()
+    gram = rows @ rows.T
+    off_diagonal = gram[~torch.eye(C, dtype=torch.bool)]
+    torch.testing.assert_close(
+        off_diagonal, torch.full_like(off_diagonal, -1 / (C - 1)), rtol=0, atol=1e-3
+    )
+
+
+def test_an_unknown_geometry_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"geometry must be one of \['etf', 'uniform'\]"):
+        ETFClassifier(D, C, geometry="random")
+
+
+def test_the_config_builds_fixed_hyperspherical_prototypes(tmp_path) -> None:
+    from anchorlearn.engine.config import ConfigError, parse_config
+    from anchorlearn.engine.runner import build_run
+
+    raw = {
+        "data": {"source": "digits", "batch_size": 64},
+        "model": {
+            "name": "small_cnn",
+            "kwargs": {"width": 4, "feat_dim": 4},
+            "etf_classifier": True,
+            "classifier_geometry": "uniform",
+        },
+        "losses": ["dot_regression"],
+    }
+    _, module = build_run(parse_config(raw))
+    weight = module.model.classifier.weight
+    assert module.model.classifier.geometry == "uniform" and weight.shape == (10, 4)
+    with pytest.raises(ConfigError, match=r"needs model\.etf_classifier: true"):
+        parse_config({**raw, "model": {**raw["model"], "etf_classifier": False}})
+    with pytest.raises(ConfigError, match=r"model\.classifier_geometry must be one of"):
+        parse_config({**raw, "model": {**raw["model"], "classifier_geometry": "cube"}})

@@ -87,6 +87,9 @@ class ModelConfig:
     name: str = "small_cnn"
     kwargs: dict[str, Any] = field(default_factory=dict)
     etf_classifier: bool = False
+    # the fixed classifier's class vectors: "etf", or "uniform" on the hypersphere (fixed
+    # hyperspherical prototypes; with dot_regression, Mettes et al. 2019's loss)
+    classifier_geometry: str = "etf"
 
 
 @dataclass
@@ -204,6 +207,7 @@ PRECISIONS = ("32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16")
 
 _CHOICES = {
     "task": ("classification", "segmentation"),
+    "model.classifier_geometry": ("etf", "uniform"),
     "data.profile": ("exp", "step"),
     "optim.name": ("sgd", "adamw"),
     "optim.schedule": ("cosine", "constant", "poly", "step"),
@@ -246,6 +250,11 @@ def parse_config(raw: dict[str, Any]) -> ExperimentConfig:
     check_ranges(cfg, _RANGES)
     check_step_settings(cfg.trainer, cfg.optim)
     check_milestones(cfg.trainer, cfg.optim)
+    if cfg.model.classifier_geometry != "etf" and not cfg.model.etf_classifier:
+        raise ConfigError(
+            f"model.classifier_geometry={cfg.model.classifier_geometry!r} shapes the fixed "
+            "classifier: it needs model.etf_classifier: true"
+        )
     _check_segmentation_settings(cfg)
     if cfg.task != "classification" and cfg.data.max_test_samples is not None:
         raise ConfigError(

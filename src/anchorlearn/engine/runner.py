@@ -149,7 +149,12 @@ def build_run(cfg: ExperimentConfig) -> tuple[Any, SupervisedModule]:
     dm = build_datamodule(cfg)
     model = create_model_for_data(cfg.model.name, cfg.model.kwargs, dm, cfg.data.source)
     if cfg.model.etf_classifier:
-        model = FixedETFModel(model, dm.num_classes, dense=cfg.task == "segmentation")
+        model = FixedETFModel(
+            model,
+            dm.num_classes,
+            dense=cfg.task == "segmentation",
+            geometry=cfg.model.classifier_geometry,
+        )
     # counting a segmentation data set's pixels reads every training mask: only when a loss
     # needs the counts (the final evaluation counts them once, for its head / tail groups)
     needs_counts = any(

@@ -14,10 +14,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from anchorlearn._checks import check_float_tensor
-from anchorlearn._geometry import simplex_etf
+from anchorlearn._geometry import riesz_uniform_points, simplex_etf
 from anchorlearn.models._layers import FeatureBatchNorm
 
-__all__ = ["ETFClassifier", "FixedETFModel", "simplex_etf"]
+__all__ = ["GEOMETRIES", "ETFClassifier", "FixedETFModel", "simplex_etf"]
+
+# the fixed class vectors: a simplex ETF (Yang et al. 2022), or points spread uniformly on
+# the hypersphere by minimising a Riesz energy, which also exist for C > D + 1 (the fixed
+# hyperspherical prototypes of Mettes et al., "Hyperspherical Prototype Networks",
+# NeurIPS 2019)
+GEOMETRIES = ("etf", "uniform")
 
 
 class ETFClassifier(nn.Module):
@@ -30,29 +36,48 @@ class ETFClassifier(nn.Module):
     Input ``(N, D)`` gives ``(N, C)``; ``(B, D, H, W)`` gives ``(B, C, H, W)``. A ``(C, D)``
     input gives ``(C, C)``, so the module can serve as SAR's classifier for the anchors.
 
+    With ``geometry="uniform"`` the rows are instead ``C`` unit vectors spread uniformly
+    on the sphere (:func:`anchorlearn._geometry.riesz_uniform_points`): the same frame
+    up to numerical precision when ``C <= D + 1``, and fixed hyperspherical prototypes
+    (Mettes et al. 2019) when ``C > D + 1``, where no simplex ETF exists.
+
     Args:
-        feat_dim: feature channels ``D`` (``>= num_classes``).
+        feat_dim: feature channels ``D`` (``>= num_classes`` for ``"etf"``).
         num_classes: number of classes ``C`` (>= 2).
         bias: add a learnable bias ``(C,)``, initialised to zero.
-        seed: seed of the random orthogonal basis ``U``.
+        seed: seed of the random orthogonal basis ``U`` (of the starting points for
+            ``"uniform"``).
+        geometry: ``"etf"`` or ``"uniform"``.
     """
 
     weight: torch.Tensor
 
     def __init__(
-        self, feat_dim: int, num_classes: int, *, bias: bool = False, seed: int = 0
+        self,
+        feat_dim: int,
+        num_classes: int,
+        *,
+        bias: bool = False,
+        seed: int = 0,
+        geometry: str = "etf",
     ) -> None:
         super().__init__()
-        frame = simplex_etf(feat_dim, num_classes, seed=seed)
+        if geometry not in GEOMETRIES:
+            raise ValueError(f"geometry must be one of {list(GEOMETRIES)}, got {geometry!r}")
+        if geometry == "etf":
+            rows = simplex_etf(feat_dim, num_classes, seed=seed).T
+        else:
+            rows = riesz_uniform_points(num_classes, feat_dim, seed=seed)
         self.feat_dim = feat_dim
         self.num_classes = num_classes
-        self.register_buffer("weight", frame.T.contiguous().to(torch.get_default_dtype()))
+        self.geometry = geometry
+        self.register_buffer("weight", rows.contiguous().to(torch.get_default_dtype()))
         self.bias = nn.Parameter(torch.zeros(num_classes)) if bias else None
 
     def extra_repr(self) -> str:
         return (
             f"feat_dim={self.feat_dim}, num_classes={self.num_classes}, "
-            f"bias={self.bias is not None}"
+            f"bias={self.bias is not None}, geometry={self.geometry!r}"
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,10 +117,18 @@ class FixedETFModel(nn.Module):
         num_classes: number of classes ``C`` (``<= feat_dim``).
         dense: the features are ``(B, D, H, W)`` maps (segmentation).
         seed: seed of the ETF's random orthogonal basis.
+        geometry: the fixed class vectors, ``"etf"`` or ``"uniform"`` (see
+            :class:`ETFClassifier`).
     """
 
     def __init__(
-        self, model: nn.Module, num_classes: int, *, dense: bool = False, seed: int = 0
+        self,
+        model: nn.Module,
+        num_classes: int,
+        *,
+        dense: bool = False,
+        seed: int = 0,
+        geometry: str = "etf",
     ) -> None:
         super().__init__()
         feat_dim = getattr(model, "feat_dim", None)
@@ -108,7 +141,7 @@ class FixedETFModel(nn.Module):
         self.feat_dim = feat_dim
         self.num_classes = num_classes
         self.norm = nn.BatchNorm2d(feat_dim) if dense else FeatureBatchNorm(feat_dim)
-        self.classifier = ETFClassifier(feat_dim, num_classes, seed=seed)
+        self.classifier = ETFClassifier(feat_dim, num_classes, seed=seed, geometry=geometry)
         # what the engine reads off an encoder-decoder model: its input normalisation
         for name in ("input_mean", "input_std"):
             if hasattr(model, name):
