@@ -100,3 +100,23 @@ def test_ssl_grid_reuses_a_floor_only_from_the_same_command(tmp_path: Path) -> N
     grid._check_floor_settings(target, ["probe", "--pixels", "--set", "seed=0"])  # the same
     with pytest.raises(SystemExit, match="computed with other settings"):
         grid._check_floor_settings(target, ["probe", "--pixels", "--set", "data.val_fraction=0.2"])
+
+
+def test_sar_gate_open_prints_a_row_per_gate_milestone() -> None:
+    script = ROOT / "benchmarks" / "sar_gate_open.py"
+    args = ["--steps", "20", "--classes", "10", "--seeds", "0", "--per-class", "20"]
+    result = subprocess.run(
+        [sys.executable, str(script), *args], check=True, capture_output=True, text=True
+    )
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| 10")]
+    assert [(r[1].strip(), r[2].strip()) for r in rows] == [
+        ("all", "gate open"),
+        ("per_class", "50 % open"),
+        ("per_class", "90 % open"),
+        ("per_class", "100 % open"),
+    ]
+    for cells in rows:
+        step = cells[3].strip()
+        assert step == "never" or 1 <= int(step) <= 20
+    accuracy = float(rows[0][6])
+    assert 0.0 <= accuracy <= 1.0

@@ -1,8 +1,10 @@
-"""SemanticAnchorRegularizer's options: anchor_init, pull and class_weights, the
-class_balanced_weights helper, and the point sets of anchorlearn._geometry behind them."""
+"""SemanticAnchorRegularizer's options: anchor_init, pull (with the l2_margin hinge),
+class_weights and gate, the class_balanced_weights helper, and the point sets of
+anchorlearn._geometry behind them."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
@@ -67,15 +69,20 @@ def positions(features: torch.Tensor, labels: torch.Tensor):
         yield features[i, :, r, c], int(labels[i, r, c])
 
 
-def loop_pull(features, labels, anchors, kind: str, weights=None) -> torch.Tensor:
-    """``sum w[y] d / sum w[y]`` over the valid positions, one position at a time."""
+def loop_pull(
+    features, labels, anchors, kind: str, weights=None, margin: float = 0.0, classes=None
+) -> torch.Tensor:
+    """``sum w[y] d / sum w[y]`` over the valid positions, one position at a time; only the
+    positions whose class is in ``classes`` (a list) when it is given."""
     total, weight_sum = features.new_zeros(()), 0.0
     for f, y in positions(features, labels):
-        if y == IGNORE:
+        if y == IGNORE or (classes is not None and y not in classes):
             continue
         a = anchors[y].to(f.dtype)
         if kind == "l2":
             d = ((f - a) ** 2).sum() / f.numel()
+        elif kind == "l2_margin":
+            d = torch.clamp(((f - a) ** 2).sum() / f.numel() - margin, min=0)
         else:
             d = 1 - torch.dot(f, a) / (max(f.norm(), 1e-8) * max(a.norm(), 1e-8))
         w = 1.0 if weights is None else float(weights[y])
@@ -144,7 +151,7 @@ def test_default_pull_is_the_release_mean_squared_distance_bit_for_bit() -> None
     per_position = (features - semantic[safe]).pow(2).sum(dim=1)
     expected = (per_position * valid).sum() / (valid.sum().clamp_min(1) * D)
     assert torch.equal(out["pull"], expected)
-    assert set(out) == {"loss", "aux_ce", "pull", "gate_open"}
+    assert set(out) == {"loss", "aux_ce", "pull", "gate_open", "gate_open_fraction"}
 
 
 # --- anchor_init ---------------------------------------------------------------------------
@@ -206,7 +213,7 @@ def test_unseeded_anchors_follow_the_global_generator(anchor_init: str) -> None:
             r"anchor_init must be one of 'gaussian', .*'random'",
         ),
         ({"anchor_init": None}, TypeError, r"anchor_init must be one of .* got NoneType None"),
-        ({"pull": "L2"}, ValueError, r"pull must be one of 'l2', 'cosine', got 'L2'"),
+        ({"pull": "L2"}, ValueError, r"pull must be one of 'l2', 'cosine', 'l2_margin', got 'L2'"),
         ({"pull": 2}, TypeError, r"pull must be one of .* got int 2"),
         ({"class_weights": [1.0] * C}, TypeError, r"class_weights must be None or a torch.Tensor"),
         (
@@ -531,3 +538,422 @@ def test_string_options_come_from_a_config() -> None:
 def test_bad_options_from_a_config_are_config_errors(params: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         objective_from(params)
+
+
+# --- gate="per_class" ----------------------------------------------------------------------
+
+
+def per_class_sar(confident: list[float], **kwargs) -> SemanticAnchorRegularizer:
+    """A per-class-gated SAR whose anchor ``i`` has own-class margin ``confident[i]``: 30
+    passes (p ~ 1), 0 fails (p ~ 1/C)."""
+    sar = make_sar(gate="per_class", **kwargs)
+    sar.classifier.margins = torch.diag(torch.tensor(confident))
+    return sar
+
+
+def nudge_projector(sar: SemanticAnchorRegularizer, scale: float = 0.3) -> None:
+    with torch.no_grad():
+        sar.projector.weight.add_(scale * torch.randn(D, D))
+
+
+def all_classes(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``labels`` with every class present in the batch at least twice."""
+    labels = labels.clone()
+    flat = labels.view(-1)
+    flat[2 : 2 + 2 * C] = torch.arange(C).repeat(2)
+    return labels
+
+
+def test_gate_options_default_to_the_release() -> None:
+    sar = make_sar()
+    assert sar.gate == "all" and sar.margin == 0.0 and sar.pull == "l2"
+    assert "class_open_step" not in sar.state_dict()
+    per_class = make_sar(gate="per_class")
+    own = [k for k in per_class.state_dict() if not k.startswith("projector.")]
+    assert own == ["anchors", "semantic_anchors", "step", "gate_open_step", "class_open_step"]
+    assert torch.equal(per_class.class_open_step, torch.full((C,), -1))
+    text = repr(make_sar(gate="per_class", pull="l2_margin", margin=0.25))
+    assert "gate='per_class'" in text and "margin=0.25" in text
+
+
+def test_per_class_gate_opens_and_updates_each_class_on_its_own() -> None:
+    torch.manual_seed(0)
+    sar = per_class_sar([30.0, 30.0, 0.0, 0.0], ema_momentum=0.9)
+    features, labels = flat_batch(40)
+    labels = all_classes(features, labels)
+
+    p1 = sar.projected_anchors().detach()
+    out = sar(features, labels)  # step 1: classes 0 and 1 open
+    assert out["gate_open"] is True
+    assert out["gate_open_fraction"].dtype == torch.float32
+    assert float(out["gate_open_fraction"]) == 0.5
+    assert sar.class_open_step.tolist() == [1, 1, -1, -1] and int(sar.gate_open_step) == 1
+    assert sar.gate_ever_opened and sar.classes_ready.tolist() == [True, True, False, False]
+    assert torch.equal(sar.semantic_anchors[:2], p1[:2])
+    assert torch.equal(sar.semantic_anchors[2:], torch.zeros(2, D))  # never touched
+    expected = loop_pull(features, labels, p1, "l2", classes=[0, 1])
+    torch.testing.assert_close(out["pull"], expected)
+    # the pull over every class would differ: the unopened rows are zeros
+    assert not torch.allclose(out["pull"], loop_pull(features, labels, sar.semantic_anchors, "l2"))
+
+    nudge_projector(sar)
+    sar.classifier.margins = torch.diag(torch.tensor([30.0, 30.0, 30.0, 0.0]))
+    p2 = sar.projected_anchors().detach()
+    assert not torch.allclose(p2, p1)
+    out = sar(features, labels)  # step 2: class 2 opens with a copy, 0 and 1 move
+    s2 = sar.semantic_anchors.clone()
+    torch.testing.assert_close(s2[:2], 0.9 * p1[:2] + 0.1 * p2[:2], rtol=1e-6, atol=1e-6)
+    assert torch.equal(s2[2], p2[2]) and torch.equal(s2[3], torch.zeros(D))
+    assert sar.class_open_step.tolist() == [1, 1, 2, -1] and int(sar.gate_open_step) == 1
+    assert float(out["gate_open_fraction"]) == 0.75
+    torch.testing.assert_close(
+        out["pull"], loop_pull(features, labels, s2, "l2", classes=[0, 1, 2])
+    )
+
+    nudge_projector(sar)
+    sar.classifier.margins = torch.diag(torch.tensor([0.0, 30.0, 30.0, 0.0]))
+    p3 = sar.projected_anchors().detach()
+    out = sar(features, labels)  # step 3: class 0 fails; it stays ready and is still pulled
+    assert torch.equal(sar.semantic_anchors[0], s2[0])
+    torch.testing.assert_close(
+        sar.semantic_anchors[1:3], 0.9 * s2[1:3] + 0.1 * p3[1:3], rtol=1e-6, atol=1e-6
+    )
+    assert torch.equal(sar.semantic_anchors[3], torch.zeros(D))
+    assert sar.class_open_step.tolist() == [1, 1, 2, -1] and int(sar.step) == 3
+    assert out["gate_open"] is True and float(out["gate_open_fraction"]) == 0.75
+    expected = loop_pull(features, labels, sar.semantic_anchors, "l2", classes=[0, 1, 2])
+    torch.testing.assert_close(out["pull"], expected)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_per_class_pull_ignores_positions_of_unopened_classes(dense: bool) -> None:
+    torch.manual_seed(1)
+    sar = per_class_sar([0.0, 30.0, 0.0, 30.0])
+    features, labels = dense_batch() if dense else flat_batch(30)
+    labels = all_classes(features, labels)
+    features.requires_grad_()
+    out = sar(features, labels)
+    shut = (labels == 0) | (labels == 2)
+    assert bool(shut.any()) and bool(((labels == 1) | (labels == 3)).any())
+    (grad,) = torch.autograd.grad(out["pull"], features)
+    channels_last = grad.permute(0, 2, 3, 1) if dense else grad
+    assert torch.equal(channels_last[shut], torch.zeros_like(channels_last[shut]))
+    assert float(channels_last[~shut & (labels != IGNORE)].abs().sum()) > 0
+
+    moved = features.detach().clone()
+    view = moved.permute(0, 2, 3, 1) if dense else moved
+    view[shut] = 100 * torch.randn(int(shut.sum()), D)
+    sar.eval()  # no state change: the same ready classes, the same S
+    assert torch.equal(sar(moved, labels)["pull"], sar(features.detach(), labels)["pull"])
+
+
+def test_per_class_gate_with_no_ready_class_gives_a_connected_zero() -> None:
+    sar = per_class_sar([0.0, 0.0, 0.0, 0.0])
+    features, labels = dense_batch()
+    features.requires_grad_()
+    out = sar(features, labels)
+    assert out["gate_open"] is False and float(out["gate_open_fraction"]) == 0.0
+    assert float(out["pull"].detach()) == 0.0 and not sar.gate_ever_opened
+    assert int(sar.gate_open_step) == -1 and sar.class_open_step.tolist() == [-1] * C
+    (grad,) = torch.autograd.grad(out["pull"], features)
+    assert torch.equal(grad, torch.zeros_like(features))
+
+
+def test_per_class_gate_with_only_unopened_classes_in_the_batch_gives_zero() -> None:
+    sar = per_class_sar([30.0, 0.0, 0.0, 0.0])
+    features, labels = flat_batch()
+    labels[labels == 0] = 1
+    features.requires_grad_()
+    out = sar(features, labels)
+    assert out["gate_open"] is True and float(out["gate_open_fraction"]) == 0.25
+    assert float(out["pull"].detach()) == 0.0
+    (grad,) = torch.autograd.grad(out["pull"], features)
+    assert torch.equal(grad, torch.zeros_like(features))
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_per_class_gate_equals_the_release_gate_when_every_anchor_passes(dense: bool) -> None:
+    torch.manual_seed(2)
+    features, labels = dense_batch() if dense else flat_batch()
+    released = make_sar(ema_momentum=0.7)
+    per_class = make_sar(
+        ema_momentum=0.7, gate="per_class", projector=copy.deepcopy(released.projector)
+    )
+    per_class.classifier.weight_matrix = released.classifier.weight_matrix
+    for _ in range(3):
+        a, b = released(features, labels), per_class(features, labels)
+        assert torch.equal(released.semantic_anchors, per_class.semantic_anchors)
+        for key in ("loss", "aux_ce", "pull", "gate_open_fraction"):
+            assert torch.equal(a[key], b[key]), key
+        assert a["gate_open"] is b["gate_open"] is True
+        noise = 0.3 * torch.randn(D, D)
+        for sar in (released, per_class):
+            with torch.no_grad():
+                sar.projector.weight.add_(noise)
+    assert int(per_class.gate_open_step) == int(released.gate_open_step) == 1
+    assert per_class.class_open_step.tolist() == [1] * C
+
+
+def test_gate_open_fraction_of_the_release_gate() -> None:
+    sar = make_sar()
+    sar.classifier.margins = torch.zeros(C, C)
+    features, labels = flat_batch()
+    out = sar(features, labels)
+    assert out["gate_open"] is False and out["gate_open_fraction"].dtype == torch.float32
+    assert float(out["gate_open_fraction"]) == 0.0
+    assert sar.classes_ready.tolist() == [False] * C
+    sar.classifier.margins = 30.0 * torch.eye(C)
+    out = sar(features, labels)
+    assert out["gate_open"] is True and float(out["gate_open_fraction"]) == 1.0
+    sar.classifier.margins = torch.diag(torch.tensor([30.0, 30.0, 30.0, 0.0]))
+    out = sar(features, labels)  # the gate fails again, but S exists for every class
+    assert out["gate_open"] is False and float(out["gate_open_fraction"]) == 1.0
+    assert float(out["pull"].detach()) == 0.0
+    assert sar.classes_ready.tolist() == [True] * C
+    assert float(sar.eval()(features, labels)["gate_open_fraction"]) == 1.0
+
+
+def test_per_class_reference_points_wait_for_every_class() -> None:
+    sar = per_class_sar([30.0, 30.0, 30.0, 0.0])
+    features, labels = flat_batch()
+    sar(features, labels)
+    assert sar.gate_ever_opened and sar.reference_points() is None
+    sar.classifier.margins = 30.0 * torch.eye(C)
+    sar(features, labels)
+    name, points = sar.reference_points()
+    assert name == "semantic anchors" and torch.equal(points, sar.semantic_anchors)
+    assert sar.class_open_step.tolist() == [1, 1, 1, 2]
+
+
+def test_per_class_eval_pulls_ready_classes_without_changing_state() -> None:
+    torch.manual_seed(3)
+    sar = per_class_sar([30.0, 0.0, 30.0, 0.0])
+    features, labels = dense_batch()
+    labels = all_classes(features, labels)
+    sar(features, labels)
+    sar.eval()
+    sar.classifier.margins = 30.0 * torch.eye(C)  # would open every class in training
+    before = {k: v.clone() for k, v in sar.state_dict().items()}
+    out = sar(features, labels)
+    after = sar.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert out["gate_open"] is False and float(out["gate_open_fraction"]) == 0.5
+    expected = loop_pull(features, labels, sar.semantic_anchors, "l2", classes=[0, 2])
+    assert float(expected.detach()) > 0
+    torch.testing.assert_close(out["pull"], expected)
+
+
+def test_per_class_state_dict_round_trip() -> None:
+    torch.manual_seed(4)
+    sar = per_class_sar([30.0, 0.0, 30.0, 0.0], ema_momentum=0.5)
+    features, labels = dense_batch()
+    labels = all_classes(features, labels)
+    sar(features, labels)
+    nudge_projector(sar)
+    sar.classifier.margins = torch.diag(torch.tensor([30.0, 30.0, 0.0, 0.0]))
+    sar(features, labels)
+    assert sar.class_open_step.tolist() == [1, 2, 1, -1]
+    state = sar.state_dict()
+
+    fresh = make_sar(gate="per_class", ema_momentum=0.5, seed=1)
+    fresh.classifier.margins = sar.classifier.margins
+    fresh.classifier.weight_matrix = sar.classifier.weight_matrix
+    fresh.load_state_dict(state)
+    assert fresh.class_open_step.tolist() == [1, 2, 1, -1] and int(fresh.gate_open_step) == 1
+    assert torch.equal(fresh.semantic_anchors, sar.semantic_anchors)
+    for train in (False, True):
+        sar.train(train)
+        fresh.train(train)
+        a, b = sar(features, labels), fresh(features, labels)
+        for key in ("loss", "aux_ce", "pull", "gate_open_fraction"):
+            assert torch.equal(a[key], b[key]), key
+    assert torch.equal(fresh.class_open_step, sar.class_open_step)
+    with pytest.raises(RuntimeError, match="class_open_step"):
+        make_sar().load_state_dict(state)  # a release-gated module has no per-class state
+
+
+def test_per_class_gate_warns_once_naming_the_shut_classes() -> None:
+    import warnings
+
+    sar = per_class_sar([30.0, 30.0, 0.0, 0.0], gate_warn_steps=2)
+    features, labels = flat_batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sar(features, labels)
+    with pytest.warns(RuntimeWarning, match=r"not opened for 2 of 4 classes after 2 steps") as rec:
+        sar(features, labels)
+    message = str(rec[0].message)
+    assert "2 (p=" in message and "3 (p=" in message and "0 (p=" not in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sar(features, labels)
+    quiet = per_class_sar([30.0] * C, gate_warn_steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet(features, labels)
+        quiet(features, labels)
+
+
+# --- pull="l2_margin" ----------------------------------------------------------------------
+
+
+def median_distance(features, labels, anchors) -> float:
+    """A margin with about half the valid positions of the batch within it."""
+    values = [
+        float(((f - anchors[y]) ** 2).sum() / D)
+        for f, y in positions(features, labels)
+        if y != IGNORE
+    ]
+    # halfway between two distances: no position sits on the hinge's kink
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return (ordered[middle - 1] + ordered[middle]) / 2
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dense", [False, True])
+def test_margin_pull_matches_a_hand_hinge(dense: bool, weighted: bool) -> None:
+    torch.manual_seed(5)
+    anchors = torch.randn(C, D)
+    features, labels = dense_batch() if dense else flat_batch(30)
+    weights = torch.tensor([0.5, 2.0, 0.0, 1.5]) if weighted else None
+    margin = median_distance(features, labels, anchors)  # about half the positions inside
+    features.requires_grad_()
+    pull = _masked_pull(
+        features, labels, anchors, IGNORE, kind="l2_margin", class_weights=weights, margin=margin
+    )
+    expected = loop_pull(features, labels, anchors, "l2_margin", weights, margin=margin)
+    torch.testing.assert_close(pull, expected)
+    plain = _masked_pull(features, labels, anchors, IGNORE, class_weights=weights)
+    assert 0 < float(pull.detach()) < float(plain.detach()) - 0.5 * margin
+    (grad,) = torch.autograd.grad(pull, features)
+    (expected_grad,) = torch.autograd.grad(expected, features)
+    torch.testing.assert_close(grad, expected_grad)
+    # the positions within the margin are not pulled
+    channels_last = grad.permute(0, 2, 3, 1) if dense else grad
+    feats = features.detach().permute(0, 2, 3, 1) if dense else features.detach()
+    safe = torch.where(labels == IGNORE, 0, labels)
+    inside = ((feats - anchors[safe]) ** 2).sum(-1) / D <= margin
+    inside &= labels != IGNORE
+    assert bool(inside.any())
+    assert torch.equal(channels_last[inside], torch.zeros_like(channels_last[inside]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dense", [False, True])
+def test_zero_margin_is_exactly_the_l2_pull(dense: bool, dtype: torch.dtype) -> None:
+    torch.manual_seed(6)
+    anchors = torch.randn(C, D, dtype=dtype)
+    features, labels = dense_batch(dtype=dtype) if dense else flat_batch(dtype=dtype)
+    features.requires_grad_()
+    hinge = _masked_pull(features, labels, anchors, IGNORE, kind="l2_margin", margin=0.0)
+    plain = _masked_pull(features, labels, anchors, IGNORE, kind="l2")
+    assert torch.equal(hinge, plain)
+    (g1,) = torch.autograd.grad(hinge, features)
+    (g2,) = torch.autograd.grad(plain, features)
+    assert torch.equal(g1, g2)
+    sar_plain = make_sar().to(dtype)
+    sar_hinge = make_sar(pull="l2_margin", projector=copy.deepcopy(sar_plain.projector))
+    sar_hinge = sar_hinge.to(dtype)
+    sar_hinge.classifier.weight_matrix = sar_plain.classifier.weight_matrix
+    a, b = sar_hinge(features, labels), sar_plain(features, labels)
+    assert float(a["pull"].detach()) > 0
+    for key in ("loss", "aux_ce", "pull"):
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_margin_pull_gives_no_gradient_to_the_anchors(dense: bool) -> None:
+    anchors = torch.randn(C, D, requires_grad=True)
+    features, labels = dense_batch() if dense else flat_batch()
+    features.requires_grad_()
+    pull = _masked_pull(features, labels, anchors, IGNORE, kind="l2_margin", margin=0.5)
+    assert float(pull.detach()) > 0
+    grads = torch.autograd.grad(pull, [features, anchors], allow_unused=True)
+    assert grads[0] is not None and float(grads[0].abs().sum()) > 0 and grads[1] is None
+
+
+@pytest.mark.parametrize("gate", ["all", "per_class"])
+@pytest.mark.parametrize("dense", [False, True])
+def test_module_margin_pull_uses_the_semantic_anchors(dense: bool, gate: str) -> None:
+    torch.manual_seed(7)
+    features, labels = dense_batch() if dense else flat_batch(30)
+    probe = make_sar()
+    margin = median_distance(features, labels, probe.projected_anchors().detach())
+    sar = make_sar(pull="l2_margin", margin=margin, gate=gate, projector=probe.projector)
+    features.requires_grad_()
+    out = sar(features, labels)
+    assert out["gate_open"] is True and not sar.semantic_anchors.requires_grad
+    expected = loop_pull(features, labels, sar.semantic_anchors, "l2_margin", margin=margin)
+    assert float(expected.detach()) > 0
+    torch.testing.assert_close(out["pull"], expected)
+    torch.testing.assert_close(out["loss"], out["aux_ce"] + 0.1 * expected)
+    grads = torch.autograd.grad(out["loss"], [features, *sar.projector.parameters()])
+    (expected_grad,) = torch.autograd.grad(0.1 * expected, features)
+    torch.testing.assert_close(grads[0], expected_grad)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "pattern"),
+    [
+        ({"margin": 0.5}, ValueError, r"margin=0.5 needs pull='l2_margin', got pull='l2'"),
+        (
+            {"margin": 0.5, "pull": "cosine"},
+            ValueError,
+            r"margin=0.5 needs pull='l2_margin', got pull='cosine'",
+        ),
+        ({"margin": -0.1, "pull": "l2_margin"}, ValueError, r"margin must be finite and >= 0"),
+        ({"margin": math.inf, "pull": "l2_margin"}, ValueError, r"margin must be finite"),
+        ({"margin": "1", "pull": "l2_margin"}, TypeError, r"margin must be a real number"),
+        ({"gate": "some"}, ValueError, r"gate must be one of 'all', 'per_class', got 'some'"),
+        ({"gate": None}, TypeError, r"gate must be one of 'all', 'per_class', got NoneType"),
+    ],
+)
+def test_bad_gate_and_margin_raise(kwargs, error, pattern) -> None:
+    with pytest.raises(error, match=pattern):
+        make_sar(**kwargs)
+
+
+def test_gate_and_margin_come_from_a_config() -> None:
+    assert {"gate", "margin"} <= set(loss_parameters("sar"))
+    objective = objective_from({"gate": "per_class", "pull": "l2_margin", "margin": 0.5})
+    sar = objective.terms[1]
+    assert sar.gate == "per_class" and sar.pull == "l2_margin" and sar.margin == 0.5
+    assert "class_open_step" in sar.state_dict()
+    default = objective_from({}).terms[1]
+    assert default.gate == "all" and default.margin == 0.0
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"gate": "any"}, r"loss sar: gate must be one of 'all', 'per_class', got 'any'"),
+        ({"margin": 0.5}, r"loss sar: margin=0.5 needs pull='l2_margin', got pull='l2'"),
+        ({"pull": "l2_margin", "margin": -1}, r"loss sar: margin must be finite and >= 0"),
+    ],
+)
+def test_bad_gate_and_margin_from_a_config_are_config_errors(params: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        objective_from(params)
+
+
+@pytest.mark.parametrize("gate", ["all", "per_class"])
+def test_objective_reports_the_gate_open_fraction(gate: str) -> None:
+    torch.manual_seed(8)
+    objective = objective_from({"gate": gate, "seed": 0})
+    logits, features = torch.randn(12, 10), torch.randn(12, 16)
+    labels = torch.randint(0, 10, (12,))
+    out = objective(logits, features, labels)
+    assert {"sar/gate_open", "sar/gate_open_fraction", "sar/pull", "sar/aux_ce"} <= set(out)
+    fraction = out["sar/gate_open_fraction"]
+    assert fraction.dtype == torch.float32 and fraction.shape == ()
+    # a fresh classifier classifies no anchor confidently: nothing has opened yet
+    assert float(fraction) == 0.0 and float(out["sar/gate_open"]) == 0.0
+    sar = objective.terms[1]
+    with torch.no_grad():  # now every anchor is confidently its own class
+        projected = sar.projected_anchors()
+        objective_model_weight = 30.0 * torch.linalg.pinv(projected).T
+        sar.classifier.weight.copy_(objective_model_weight)
+        sar.classifier.bias.zero_()
+    out = objective(logits, features, labels)
+    assert float(out["sar/gate_open_fraction"]) == 1.0 and float(out["sar/gate_open"]) == 1.0

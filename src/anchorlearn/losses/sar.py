@@ -35,7 +35,8 @@ __all__ = ["SemanticAnchorRegularizer", "class_balanced_weights", "default_proje
 Classifier = nn.Module | Callable[[torch.Tensor], torch.Tensor]
 
 ANCHOR_INITS = ("gaussian", "etf", "uniform")
-PULLS = ("l2", "cosine")
+PULLS = ("l2", "cosine", "l2_margin")
+GATES = ("all", "per_class")
 # the smallest norm a feature or an anchor counts with in the cosine pull: a zero feature
 # has cosine 0 with every anchor (pull 1) and a finite gradient
 _COSINE_EPS = 1e-8
@@ -66,14 +67,26 @@ class SemanticAnchorRegularizer(nn.Module):
        ``aux = sum_i w_i ce_i``, ``w_i = log p_i / (sum_j log p_j + 1e-9)`` over the
        unsolved anchors (equivalently ``sum ce_i^2 / sum ce_j``; zero once all are solved).
        Its gradient reaches the projector and the classifier.
-    3. Gate: if every anchor is argmax-correct and every ``p_i > update_conf``, the
-       semantic anchors ``S`` are set to ``P`` the first time and updated as
-       ``S <- m S + (1 - m) P`` afterwards (``m = ema_momentum``; ``P`` detached).
-    4. Pull, on gated steps only, with ``S`` as updated in the same step:
-       ``pull = mean over valid positions of ||f - S[y]||^2 / D`` (``pull="l2"``, the
-       release) or of ``1 - cos(f, S[y])`` (``pull="cosine"``); with ``class_weights`` ``w``
-       the mean becomes ``sum_i w[y_i] d_i / sum_i w[y_i]``. Its gradient reaches only
-       ``features``.
+    3. Gate (``P`` detached; ``m = ema_momentum``; anchor ``i`` *passes* when it is
+       argmax-correct and ``p_i > update_conf``).
+       ``gate="all"`` (the release): if every anchor passes, the semantic anchors ``S`` are
+       set to ``P`` the first time and updated as ``S <- m S + (1 - m) P`` afterwards;
+       otherwise nothing changes.
+       ``gate="per_class"``: each row on its own: if anchor ``i`` passes, ``S[i]`` is set to
+       ``P[i]`` the first time (class ``i`` *opens* and is *ready* from then on) and updated
+       as ``S[i] <- m S[i] + (1 - m) P[i]`` afterwards; rows of anchors that fail are left
+       as they are.
+    4. Pull, with ``S`` as updated in the same step: the mean over valid positions of a
+       distance ``d`` between ``f`` and ``S[y]``: ``||f - S[y]||^2 / D`` (``pull="l2"``, the
+       release), ``1 - cos(f, S[y])`` (``pull="cosine"``) or the hinge
+       ``max(0, ||f - S[y]||^2 / D - margin)`` (``pull="l2_margin"``: a feature already
+       within ``margin`` of its anchor is not pulled); with ``class_weights`` ``w`` the mean
+       becomes ``sum_i w[y_i] d_i / sum_i w[y_i]``. Its gradient reaches only ``features``.
+       ``gate="all"``: on gated steps only (a step failing the gate has no pull).
+       ``gate="per_class"``: on every step, over the valid positions whose class is ready
+       (opened on this or an earlier step, whether or not it passed this step); positions
+       of classes not yet open count neither in the sum nor in the mean, and while no
+       class of the batch is ready the pull is zero.
 
     ``loss = aux_weight * aux_ce + pull_weight * pull``. The returned ``aux_ce`` and ``pull``
     are unweighted; both are always present (zero while inactive) so that loss keys agree
@@ -83,7 +96,13 @@ class SemanticAnchorRegularizer(nn.Module):
     autocast state: a float16 batch is never summed in float16.
 
     In ``eval()`` mode no state changes: the auxiliary CE is reported with the projector in
-    eval mode and the pull is measured against ``S`` if the gate has ever opened.
+    eval mode and the pull is measured against ``S`` if the gate has ever opened (with
+    ``gate="per_class"``: on the positions of the ready classes only).
+
+    Under DDP the gate decision is the same on every rank: it reads only the projected
+    anchors and the classifier, which DDP keeps identical across ranks (never the batch);
+    so ``S``, ``step``, ``gate_open_step`` and ``class_open_step`` agree without any
+    communication.
 
     Args:
         num_classes: number of classes ``C`` (>= 2).
@@ -96,14 +115,15 @@ class SemanticAnchorRegularizer(nn.Module):
         aux_weight: weight of the auxiliary CE (release: 1.0).
         filter_conf: own-class probability above which an anchor counts as solved in the
             hard-anchor weighting (release: 0.9).
-        update_conf: own-class probability every anchor must exceed to open the gate
-            (release: 0.8).
+        update_conf: own-class probability every anchor (``gate="all"``) or a class's own
+            anchor (``gate="per_class"``) must exceed to pass the gate (release: 0.8).
         ema_momentum: momentum ``m`` of the semantic-anchor EMA (release: 0.999).
         ignore_index: label value excluded from the pull (``None``: every label is a class;
             the engine passes ``None`` for classification, 255 for segmentation).
         projector: module mapping ``(C, D)`` to ``(C, D)``; ``None`` builds
             :func:`default_projector`.
-        gate_warn_steps: warn once if the gate is still shut after this many training steps.
+        gate_warn_steps: warn once if the gate is still shut after this many training steps
+            (``gate="per_class"``: if any class is still not open, naming those classes).
         seed: seed of the generator that draws the fixed anchors (``None``: torch's global
             generator). The anchors are a buffer drawn when the module is built; under DDP
             every rank must draw the same ones, so pass the same ``seed`` on every rank (or
@@ -122,22 +142,41 @@ class SemanticAnchorRegularizer(nn.Module):
             is ``None``, with a seed drawn from torch's global generator, so that seeding
             torch reproduces them as it does the Gaussian anchors.
         pull: the distance the pull averages: ``"l2"`` (the release),
-            ``||f - S[y]||^2 / D``, or ``"cosine"``, ``1 - cos(f, S[y])`` (norms clamped
-            below at 1e-8, so a zero feature gives 1 and a finite gradient).
+            ``||f - S[y]||^2 / D``; ``"cosine"``, ``1 - cos(f, S[y])`` (norms clamped
+            below at 1e-8, so a zero feature gives 1 and a finite gradient); or
+            ``"l2_margin"``, ``max(0, ||f - S[y]||^2 / D - margin)`` (zero gradient for the
+            features within the margin; ``margin=0`` gives exactly ``"l2"``).
         class_weights: optional ``(C,)`` finite, non-negative weights, not all zero, of the
             positions of each class in the pull (see :func:`class_balanced_weights`): the
             pull is ``sum_i w[y_i] d_i / sum_i w[y_i]`` over the valid positions, so equal
             weights give the unweighted mean and a class of weight 0 is not pulled. Kept as
             a non-persistent buffer: it moves with ``.to()`` but is not in ``state_dict``
             (it is a setting, passed again when the module is rebuilt). ``None``: unweighted.
+        gate: ``"all"`` (the release): ``S`` starts and moves only on steps where every
+            anchor passes; or ``"per_class"``: each class's row of ``S`` starts and moves on
+            the steps where its own anchor passes, and each class is pulled once it has
+            opened (see steps 3 and 4). With many classes the release's gate can stay shut
+            for a long time (every one of ``C`` anchors must pass on the same step); the
+            per-class gate pulls the classes that are ready meanwhile. ``"per_class"`` adds
+            the buffer ``class_open_step`` ``(C,)`` (the step each class opened, -1 until
+            then) to ``state_dict`` (so a checkpoint of one gate does not load strictly into
+            a module built with the other); ``gate_open_step`` is then the step the first
+            class opened, and :attr:`gate_ever_opened` is true once any class has.
+            :meth:`reference_points` returns ``S`` only once every class has opened
+            (``None`` before: rows of classes not yet open are not anchors).
+        margin: the hinge of ``pull="l2_margin"`` (>= 0, in the units of
+            ``||f - S[y]||^2 / D``); a non-zero margin needs ``pull="l2_margin"``.
 
     Shapes:
         ``features`` ``(N, D)`` with ``labels`` ``(N,)``, or ``(B, D, H, W)`` with ``labels``
         ``(B, H', W')``, resized to ``(H, W)`` by nearest neighbour.
 
     Returns:
-        ``{"loss", "aux_ce", "pull"}`` scalar tensors and ``"gate_open"`` (bool: the pull
-        was active this step).
+        ``{"loss", "aux_ce", "pull"}`` scalar tensors, ``"gate_open"`` (bool: the pull
+        was active this step; always ``False`` in ``eval()`` mode, where nothing is gated)
+        and ``"gate_open_fraction"`` (float32 scalar tensor: the fraction of classes whose
+        row of ``S`` is ready after this step's update; ``gate="all"``: 1.0 once the gate
+        has ever opened, else 0.0, even on a later step that fails the gate).
     """
 
     anchors: torch.Tensor
@@ -145,6 +184,7 @@ class SemanticAnchorRegularizer(nn.Module):
     class_weights: torch.Tensor | None
     step: torch.Tensor
     gate_open_step: torch.Tensor
+    class_open_step: torch.Tensor  # gate="per_class" only
 
     def __init__(
         self,
@@ -164,6 +204,8 @@ class SemanticAnchorRegularizer(nn.Module):
         anchor_init: str = "gaussian",
         pull: str = "l2",
         class_weights: torch.Tensor | None = None,
+        gate: str = "all",
+        margin: float = 0.0,
     ) -> None:
         super().__init__()
         self.num_classes = check_num_classes(num_classes)
@@ -190,6 +232,13 @@ class SemanticAnchorRegularizer(nn.Module):
         self.projector = projector
         self.anchor_init = _check_choice(anchor_init, "anchor_init", ANCHOR_INITS)
         self.pull = _check_choice(pull, "pull", PULLS)
+        self.gate = _check_choice(gate, "gate", GATES)
+        self.margin = check_non_negative(margin, "margin")
+        if self.margin != 0 and self.pull != "l2_margin":
+            raise ValueError(
+                f"margin={self.margin} needs pull='l2_margin', got pull={self.pull!r}: the "
+                "margin is the hinge of the l2_margin pull (use margin=0 with other pulls)"
+            )
         weights = _check_class_weights(class_weights, self.num_classes)
         anchors = _initial_anchors(
             self.anchor_init, self.num_classes, self.feat_dim, check_seed(seed)
@@ -199,18 +248,38 @@ class SemanticAnchorRegularizer(nn.Module):
         self.register_buffer("semantic_anchors", torch.zeros(self.num_classes, self.feat_dim))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("gate_open_step", torch.full((), -1, dtype=torch.long))
+        if self.gate == "per_class":
+            # only then: the release's state_dict (gate="all") keeps its keys
+            self.register_buffer(
+                "class_open_step", torch.full((self.num_classes,), -1, dtype=torch.long)
+            )
         self.register_buffer("class_weights", weights, persistent=False)
         self._warned_gate = False
 
     @property
     def gate_ever_opened(self) -> bool:
-        """Whether the semantic anchors have been initialised."""
+        """Whether the semantic anchors have been initialised (``gate="per_class"``: those of
+        at least one class)."""
         return bool(self.gate_open_step >= 0)
+
+    @property
+    def classes_ready(self) -> torch.Tensor:
+        """``(C,)`` bool: the classes whose row of ``S`` has started (``gate="all"``: all of
+        them once the gate has opened, none before)."""
+        if self.gate == "per_class":
+            return self.class_open_step >= 0
+        return (self.gate_open_step >= 0).expand(self.num_classes).clone()
 
     def reference_points(self) -> tuple[str, torch.Tensor] | None:
         """``("semantic anchors", S)``, ``S`` a detached float32 CPU copy ``(C, D)`` of the
-        semantic anchors, once the gate has opened; ``None`` before (there are none yet)."""
+        semantic anchors, once every class has its semantic anchor; ``None`` before.
+
+        ``gate="all"``: once the gate has opened. ``gate="per_class"``: once every class
+        has opened; while some have not, ``None`` (their rows of ``S`` are not anchors yet,
+        and a partial set would be plotted and measured as if it were one)."""
         if not self.gate_ever_opened:
+            return None
+        if self.gate == "per_class" and not bool(self.classes_ready.all()):
             return None
         return "semantic anchors", self.semantic_anchors.detach().float().cpu().clone()
 
@@ -264,9 +333,22 @@ class SemanticAnchorRegularizer(nn.Module):
         aux_ce = _hard_anchor_weighted_ce(ce, self.filter_conf)
 
         gate_open = False
-        if self.training:
-            gate_open = self._update_semantic_anchors(logits.detach(), ce.detach(), projected)
-        use_pull = gate_open or (not self.training and self.gate_ever_opened)
+        ready: torch.Tensor | None = None
+        if self.gate == "per_class":
+            if self.training:
+                ready = self._update_per_class(logits.detach(), ce.detach(), projected)
+            else:
+                ready = self.classes_ready
+            use_pull = bool(ready.any())
+            gate_open = use_pull and self.training
+            fraction = ready.to(torch.float32).mean()
+        else:
+            if self.training:
+                gate_open = self._update_semantic_anchors(logits.detach(), ce.detach(), projected)
+            use_pull = gate_open or (not self.training and self.gate_ever_opened)
+            fraction = torch.full(
+                (), float(self.gate_ever_opened), dtype=torch.float32, device=self.anchors.device
+            )
         if use_pull:
             pull = _masked_pull(
                 features,
@@ -275,11 +357,61 @@ class SemanticAnchorRegularizer(nn.Module):
                 self.ignore_index,
                 kind=self.pull,
                 class_weights=self.class_weights,
+                classes=ready,
+                margin=self.margin,
             )
         else:
             pull = connected_zero(features)
         loss = self.aux_weight * aux_ce + self.pull_weight * pull
-        return {"loss": loss, "aux_ce": aux_ce, "pull": pull, "gate_open": gate_open}
+        return {
+            "loss": loss,
+            "aux_ce": aux_ce,
+            "pull": pull,
+            "gate_open": gate_open,
+            "gate_open_fraction": fraction,
+        }
+
+    @torch.no_grad()
+    def _update_per_class(
+        self, logits: torch.Tensor, ce: torch.Tensor, projected: torch.Tensor
+    ) -> torch.Tensor:
+        """The per-class gate: start or EMA-update the rows of ``S`` whose anchor passes;
+        returns the ``(C,)`` bool mask of the classes ready after the update."""
+        self.step += 1
+        own_prob = torch.exp(-ce)
+        correct = logits.argmax(dim=1) == torch.arange(self.num_classes, device=logits.device)
+        passes = correct & (own_prob > self.update_conf)
+        was_ready = self.class_open_step >= 0
+        first = passes & ~was_ready
+        moves = passes & was_ready
+        new = projected.detach().to(self.semantic_anchors.dtype)
+        # the same operations as the all-classes gate's EMA, row by row
+        ema = self.semantic_anchors.mul(self.ema_momentum).add_(new, alpha=1 - self.ema_momentum)
+        updated = torch.where(moves[:, None], ema, self.semantic_anchors)
+        self.semantic_anchors.copy_(torch.where(first[:, None], new, updated))
+        self.class_open_step.copy_(torch.where(first, self.step, self.class_open_step))
+        first_ever = (self.gate_open_step < 0) & first.any()
+        self.gate_open_step.copy_(torch.where(first_ever, self.step, self.gate_open_step))
+        ready = was_ready | passes
+        if not self._warned_gate and int(self.step) >= self.gate_warn_steps:
+            if not bool(ready.all()):
+                self._warn_classes_shut(ready, own_prob)
+        return ready
+
+    def _warn_classes_shut(self, ready: torch.Tensor, own_prob: torch.Tensor) -> None:
+        self._warned_gate = True
+        failing = torch.nonzero(~ready).flatten().tolist()
+        shown = ", ".join(f"{i} (p={float(own_prob[i]):.2f})" for i in failing[:10])
+        more = f" and {len(failing) - 10} more" if len(failing) > 10 else ""
+        warnings.warn(
+            f"SemanticAnchorRegularizer: the per-class gate has not opened for "
+            f"{len(failing)} of {self.num_classes} classes after {int(self.step)} steps, so "
+            f"their positions are not pulled. Classes still shut (need argmax-correct and "
+            f"p > update_conf={self.update_conf}): {shown}{more}. Consider a lower "
+            "update_conf, a higher aux_weight or a longer training.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     @torch.no_grad()
     def _update_semantic_anchors(
@@ -324,7 +456,8 @@ class SemanticAnchorRegularizer(nn.Module):
             f"filter_conf={self.filter_conf}, update_conf={self.update_conf}, "
             f"ema_momentum={self.ema_momentum}, ignore_index={self.ignore_index}, "
             f"anchor_init={self.anchor_init!r}, pull={self.pull!r}, "
-            f"class_weights={None if self.class_weights is None else 'tensor'}"
+            f"class_weights={None if self.class_weights is None else 'tensor'}, "
+            f"gate={self.gate!r}, margin={self.margin}"
         )
 
 
@@ -462,11 +595,15 @@ def _masked_pull(
     *,
     kind: str = "l2",
     class_weights: torch.Tensor | None = None,
+    classes: torch.Tensor | None = None,
+    margin: float = 0.0,
 ) -> torch.Tensor:
-    """Mean over valid positions of ``d = ||f - anchors[y]||^2 / D`` (``kind="l2"``) or
-    ``d = 1 - cos(f, anchors[y])`` (``kind="cosine"``), in float32 or wider; with
-    ``class_weights`` ``w``, the weighted mean ``sum w[y] d / sum w[y]`` (zero when no valid
-    position has a positive weight).
+    """Mean over valid positions of ``d = ||f - anchors[y]||^2 / D`` (``kind="l2"``),
+    ``d = 1 - cos(f, anchors[y])`` (``kind="cosine"``) or
+    ``d = max(0, ||f - anchors[y]||^2 / D - margin)`` (``kind="l2_margin"``), in float32 or
+    wider; with ``class_weights`` ``w``, the weighted mean ``sum w[y] d / sum w[y]`` (zero
+    when no valid position has a positive weight). ``classes``: an optional ``(C,)`` bool
+    mask; positions whose label is not in it count as void.
 
     Per-position gather for ``(N, D)``. For ``(B, D, H, W)`` see :class:`_DenseSquaredDistance`:
     no one-hot map and no ``(B, D, H, W)`` target is kept alive; the cosine reads the ``(B, C,
@@ -478,6 +615,8 @@ def _masked_pull(
         anchors = anchors.detach().to(dtype)
         valid = valid_label_mask(labels, ignore_index)
         safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
+        if classes is not None:
+            valid = valid & classes.to(valid.device)[safe_labels]
         if class_weights is None:
             weights = valid.to(dtype)
             denominator = valid.sum().clamp_min(1)
@@ -488,8 +627,13 @@ def _masked_pull(
         d = feats.shape[1]
         if kind == "cosine":
             return (_cosine_distance(feats, safe_labels, anchors) * weights).sum() / denominator
+        # the hinge on ||f - a||^2 rather than on its mean over channels: the same value,
+        # divided by D below; margin 0 runs exactly the operations of kind="l2"
+        margin_sq = float(margin) * d if kind == "l2_margin" else 0.0
         if feats.ndim == 2:
             per_position = (feats - anchors[safe_labels]).pow(2).sum(dim=1)
+            if margin_sq > 0:
+                per_position = F.relu(per_position - margin_sq)
             total = (per_position * weights).sum()
         else:
             b, _, h, w = feats.shape
@@ -498,6 +642,7 @@ def _masked_pull(
                 safe_labels.reshape(b, h * w),
                 weights.reshape(b, h * w),
                 anchors.t().contiguous(),
+                margin_sq,
             )
         return total / (denominator * d)
 
@@ -518,32 +663,45 @@ def _cosine_distance(
 
 
 class _DenseSquaredDistance(torch.autograd.Function):
-    """``sum_{b, n} valid[b, n] * ||feats[b, :, n] - anchors_t[:, labels[b, n]]||^2``.
+    """``sum_{b, n} valid[b, n] * ||feats[b, :, n] - anchors_t[:, labels[b, n]]||^2``, or
+    with ``margin_sq > 0`` the hinge ``sum valid * max(0, ||f - a_y||^2 - margin_sq)``.
 
     ``feats`` ``(B, D, HW)``, ``labels`` and ``valid`` ``(B, HW)``, ``anchors_t`` ``(D, C)``;
     ``valid`` is a float weight per position (1 or 0, or a class weight for a valid one).
     The target columns are gathered one batch item at a time and worked on in place, so the
     forward holds one ``(D, HW)`` temporary and the backward only its ``(B, D, HW)`` result,
-    ``2 * valid * (f - a_y)``, recomputed rather than saved.
+    ``2 * valid * (f - a_y)``, recomputed rather than saved (with a margin, ``valid`` is
+    zeroed where the hinge is flat: the positions within the margin get no gradient).
     """
 
     @staticmethod
     def forward(
-        ctx, feats: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, anchors_t: torch.Tensor
+        ctx,
+        feats: torch.Tensor,
+        labels: torch.Tensor,
+        valid: torch.Tensor,
+        anchors_t: torch.Tensor,
+        margin_sq: float = 0.0,
     ) -> torch.Tensor:
         total = feats.new_zeros(())
+        active = valid.clone() if margin_sq > 0 else valid
         for i in range(feats.shape[0]):
             sq = anchors_t.index_select(1, labels[i]).sub_(feats[i]).square_()
-            total += torch.dot(sq.sum(0), valid[i])
-        ctx.save_for_backward(feats, labels, valid, anchors_t)
+            if margin_sq > 0:
+                dist = sq.sum(0)
+                active[i].mul_(dist > margin_sq)
+                total += torch.dot(dist.sub_(margin_sq).clamp_min_(0), valid[i])
+            else:
+                total += torch.dot(sq.sum(0), valid[i])
+        ctx.save_for_backward(feats, labels, active, anchors_t)
         return total
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
         feats, labels, valid, anchors_t = ctx.saved_tensors
         grad_feats = torch.empty_like(feats)
         for i in range(feats.shape[0]):
             torch.sub(feats[i], anchors_t.index_select(1, labels[i]), out=grad_feats[i])
             grad_feats[i].mul_(valid[i] * (2 * grad))
-        return grad_feats, None, None, None
+        return grad_feats, None, None, None, None
