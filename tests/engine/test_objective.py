@@ -53,9 +53,19 @@ def test_loss_parameters_are_the_constructor_keywords_less_what_the_engine_suppl
         "seed",
         "anchor_init",
         "pull",
+        "gate",
+        "margin",
     ]
     assert loss_parameters("ema_prototype") == ["weight", "momentum"]
     assert loss_parameters("center") == ["weight"]
+    assert loss_parameters("tsc_targets") == [
+        "weight",
+        "temperature",
+        "assign_every",
+        "momentum",
+        "seed",
+    ]
+    assert loss_parameters("ceco") == ["weight", "scale", "seed"]
 
 
 def test_the_task_losses_are_those_flagged_as_training_the_classifier() -> None:
@@ -65,7 +75,7 @@ def test_the_task_losses_are_those_flagged_as_training_the_classifier() -> None:
     with pytest.raises(ConfigError) as info:
         build([LossConfig("sar"), LossConfig("center")])
     assert str(info.value) == (
-        "losses must include a task loss (ce, logit_adjusted, balanced_softmax or "
+        "losses must include a task loss (ce, logit_adjusted, balanced_softmax, ldam or "
         "dot_regression); regularizers alone do not train the classifier"
     )
 
@@ -89,7 +99,7 @@ def test_dot_regression_alone_trains_an_etf_model_onto_its_classifier_weight() -
             [LossConfig("ce"), LossConfig("sar", {"pull_wieght": 0.1})],
             "losses.1: unknown parameter 'pull_wieght' for loss sar (did you mean "
             "'pull_weight'?); allowed: pull_weight, aux_weight, filter_conf, update_conf, "
-            "ema_momentum, gate_warn_steps, seed, anchor_init, pull",
+            "ema_momentum, gate_warn_steps, seed, anchor_init, pull, gate, margin",
         ),
         (
             [LossConfig("sarr")],

@@ -4,6 +4,8 @@ configs, and classification labels that are never void."""
 
 from __future__ import annotations
 
+import csv
+import math
 from pathlib import Path
 
 import numpy as np
@@ -107,3 +109,15 @@ def test_shipped_supervised_configs_are_valid(path: str) -> None:
 
     cfg = load_config(path)
     assert cfg.losses and cfg.trainer.max_epochs >= 1
+
+
+@pytest.mark.parametrize(("loss", "term"), [("tsc_targets", "target_ce"), ("ceco", "center_ce")])
+def test_the_fixed_target_baselines_train_from_a_config(
+    tmp_path: Path, loss: str, term: str
+) -> None:
+    raw = digits_config(losses=["ce", {"name": loss, "weight": 0.5}], trainer__log_every_n_steps=1)
+    metrics = fit(parse_config(raw), tmp_path / "run", quiet=True, plots=False)
+    assert 0.0 <= metrics["top1"] <= 1.0 and metrics["epochs"] == 2
+    rows = list(csv.DictReader((tmp_path / "run" / "logs" / "version_0" / "metrics.csv").open()))
+    logged = [float(r[f"train/{loss}/{term}"]) for r in rows if r.get(f"train/{loss}/{term}")]
+    assert logged and all(math.isfinite(v) and v > 0 for v in logged)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from anchorlearn.losses.etf import DotRegressionLoss
+from anchorlearn.losses.fixed_targets import CenterCollapseLoss, TargetedContrastiveLoss
 from anchorlearn.losses.long_tail import (
     BalancedSoftmaxLoss,
     CrossEntropyLoss,
@@ -83,6 +84,18 @@ LOSSES: dict[str, _LossSpec] = {
     ),
     "center": _LossSpec(
         CenterLoss, "features", ("num_classes", "feat_dim"), "center loss (Wen et al. 2016)"
+    ),
+    "tsc_targets": _LossSpec(
+        TargetedContrastiveLoss,
+        "features",
+        ("num_classes", "feat_dim"),
+        "fixed uniform targets with an assignment step (TSC, Li et al. 2022)",
+    ),
+    "ceco": _LossSpec(
+        CenterCollapseLoss,
+        "features",
+        ("num_classes", "feat_dim"),
+        "batch class centres classified by a fixed ETF (CeCo, Zhong et al. 2023)",
     ),
 }
 

@@ -9,13 +9,15 @@ are upcast before any sum, square or exponential, where a batch would overflow f
 inactive term is a zero still connected to the inputs' graph (never ``inputs.sum() * 0``,
 which is NaN once the sum overflows).
 
-The losses that keep class anchors, prototypes or centres (SAR, EMA prototypes, center
-loss) return them with ``reference_points()``: a name and a ``(C, D)`` float32 CPU tensor,
-or ``None`` while they have none.
+The losses that keep class anchors, prototypes, centres or fixed targets (SAR, EMA
+prototypes, center loss, the TSC targets, the CeCo ETF) return them with
+``reference_points()``: a name and a ``(C, D)`` float32 CPU tensor, or ``None`` while they
+have none.
 """
 
 from .contrastive import InfoNCE, ProtoNCE
 from .etf import DotRegressionLoss
+from .fixed_targets import CenterCollapseLoss, TargetedContrastiveLoss
 from .long_tail import BalancedSoftmaxLoss, CrossEntropyLoss, LDAMLoss, LogitAdjustedLoss
 from .pauc import AlignmentLoss, CorrelationLoss, PAUCLoss, PAUCParameters, UniformityLoss
 from .prototypes import CenterLoss, EMAPrototypeLoss
@@ -24,6 +26,7 @@ from .sar import SemanticAnchorRegularizer, class_balanced_weights, default_proj
 __all__ = [
     "AlignmentLoss",
     "BalancedSoftmaxLoss",
+    "CenterCollapseLoss",
     "CenterLoss",
     "CorrelationLoss",
     "CrossEntropyLoss",
@@ -36,6 +39,7 @@ __all__ = [
     "PAUCParameters",
     "ProtoNCE",
     "SemanticAnchorRegularizer",
+    "TargetedContrastiveLoss",
     "UniformityLoss",
     "class_balanced_weights",
     "default_projector",
