@@ -53,6 +53,7 @@ def test_loss_parameters_are_the_constructor_keywords_less_what_the_engine_suppl
         "seed",
         "anchor_init",
         "pull",
+        "class_weights",
         "gate",
         "margin",
     ]
@@ -99,7 +100,7 @@ def test_dot_regression_alone_trains_an_etf_model_onto_its_classifier_weight() -
             [LossConfig("ce"), LossConfig("sar", {"pull_wieght": 0.1})],
             "losses.1: unknown parameter 'pull_wieght' for loss sar (did you mean "
             "'pull_weight'?); allowed: pull_weight, aux_weight, filter_conf, update_conf, "
-            "ema_momentum, gate_warn_steps, seed, anchor_init, pull, gate, margin",
+            "ema_momentum, gate_warn_steps, seed, anchor_init, pull, class_weights, gate, margin",
         ),
         (
             [LossConfig("sarr")],

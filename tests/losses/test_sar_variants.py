@@ -511,15 +511,14 @@ class StubModel(nn.Module):
         self.classifier = nn.Linear(feat_dim, num_classes)
 
 
-def objective_from(sar_params: dict):
+def objective_from(sar_params: dict, class_counts: list[int] | None = None):
     raw = digits_config(losses=["ce", {"name": "sar", **sar_params}])
     specs = parse_config(raw).losses
-    return build_objective(specs, model=StubModel(), num_classes=10, class_counts=None)
+    return build_objective(specs, model=StubModel(), num_classes=10, class_counts=class_counts)
 
 
 def test_string_options_come_from_a_config() -> None:
-    assert {"anchor_init", "pull"} <= set(loss_parameters("sar"))
-    assert "class_weights" not in loss_parameters("sar")  # a tensor: set in Python only
+    assert {"anchor_init", "pull", "class_weights", "gate", "margin"} <= set(loss_parameters("sar"))
     objective = objective_from({"anchor_init": "etf", "pull": "cosine", "seed": 0})
     sar = objective.terms[1]
     assert sar.anchor_init == "etf" and sar.pull == "cosine"
@@ -531,13 +530,34 @@ def test_string_options_come_from_a_config() -> None:
     [
         ({"anchor_init": "sphere"}, r"loss sar: anchor_init must be one of"),
         ({"pull": "l1"}, r"loss sar: pull must be one of"),
-        # a tensor cannot come from YAML: class_weights is set in Python only
-        ({"class_weights": [1.0] * 10}, r"class_weights"),
+        # a config names the weighting; a tensor of weights is set in Python only
+        ({"class_weights": [1.0] * 10}, r"losses\.1\.class_weights must be 'inverse'"),
+        ({"class_weights": "effective:1.5"}, r"got 'effective:1\.5'"),
+        ({"class_weights": "inverse:0.9"}, r"got 'inverse:0\.9'"),
     ],
 )
 def test_bad_options_from_a_config_are_config_errors(params: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         objective_from(params)
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "beta"),
+    [
+        ("inverse", "inverse", 0.999),
+        ("effective", "effective", 0.999),
+        ("effective:0.9", "effective", 0.9),
+    ],
+)
+def test_a_config_names_the_class_weights_and_the_engine_computes_them(
+    name: str, kind: str, beta: float
+) -> None:
+    counts = [500, 300, 200, 100, 80, 60, 40, 20, 10, 5]
+    sar = objective_from({"class_weights": name}, class_counts=counts).terms[1]
+    torch.testing.assert_close(sar.class_weights, class_balanced_weights(counts, kind, beta))
+    assert sar.class_weights[-1] > sar.class_weights[0]
+    with pytest.raises(ConfigError, match="class_weights needs training class counts"):
+        objective_from({"class_weights": name})
 
 
 # --- gate="per_class" ----------------------------------------------------------------------

@@ -23,7 +23,7 @@ from anchorlearn.losses.long_tail import (
     LogitAdjustedLoss,
 )
 from anchorlearn.losses.prototypes import CenterLoss, EMAPrototypeLoss
-from anchorlearn.losses.sar import SemanticAnchorRegularizer
+from anchorlearn.losses.sar import SemanticAnchorRegularizer, class_balanced_weights
 from anchorlearn.models.etf import ETFClassifier
 
 from .config import ConfigError, LossConfig
@@ -102,8 +102,28 @@ LOSSES: dict[str, _LossSpec] = {
 
 # constructor arguments a config does not set: modules built in Python, and the void label,
 # which is the data's
-# modules and tensors are built in Python, not read from YAML
-_NOT_CONFIGURABLE = frozenset({"projector", "ignore_index", "class_weights"})
+_NOT_CONFIGURABLE = frozenset({"projector", "ignore_index"})
+
+# a config gives SAR's class_weights by name; the engine computes them from the training
+# counts (anchorlearn.losses.class_balanced_weights)
+_CLASS_WEIGHT_FORMS = "'inverse', 'effective' or 'effective:BETA' (BETA in [0, 1))"
+
+
+def _class_weight_kind(value: Any, key: str) -> tuple[str, float]:
+    """``(kind, beta)`` of a config's ``class_weights``: ``"inverse"``, ``"effective"``
+    (beta 0.999) or ``"effective:BETA"``; anything else is a :class:`ConfigError`."""
+    if isinstance(value, str):
+        kind, sep, beta = value.partition(":")
+        if kind == "inverse" and not sep:
+            return kind, 0.999
+        if kind == "effective":
+            try:
+                number = float(beta) if sep else 0.999
+            except ValueError:
+                number = -1.0
+            if 0.0 <= number < 1.0:
+                return kind, number
+    raise ConfigError(f"{key} must be {_CLASS_WEIGHT_FORMS}, got {value!r}")
 
 
 def loss_parameters(name: str) -> list[str]:
@@ -139,6 +159,8 @@ def check_losses(specs: Sequence[LossConfig]) -> None:
                     f"losses.{i}: unknown parameter {key!r} for loss {spec.name}"
                     f"{did_you_mean(key, allowed)}; allowed: {', '.join(allowed) or '(none)'}"
                 )
+        if "class_weights" in spec.params:
+            _class_weight_kind(spec.params["class_weights"], f"losses.{i}.class_weights")
 
 
 class Objective(nn.Module):
@@ -228,8 +250,14 @@ def build_objective(
         kwargs = {k: available[k] for k in entry.injected}
         if _takes(entry.cls, "ignore_index"):
             kwargs["ignore_index"] = ignore_index
+        params = dict(spec.params)
+        if "class_weights" in params:
+            kind, beta = _class_weight_kind(params["class_weights"], "class_weights")
+            if class_counts is None:
+                raise ConfigError(f"loss {spec.name}: class_weights needs training class counts")
+            params["class_weights"] = class_balanced_weights(class_counts, kind, beta)
         try:
-            loss = entry.cls(**kwargs, **spec.params)
+            loss = entry.cls(**kwargs, **params)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"loss {spec.name}: {err}") from err
         seen[spec.name] = seen.get(spec.name, 0) + 1
