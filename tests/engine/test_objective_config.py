@@ -100,7 +100,7 @@ def test_out_of_range_settings_are_config_errors(changes: dict, message: str) ->
     "path",
     sorted(
         str(p)
-        for folder in ("fmnist_lt", "scenes", "cifar10_lt")
+        for folder in ("fmnist_lt", "fmnist_lt_sar", "scenes", "cifar10_lt")
         for p in (Path(__file__).parents[2] / "configs" / folder).glob("*.yaml")
     ),
 )
@@ -121,3 +121,27 @@ def test_the_fixed_target_baselines_train_from_a_config(
     rows = list(csv.DictReader((tmp_path / "run" / "logs" / "version_0" / "metrics.csv").open()))
     logged = [float(r[f"train/{loss}/{term}"]) for r in rows if r.get(f"train/{loss}/{term}")]
     assert logged and all(math.isfinite(v) and v > 0 for v in logged)
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(
+        str(p) for p in (Path(__file__).parents[2] / "configs" / "fmnist_lt_sar").glob("*.yaml")
+    ),
+    ids=lambda p: Path(p).stem,
+)
+def test_the_sar_variant_configs_build_and_take_a_step(path: str) -> None:
+    """Every variant builds its model and objective (on digits: same class count) and its
+    loss back-propagates."""
+    from anchorlearn.engine.config import load_config
+
+    cfg = load_config(path, ["data.source=digits"])
+    _, module = build_run(cfg)
+    module.train()
+    images = torch.randn(32, 1, 8, 8)
+    labels = torch.arange(32) % 10
+    logits, features = module.model(images)
+    out = module.objective(logits, features, labels)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
+    assert any(p.grad is not None for p in module.model.parameters())
