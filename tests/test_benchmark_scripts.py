@@ -120,3 +120,28 @@ def test_sar_gate_open_prints_a_row_per_gate_milestone() -> None:
         assert step == "never" or 1 <= int(step) <= 20
     accuracy = float(rows[0][6])
     assert 0.0 <= accuracy <= 1.0
+
+
+def test_the_cifar10_lt_gpu_script_runs_two_epochs_on_a_cpu(tmp_path: Path) -> None:
+    """The GPU script checked as its docstring says: EPOCHS=2 ACCELERATOR=cpu, here on a
+    tiny colour fixture; LDAM-DRW re-weights from the first (scaled) milestone."""
+    import os
+
+    from tests.data.cifarfixtures import make_cifar_batches
+
+    root = make_cifar_batches(tmp_path / "cifar", per_class=2)
+    out = tmp_path / "out"
+    env = {**os.environ, "EPOCHS": "2", "ACCELERATOR": "cpu", "OUT": str(out)}
+    env["OMP_NUM_THREADS"] = "1"
+    extra = ["--set", "data.batch_size=16", "--set", "data.val_fraction=0.2"]
+    extra += ["--set", "data.imbalance_ratio=2", "--set", "eval.plots=false"]
+    script = ROOT / "benchmarks" / "cifar10_lt_gpu.sh"
+    subprocess.run(
+        ["bash", str(script), str(root), *extra], check=True, capture_output=True, env=env
+    )
+    assert "drw_start_epoch: 1\n" in (out / "ldam_drw.yaml").read_text()
+    table = (out / "results.md").read_text()
+    names = ["ce", "ce_sar", "logit_adjusted", "logit_adjusted_sar", "ldam_drw"]
+    assert all(f"| {name} |" in table for name in names), table
+    config = (out / "ce" / "seed0" / "config.yaml").read_text()
+    assert "milestones:\n  - 1\n" in config and "max_epochs: 2" in config
