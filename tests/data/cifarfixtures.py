@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from anchorlearn.data.sources import CIFAR10_CLASSES
+from anchorlearn.data.cifar import CIFAR10_CLASSES
 
 __all__ = ["cifar_arrays", "make_cifar_batches", "make_cifar_folders"]
 

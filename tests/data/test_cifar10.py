@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from tests.data.cifarfixtures import cifar_arrays, make_cifar_batches, make_cifar_folders
 
-from anchorlearn.data.sources import CIFAR10_CLASSES, load_cifar10, load_classification_source
+from anchorlearn.data.cifar import CIFAR10_CLASSES, load_cifar10
+from anchorlearn.data.sources import load_classification_source
 
 REAL = Path(__file__).parents[2].parent / "shared" / "data" / "cifar10"
 
@@ -119,3 +120,54 @@ def test_the_real_data_set_has_its_published_size() -> None:
     assert np.bincount(train.labels).tolist() == [5000] * 10
     assert np.bincount(test.labels).tolist() == [1000] * 10
     assert train.class_names == list(CIFAR10_CLASSES)
+
+
+class _ObjectFieldDtype:
+    """Pickles as a structured dtype with an object field whose flags claim it holds none:
+    numpy itself would accept that state and then read raw bytes as object pointers."""
+
+    def __reduce__(self):
+        state = (3, "|", None, ("a",), {"a": (np.dtype("O"), 0)}, 8, 1, 0)
+        return (np.dtype, ("V8", False, True), state)
+
+
+class _ArrayOfThatDtype:
+    def __reduce__(self):
+        from numpy._core.multiarray import _reconstruct
+
+        return (
+            _reconstruct,
+            (np.ndarray, (0,), b"b"),
+            (1, (1,), _ObjectFieldDtype(), False, b"A" * 8),
+        )
+
+
+def test_a_crafted_array_state_is_refused_without_touching_its_bytes(tmp_path: Path) -> None:
+    root = make_cifar_batches(tmp_path, per_class=1)
+    with (root / "cifar-10-batches-py" / "batches.meta").open("wb") as f:
+        pickle.dump({b"label_names": [_ArrayOfThatDtype()]}, f, protocol=2)
+    with pytest.raises(ValueError, match=r"batches\.meta: not a CIFAR-10 python batch"):
+        load_cifar10(root)
+
+
+def test_arrays_of_objects_are_refused(tmp_path: Path) -> None:
+    root = make_cifar_batches(tmp_path, per_class=1)
+    payload = {b"data": np.array([object()] * 3072, dtype=object).reshape(1, -1), b"labels": [0]}
+    with (root / "cifar-10-batches-py" / "test_batch").open("wb") as f:
+        pickle.dump(payload, f, protocol=2)
+    with pytest.raises(ValueError, match="test_batch: not a CIFAR-10 python batch"):
+        load_cifar10(root)
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_re_pickled_copies_load_with_any_protocol(tmp_path: Path, protocol: int) -> None:
+    root = make_cifar_batches(tmp_path, per_class=1)
+    path = root / "cifar-10-batches-py" / "test_batch"
+    images, labels = cifar_arrays(1, seed=7)
+    data = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
+    big_endian_labels = labels.astype(">i8")  # byte order kept through the state
+    with path.open("wb") as f:
+        pickle.dump({"data": data, "labels": big_endian_labels}, f, protocol=protocol)
+    _, test = load_cifar10(root)
+    np.testing.assert_array_equal(test.images, images)
+    np.testing.assert_array_equal(test.labels, labels)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import pytest
 from tests.data.cifarfixtures import make_cifar_batches, make_cifar_folders
 
-from anchorlearn.data.sources import CIFAR10_CLASSES
+from anchorlearn.data.cifar import CIFAR10_CLASSES
 from anchorlearn.engine.config import ConfigError, OptimConfig, load_config, parse_config
 from anchorlearn.engine.module import lr_factor
 from anchorlearn.engine.runner import fit
@@ -100,7 +101,15 @@ def test_the_run_applies_the_milestones_and_the_reweighting_per_epoch(
         "losses.0.drw_start_epoch=2",
         "trainer.progress=false",
     ]
-    fit(load_config(path, overrides), tmp_path / "run", quiet=False, plots=False)
+    recorder = _Reweighting()
+    fit(
+        load_config(path, overrides),
+        tmp_path / "run",
+        quiet=False,
+        plots=False,
+        callbacks=[recorder],
+    )
+    assert recorder.seen == [(0, False), (1, False), (2, True)]
     _, err = capfd.readouterr()
     lines = [
         dict(x.split("=", 1) for x in line.split())
@@ -109,6 +118,18 @@ def test_the_run_applies_the_milestones_and_the_reweighting_per_epoch(
     ]
     rates = [float(line["lr"]) for line in lines]
     assert rates == pytest.approx([0.1, 0.001, 1e-5])
+
+
+class _Reweighting(L.Callback):
+    """(epoch, whether LDAM re-weights) at each training epoch's first batch."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, bool]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            loss = pl_module.objective.terms[0]
+            self.seen.append((loss.epoch, loss.reweighting))
 
 
 @pytest.mark.parametrize(
@@ -125,6 +146,11 @@ def test_the_run_applies_the_milestones_and_the_reweighting_per_epoch(
         ),
         ({"schedule": "step", "milestones": [2], "gamma": 0.0}, {}, "optim.gamma"),
         ({"schedule": "step", "milestones": [True]}, {}, "milestones.0 must be an integer"),
+        (
+            {"schedule": "step", "milestones": [2, 5], "warmup_epochs": 3},
+            {},
+            r"must not fall inside the warm-up \(3 epochs\)",
+        ),
     ],
 )
 def test_bad_milestones_are_config_errors(optim: dict, trainer: dict, message: str) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 import zipfile
 from collections import Counter
 from collections.abc import Sequence
@@ -19,12 +18,10 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 __all__ = [
-    "CIFAR10_CLASSES",
     "IGNORE_INDEX",
     "IMAGE_EXTENSIONS",
     "ClassificationData",
     "SegmentationData",
-    "load_cifar10",
     "load_classification_source",
     "load_digits_data",
     "load_image_folder",
@@ -417,151 +414,12 @@ def load_digits_data() -> ClassificationData:
     return ClassificationData(images, digits.target.astype(np.int64), [str(d) for d in range(10)])
 
 
-CIFAR10_CLASSES = (
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-)
-
-_CIFAR_BATCHES = "cifar-10-batches-py"
-_CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
-_CIFAR_SIDE = 32
-
-# what the official python batches pickle: numpy arrays (a module-level reconstructor, the
-# ndarray and dtype classes) inside dicts of bytes keys; nothing else is unpickled
-_CIFAR_PICKLE_GLOBALS = frozenset(
-    {
-        (module, name)
-        for module in ("numpy.core.multiarray", "numpy._core.multiarray")
-        for name in ("_reconstruct", "scalar")
-    }
-    | {("numpy", "ndarray"), ("numpy", "dtype")}
-    # how Python 3 writes bytes into a protocol-2 pickle
-    | {("_codecs", "encode")}
-)
-
-
-class _CifarUnpickler(pickle.Unpickler):
-    """Unpickles the official CIFAR batches (Python 2 pickles of numpy arrays) and refuses
-    any other global: a batch file is data, never code to run."""
-
-    def find_class(self, module: str, name: str) -> object:
-        if (module, name) not in _CIFAR_PICKLE_GLOBALS:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-        return super().find_class(module, name)
-
-
-def _read_cifar_pickle(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"CIFAR-10 batch not found: {path}")
-    try:
-        with path.open("rb") as f:
-            batch = _CifarUnpickler(f, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
-        raise ValueError(
-            f"{path}: not a CIFAR-10 python batch ({type(err).__name__}: {err}); download "
-            "cifar-10-python.tar.gz again and extract it"
-        ) from None
-    if not isinstance(batch, dict):
-        raise ValueError(f"{path}: not a CIFAR-10 python batch (a {type(batch).__name__})")
-    # the keys are bytes in the official files, str in re-pickled copies
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
-
-
-def _cifar_batch_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 ``(N, 32, 32, 3)`` images and int64 labels of one official python batch."""
-    batch = _read_cifar_pickle(path)
-    missing = [key for key in ("data", "labels") if key not in batch]
-    if missing:
-        raise ValueError(f"{path}: missing {missing} (keys: {sorted(map(str, batch))})")
-    data = np.asarray(batch["data"])
-    labels = np.asarray(batch["labels"])
-    size = 3 * _CIFAR_SIDE * _CIFAR_SIDE
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != size:
-        raise ValueError(
-            f"{path}: 'data' must be uint8 (N, {size}) rows of 32x32 RGB planes, got "
-            f"{data.dtype} {data.shape}"
-        )
-    if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(
-            f"{path}: 'labels' must be {len(data)} integers (one per row of 'data'), got "
-            f"{labels.dtype} {labels.shape}"
-        )
-    bad = np.flatnonzero((labels < 0) | (labels >= len(CIFAR10_CLASSES)))
-    if len(bad):
-        raise ValueError(f"{path}: labels must be in 0..9, got {labels[bad[0]]} at row {bad[0]}")
-    images = data.reshape(-1, 3, _CIFAR_SIDE, _CIFAR_SIDE).transpose(0, 2, 3, 1)
-    return np.ascontiguousarray(images), labels.astype(np.int64)
-
-
-def _cifar_class_names(batch_dir: Path) -> list[str]:
-    meta = batch_dir / "batches.meta"
-    if not meta.is_file():
-        return list(CIFAR10_CLASSES)
-    names = _read_cifar_pickle(meta).get("label_names")
-    if not isinstance(names, list) or len(names) != len(CIFAR10_CLASSES):
-        raise ValueError(f"{meta}: 'label_names' must list the 10 class names, got {names!r}")
-    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
-
-
-def _load_cifar_batches(batch_dir: Path) -> tuple[ClassificationData, ClassificationData]:
-    names = _cifar_class_names(batch_dir)
-    parts = [_cifar_batch_arrays(batch_dir / name) for name in _CIFAR_TRAIN_FILES]
-    train = ClassificationData(
-        np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), names
-    )
-    test = ClassificationData(*_cifar_batch_arrays(batch_dir / "test_batch"), names)
-    return train, test
-
-
-def load_cifar10(
-    root: str | os.PathLike[str],
-) -> tuple[ClassificationData, ClassificationData]:
-    """CIFAR-10's 50,000 training and 10,000 test images, uint8 ``(N, 32, 32, 3)``.
-
-    ``root`` holds either layout:
-
-    * the official python batches (``cifar-10-python.tar.gz`` extracted):
-      ``data_batch_1`` .. ``data_batch_5``, ``test_batch`` and ``batches.meta``, in
-      ``root`` or in ``root/cifar-10-batches-py``;
-    * image folders ``root/train/<class>/*`` and ``root/test/<class>/*`` (the same class
-      folders in both).
-
-    Returns:
-        ``(train, test)``.
-    """
-    root = Path(root)
-    _check_dir(root, "CIFAR-10 folder")
-    for batch_dir in (root / _CIFAR_BATCHES, root):
-        if (batch_dir / "test_batch").is_file() or (batch_dir / "data_batch_1").is_file():
-            return _load_cifar_batches(batch_dir)
-    if (root / "train").is_dir() and (root / "test").is_dir():
-        train, test = load_image_folder(root / "train"), load_image_folder(root / "test")
-        if train.class_names != test.class_names:
-            raise ValueError(
-                f"{root}: the class folders of train/ ({train.class_names}) and test/ "
-                f"({test.class_names}) differ"
-            )
-        return train, test
-    raise FileNotFoundError(
-        f"CIFAR-10 not found under {root}: expected the python batches (data_batch_1..5, "
-        f"test_batch) in {root} or {root / _CIFAR_BATCHES}, or image folders "
-        f"{root / 'train'}/<class>/ and {root / 'test'}/<class>/"
-    )
-
-
 def load_classification_source(
     source: str, data_root: str | os.PathLike[str] | None = None
 ) -> tuple[ClassificationData, ClassificationData | None]:
     """Load a classification source by name: ``"fashion_mnist"``, ``"digits"``,
-    ``"cifar10:ROOT"`` (:func:`load_cifar10`), ``"npz:PATH"`` or ``"folder:PATH"``.
+    ``"cifar10:ROOT"`` (:func:`anchorlearn.data.cifar.load_cifar10`), ``"npz:PATH"`` or
+    ``"folder:PATH"``.
 
     Returns:
         ``(train, test)``; ``test`` is ``None`` for sources without a predefined test split.
@@ -582,6 +440,8 @@ def load_classification_source(
     if kind == "folder" and path:
         return load_image_folder(path), None
     if kind == "cifar10" and path:
+        from anchorlearn.data.cifar import load_cifar10
+
         return load_cifar10(path)
     raise ValueError(
         "source must be 'fashion_mnist', 'digits', 'cifar10:ROOT', 'npz:PATH' or "
