@@ -157,3 +157,15 @@ def test_the_cosine_classifier_gives_cosines() -> None:
     assert features.shape == (2, 64)
     with pytest.raises(TypeError, match="cosine_classifier must be a bool"):
         CifarResNet(1, cosine_classifier="yes")  # type: ignore[arg-type]
+
+
+def test_sar_refuses_a_classifier_whose_logits_cannot_reach_its_gate() -> None:
+    """Cosine logits in [-1, 1] give an anchor at most e^2 / (e^2 + 9) = 0.45 of its class's
+    probability with 10 classes: below update_conf = 0.8, the gate could never open."""
+    from anchorlearn.losses import SemanticAnchorRegularizer
+
+    head = CosineClassifier(8, 10)
+    with pytest.raises(ValueError, match=r"at most 0\.451 with 10 classes, never above"):
+        SemanticAnchorRegularizer(10, 8, head)
+    # with two classes the bound allows 0.88 > 0.8: accepted
+    SemanticAnchorRegularizer(2, 8, CosineClassifier(8, 2))

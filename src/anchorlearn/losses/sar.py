@@ -222,6 +222,7 @@ class SemanticAnchorRegularizer(nn.Module):
         self.aux_weight = check_non_negative(aux_weight, "aux_weight")
         self.filter_conf = check_probability(filter_conf, "filter_conf")
         self.update_conf = check_probability(update_conf, "update_conf")
+        _check_reachable_gate(classifier, self.num_classes, self.update_conf)
         self.ema_momentum = check_probability(ema_momentum, "ema_momentum")
         self.ignore_index = check_ignore_index(ignore_index)
         self.gate_warn_steps = check_positive_int(gate_warn_steps, "gate_warn_steps")
@@ -558,6 +559,23 @@ def _initial_anchors(
     else:
         unit = riesz_uniform_points(num_classes, feat_dim, seed=seed)
     return (math.sqrt(feat_dim) * unit).to(torch.get_default_dtype()).contiguous()
+
+
+def _check_reachable_gate(classifier: Classifier, num_classes: int, update_conf: float) -> None:
+    """A classifier whose logits are bounded by ``b`` (its ``logit_bound``, e.g. cosine
+    logits: ``b = 1``) gives an anchor at most ``e^2b / (e^2b + C - 1)`` of its class's
+    probability; at or below ``update_conf`` the gate could never open."""
+    bound = getattr(classifier, "logit_bound", None)
+    if bound is None:
+        return
+    best = 1.0 / (1.0 + (num_classes - 1) * math.exp(-2.0 * float(bound)))
+    if best <= update_conf:
+        raise ValueError(
+            f"classifier's logits are bounded by {bound} ({type(classifier).__name__}), so an "
+            f"anchor's own-class probability is at most {best:.3f} with {num_classes} "
+            f"classes, never above update_conf={update_conf}: the gate could never open; use "
+            "a linear classifier with SAR, or scale the bounded logits in the model"
+        )
 
 
 def _check_classifier_layer(classifier: Classifier, num_classes: int, feat_dim: int) -> None:

@@ -75,6 +75,10 @@ class CosineClassifier(nn.Module):
     cosines (by 30) before the cross-entropy. ``weight`` is ``(C, D)``, drawn uniformly.
     """
 
+    # the largest |logit|: losses that classify through this layer at face value (SAR's
+    # auxiliary CE) check what probability it can reach
+    logit_bound = 1.0
+
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
         self.in_features = check_positive_int(in_features, "in_features")
