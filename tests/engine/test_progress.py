@@ -360,3 +360,40 @@ def test_lightning_noise_is_silenced_inside_the_context_only() -> None:
         )
     assert log.isEnabledFor(logging.INFO)
     assert [str(w.message)[:14] for w in seen] == ["something the ", "The 'val_datal"]
+
+
+def test_a_per_class_gate_reports_how_many_classes_opened(tmp_path: Path, capfd) -> None:
+    raw = runfixtures.digits_config(
+        losses=["ce", {"name": "sar", "update_conf": 0.5, "gate": "per_class"}]
+    )
+    metrics = fit(parse_config(raw), tmp_path, plots=False)
+    _, err = capfd.readouterr()
+    opened = metrics["sar_classes_open"]
+    assert 0 <= opened <= 10
+    all_open = metrics["sar_all_open_step"]
+    assert (all_open >= metrics["sar_gate_open_step"] >= 1) if opened == 10 else all_open == -1
+    last = fields(epoch_lines(err)[-1])
+    assert last["sar_gate"] == f"{gate_token(metrics)}({opened}/10)"
+
+
+def test_the_plot_note_names_per_class_gates_left_shut() -> None:
+    import torch
+    from torch import nn
+
+    from anchorlearn.engine.evaluate import regularizer_state, shut_gate_note
+    from anchorlearn.engine.objective import Objective
+    from anchorlearn.losses import SemanticAnchorRegularizer
+
+    sar = SemanticAnchorRegularizer(4, 8, nn.Linear(8, 4), gate="per_class", seed=0)
+    module = SimpleNamespace(objective=Objective(["sar"], [sar], ["features"]))
+    assert shut_gate_note(module) == "SAR gate never opened: no semantic anchors"
+    sar.class_open_step.copy_(torch.tensor([3, -1, 5, -1]))
+    sar.gate_open_step.fill_(3)
+    assert shut_gate_note(module) == (
+        "SAR gate: 2 of 4 classes never opened: no semantic anchors drawn"
+    )
+    assert regularizer_state(module)["sar_classes_open"] == 2
+    assert regularizer_state(module)["sar_all_open_step"] == -1
+    sar.class_open_step.copy_(torch.tensor([3, 9, 5, 4]))
+    assert shut_gate_note(module) is None
+    assert regularizer_state(module)["sar_all_open_step"] == 9

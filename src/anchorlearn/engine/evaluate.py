@@ -147,28 +147,44 @@ def regularizer_state(module: SupervisedModule) -> dict[str, int | bool]:
     """For every SAR term ``name``: ``{name}_gate_open_step``, the step its gate first
     opened (-1: never); ``{name}_gate_opened``, whether it ever did (``False``: the pull was
     never active and there are no semantic anchors); ``{name}_steps``, the training steps it
-    has seen."""
+    has seen. With ``gate="per_class"`` the first two are about the first class to open,
+    and ``{name}_classes_open`` (how many of the ``C`` classes have opened) and
+    ``{name}_all_open_step`` (the step the last one opened, -1 while any is shut) follow."""
     state: dict[str, int | bool] = {}
     for name, term in zip(module.objective.names, module.objective.terms, strict=True):
         if isinstance(term, SemanticAnchorRegularizer):
             state[f"{name}_gate_open_step"] = int(term.gate_open_step)
             state[f"{name}_gate_opened"] = term.gate_ever_opened
             state[f"{name}_steps"] = int(term.step)
+            if term.gate == "per_class":
+                opened = term.class_open_step
+                state[f"{name}_classes_open"] = int((opened >= 0).sum())
+                state[f"{name}_all_open_step"] = (
+                    int(opened.max()) if bool((opened >= 0).all()) else -1
+                )
     return state
 
 
 def shut_gate_note(module: SupervisedModule) -> str | None:
     """``"SAR gate never opened: no semantic anchors"`` (naming the terms when there are
-    several, or one not called ``sar``) when a SAR term's gate never opened, else ``None``."""
-    shut = [
-        name
-        for name, term in zip(module.objective.names, module.objective.terms, strict=True)
-        if isinstance(term, SemanticAnchorRegularizer) and not term.gate_ever_opened
-    ]
-    if not shut:
-        return None
-    which = "" if shut == ["sar"] else f" ({', '.join(shut)})"
-    return f"SAR gate never opened{which}: no semantic anchors"
+    several, or one not called ``sar``) when a SAR term's gate never opened; for a
+    per-class gate with some classes still shut, ``"SAR gate: k of C classes never opened:
+    no semantic anchors drawn"``; else ``None``."""
+    shut, partial = [], []
+    for name, term in zip(module.objective.names, module.objective.terms, strict=True):
+        if not isinstance(term, SemanticAnchorRegularizer):
+            continue
+        if not term.gate_ever_opened:
+            shut.append(name)
+        elif term.gate == "per_class" and not bool(term.classes_ready.all()):
+            never = int((~term.classes_ready).sum())
+            partial.append(f"{never} of {term.num_classes} classes never opened")
+    if shut:
+        which = "" if shut == ["sar"] else f" ({', '.join(shut)})"
+        return f"SAR gate never opened{which}: no semantic anchors"
+    if partial:
+        return f"SAR gate: {'; '.join(partial)}: no semantic anchors drawn"
+    return None
 
 
 def segmentation_groups(pixel_counts: np.ndarray) -> dict[int, str]:

@@ -345,7 +345,11 @@ class ProgressLines(L.Callback):
             for key, opened in state.items():
                 if key.endswith("_gate_open_step"):
                     name = key.removesuffix("_gate_open_step")
-                    fields.append(f"{name}_gate={'shut' if opened < 0 else f'open@{opened}'}")
+                    token = "shut" if opened < 0 else f"open@{opened}"
+                    if f"{name}_classes_open" in state:  # a per-class gate: how many opened
+                        total = getattr(pl_module, "num_classes", "?")
+                        token += f"({state[f'{name}_classes_open']}/{total})"
+                    fields.append(f"{name}_gate={token}")
         elapsed = now - self._start
         fields.append(f"time={format_seconds(elapsed)}")
         done = step - self._start_step
