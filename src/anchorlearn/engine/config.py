@@ -328,6 +328,12 @@ def check_milestones(t: TrainerConfig, o: OptimConfig) -> None:
         )
     if not 0 < o.gamma <= 1:
         raise ConfigError(f"optim.gamma must be in (0, 1], got {o.gamma!r}")
+    warmup = o.warmup_steps if t.max_steps is not None else o.warmup_epochs
+    if o.milestones[0] < warmup:
+        raise ConfigError(
+            f"optim.milestones must not fall inside the warm-up ({warmup} {unit}s), got "
+            f"{o.milestones!r}: a milestone inside it would be applied only once it ends"
+        )
 
 
 def _pair(value: list | None, key: str, kind: type) -> None:

@@ -158,7 +158,9 @@ def build_run(cfg: ExperimentConfig) -> tuple[Any, SupervisedModule]:
     # counting a segmentation data set's pixels reads every training mask: only when a loss
     # needs the counts (the final evaluation counts them once, for its head / tail groups)
     needs_counts = any(
-        spec.name in LOSSES and "class_counts" in LOSSES[spec.name].injected for spec in cfg.losses
+        (spec.name in LOSSES and "class_counts" in LOSSES[spec.name].injected)
+        or "class_weights" in spec.params  # SAR's class-balanced pull, by name
+        for spec in cfg.losses
     )
     lazy = isinstance(dm, SegmentationFilesDataModule) and not needs_counts
     counts = None if lazy else training_counts(dm)
