@@ -412,3 +412,16 @@ def test_mixed_precision_and_channels_last_train(
     losses = [r.split(",")[rows[0].split(",").index("train/loss_step")] for r in rows[1:]]
     losses = [float(v) for v in losses if v]
     assert len(losses) == 3 and all(np.isfinite(losses))
+
+
+def test_sar_class_weights_by_name_count_the_training_pixels(camvid: str) -> None:
+    """A file-based segmentation set counts its masks only when a loss needs the counts:
+    SAR's class-balanced pull, named in the config, is one."""
+    from anchorlearn.engine.runner import build_run
+
+    raw = seg_config(camvid)
+    raw["losses"] = ["ce", {"name": "sar", "class_weights": "inverse"}]
+    _, module = build_run(parse_config(raw))
+    weights = module.objective.terms[1].class_weights
+    assert weights is not None and weights.shape == (11,)
+    assert torch.isfinite(weights).all() and weights.max() > weights.min()
