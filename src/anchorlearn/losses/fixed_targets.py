@@ -50,6 +50,23 @@ def _check_same_device(features: torch.Tensor, buffer: torch.Tensor, owner: str)
         )
 
 
+def _rows(
+    loss: nn.Module, features: torch.Tensor, labels: torch.Tensor, buffer: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+    """The labelled rows ``(M, D)`` of ``features`` and their classes ``(M,)``
+    (:func:`labelled_rows`, with ``loss``'s ``feat_dim``, ``num_classes`` and
+    ``ignore_index``), checked to be on ``buffer``'s device, and the dtype to compute in."""
+    feats, classes = labelled_rows(
+        features,
+        labels,
+        feat_dim=loss.feat_dim,
+        num_classes=loss.num_classes,
+        ignore_index=loss.ignore_index,
+    )
+    _check_same_device(features, buffer, type(loss).__name__)
+    return feats, classes, loss_compute_dtype(feats.dtype, buffer.dtype)
+
+
 def _seed_or_draw(seed: int | None) -> int:
     """``seed``, or (``None``) a seed drawn from torch's global generator, so that seeding
     torch reproduces the fixed points as it does any other random initialisation."""
@@ -224,15 +241,7 @@ class TargetedContrastiveLoss(nn.Module):
             features: ``(N, D)`` or ``(B, D, H, W)``, floating point.
             labels: ``(N,)`` or ``(B, H', W')``, integer class indices or ``ignore_index``.
         """
-        feats, classes = labelled_rows(
-            features,
-            labels,
-            feat_dim=self.feat_dim,
-            num_classes=self.num_classes,
-            ignore_index=self.ignore_index,
-        )
-        _check_same_device(features, self.targets, type(self).__name__)
-        dtype = loss_compute_dtype(feats.dtype, self.targets.dtype)
+        feats, classes, dtype = _rows(self, features, labels, self.targets)
         with autocast_off(features):
             directions = F.normalize(feats.to(dtype), dim=1)
             if self.training:
@@ -358,15 +367,7 @@ class CenterCollapseLoss(nn.Module):
             features: ``(N, D)`` or ``(B, D, H, W)``, floating point.
             labels: ``(N,)`` or ``(B, H', W')``, integer class indices or ``ignore_index``.
         """
-        feats, classes = labelled_rows(
-            features,
-            labels,
-            feat_dim=self.feat_dim,
-            num_classes=self.num_classes,
-            ignore_index=self.ignore_index,
-        )
-        _check_same_device(features, self.etf, type(self).__name__)
-        dtype = loss_compute_dtype(feats.dtype, self.etf.dtype)
+        feats, classes, dtype = _rows(self, features, labels, self.etf)
         if classes.numel() == 0:
             center_ce = connected_zero(features).to(dtype)
             return {"loss": self.weight * center_ce, "center_ce": center_ce}

@@ -379,9 +379,7 @@ class SemanticAnchorRegularizer(nn.Module):
         """The per-class gate: start or EMA-update the rows of ``S`` whose anchor passes;
         returns the ``(C,)`` bool mask of the classes ready after the update."""
         self.step += 1
-        own_prob = torch.exp(-ce)
-        correct = logits.argmax(dim=1) == torch.arange(self.num_classes, device=logits.device)
-        passes = correct & (own_prob > self.update_conf)
+        passes, own_prob = self._passes(logits, ce)
         was_ready = self.class_open_step >= 0
         first = passes & ~was_ready
         moves = passes & was_ready
@@ -399,29 +397,42 @@ class SemanticAnchorRegularizer(nn.Module):
                 self._warn_classes_shut(ready, own_prob)
         return ready
 
-    def _warn_classes_shut(self, ready: torch.Tensor, own_prob: torch.Tensor) -> None:
+    def _passes(self, logits: torch.Tensor, ce: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(C,)`` bool: which anchors are argmax-correct with own-class probability above
+        ``update_conf``; and those probabilities."""
+        own_prob = torch.exp(-ce)
+        correct = logits.argmax(dim=1) == torch.arange(self.num_classes, device=logits.device)
+        return correct & (own_prob > self.update_conf), own_prob
+
+    def _warn(self, failing: torch.Tensor, own_prob: torch.Tensor, what: str, who: str) -> None:
+        """Warn once: ``what`` happened, the ``failing`` anchors (``who``) and their
+        probabilities (the first ten), and what to try."""
         self._warned_gate = True
-        failing = torch.nonzero(~ready).flatten().tolist()
-        shown = ", ".join(f"{i} (p={float(own_prob[i]):.2f})" for i in failing[:10])
-        more = f" and {len(failing) - 10} more" if len(failing) > 10 else ""
+        indices = torch.nonzero(failing).flatten().tolist()
+        shown = ", ".join(f"{i} (p={float(own_prob[i]):.2f})" for i in indices[:10])
+        more = f" and {len(indices) - 10} more" if len(indices) > 10 else ""
         warnings.warn(
-            f"SemanticAnchorRegularizer: the per-class gate has not opened for "
-            f"{len(failing)} of {self.num_classes} classes after {int(self.step)} steps, so "
-            f"their positions are not pulled. Classes still shut (need argmax-correct and "
+            f"SemanticAnchorRegularizer: {what}. {who} (need argmax-correct and "
             f"p > update_conf={self.update_conf}): {shown}{more}. Consider a lower "
             "update_conf, a higher aux_weight or a longer training.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
+
+    def _warn_classes_shut(self, ready: torch.Tensor, own_prob: torch.Tensor) -> None:
+        what = (
+            f"the per-class gate has not opened for {int((~ready).sum())} of "
+            f"{self.num_classes} classes after {int(self.step)} steps, so their positions "
+            "are not pulled"
+        )
+        self._warn(~ready, own_prob, what, "Classes still shut")
 
     @torch.no_grad()
     def _update_semantic_anchors(
         self, logits: torch.Tensor, ce: torch.Tensor, projected: torch.Tensor
     ) -> bool:
         self.step += 1
-        own_prob = torch.exp(-ce)
-        correct = logits.argmax(dim=1) == torch.arange(self.num_classes, device=logits.device)
-        passes = correct & (own_prob > self.update_conf)
+        passes, own_prob = self._passes(logits, ce)
         if not bool(passes.all()):
             if not self.gate_ever_opened and int(self.step) >= self.gate_warn_steps:
                 self._warn_gate_shut(passes, own_prob)
@@ -437,18 +448,8 @@ class SemanticAnchorRegularizer(nn.Module):
     def _warn_gate_shut(self, passes: torch.Tensor, own_prob: torch.Tensor) -> None:
         if self._warned_gate:
             return
-        self._warned_gate = True
-        failing = torch.nonzero(~passes).flatten().tolist()
-        shown = ", ".join(f"{i} (p={float(own_prob[i]):.2f})" for i in failing[:10])
-        more = f" and {len(failing) - 10} more" if len(failing) > 10 else ""
-        warnings.warn(
-            f"SemanticAnchorRegularizer: the gate has not opened after {int(self.step)} steps, "
-            f"so the pull loss is inactive. Anchors failing it (need argmax-correct and "
-            f"p > update_conf={self.update_conf}): {shown}{more}. Consider a lower "
-            "update_conf, a higher aux_weight or a longer training.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        what = f"the gate has not opened after {int(self.step)} steps, so the pull loss is inactive"
+        self._warn(~passes, own_prob, what, "Anchors failing it")
 
     def extra_repr(self) -> str:
         return (
