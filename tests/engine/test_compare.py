@@ -166,3 +166,23 @@ def test_tabulate_writes_percentages_except_the_unitless_columns(tmp_path: Path)
     assert table.splitlines()[-1] == "| a | 2 | 60.00 ± 14.14 | 0.50 ± 0.35 |"
     assert (tmp_path / "results.md").read_text() == table + "\n"
     assert (tmp_path / "per_class_accuracy.png").stat().st_size > 0
+
+
+def test_only_fractions_become_percentages(tmp_path: Path) -> None:
+    """Times, steps and distances are tabulated as they are; accuracies (and one class's)
+    as percentages."""
+    runs = {
+        "a": [
+            {
+                "seed": 0,
+                "top1": 0.5,
+                "train_seconds": 472.0,
+                "sar_gate_open_step": 12,
+                "intra": 3.5,
+                "per_class": {"cat": 0.25},
+            }
+        ]
+    }
+    columns = ["top1", "train_seconds", "sar_gate_open_step", "intra", "per_class.cat"]
+    table = tabulate(runs, tmp_path, columns)
+    assert table.splitlines()[-1] == "| a | 1 | 50.00 | 472.00 | 12.00 | 3.50 | 25.00 |"

@@ -52,8 +52,25 @@ DEFAULT_COLUMNS = (
     "center_drift",
 )
 SEGMENTATION_COLUMNS = ("miou", "head_iou", "tail_iou", "nc1", "intra_inter_ratio", "center_drift")
-# columns that are not fractions: tabulated as they are, the others as percentages
-UNITLESS_COLUMNS = ("nc1", "intra_inter_ratio", "center_drift")
+# the fractions of metrics.json, tabulated as percentages (with per_class.<name>); every
+# other column (times, steps, distances, cosines, the SAR gate's steps) as it is
+FRACTION_COLUMNS = (
+    "top1",
+    "balanced_acc",
+    "many",
+    "medium",
+    "few",
+    "miou",
+    "aacc",
+    "macc",
+    "head_iou",
+    "tail_iou",
+)
+
+
+def is_fraction(column: str) -> bool:
+    """Whether ``column`` holds a fraction, tabulated as a percentage."""
+    return column in FRACTION_COLUMNS or column.startswith("per_class.")
 
 
 def run_comparison(
@@ -117,11 +134,12 @@ def tabulate(
     columns: Sequence[str] | None = None,
 ) -> str:
     """Write the results of a grid into ``out``: ``results.md`` and ``results.csv``
-    (:func:`write_results`) of the :func:`select_columns` (fractions as percentages, the
-    :data:`UNITLESS_COLUMNS` as they are) and the first seed's per-class accuracy or IoU of
-    every method (``per_class_accuracy.png`` or ``per_class_iou.png``). Returns the table."""
+    (:func:`write_results`) of the :func:`select_columns` (the fractions,
+    :func:`is_fraction`, as percentages, every other column as it is) and the first seed's
+    per-class accuracy or IoU of every method (``per_class_accuracy.png`` or
+    ``per_class_iou.png``). Returns the table."""
     columns = select_columns(results, columns)
-    percent = [c for c in columns if c not in UNITLESS_COLUMNS]
+    percent = [c for c in columns if is_fraction(c)]
     table = write_results(results, out, columns, percent=percent)
     segmentation = _is_segmentation(results)
     plot_comparison(
