@@ -8,7 +8,8 @@
 #     epochs 8 and 9 (160 and 180 of 200);
 #   * batch 32 with the learning rate scaled linearly (0.025): 4 times the optimiser steps
 #     for about the same CPU time (batch 128 leaves 180 steps in all, and CE at 17% top-1);
-#   * the full 10,000 test images; channels-last (20% faster on this CPU); no plots.
+#   * the full 10,000 test images; channels-last (1.12x at batch 32 on this CPU:
+#     benchmarks/cifar_step_speed.py); no plots.
 # Methods: CE, CE + SAR, logit adjustment, LA + SAR, with the shipped (release) SAR settings:
 # nothing was tuned, on validation or test. Seeds 0-2, two single-thread runs at a time.
 # Tables: runs/cifar10_lt_cpu/ir{100,10}/results.md. RATIOS and SEEDS (environment) choose
