@@ -11,7 +11,7 @@ import math
 
 import torch
 
-__all__ = ["RIESZ_STEPS", "RIESZ_STEP_SIZE", "riesz_uniform_points", "simplex_etf"]
+__all__ = ["RIESZ_STEPS", "RIESZ_STEP_SIZE", "riesz_uniform_points", "seed_or_draw", "simplex_etf"]
 
 # The projected gradient descent of :func:`riesz_uniform_points`: its default number of
 # steps, the step size (scaled by 1 / (C - 1), so the step follows the mean pairwise force)
@@ -27,6 +27,12 @@ def _check_int(value: object, name: str, low: int) -> int:
     if value < low:
         raise ValueError(f"{name} must be >= {low}, got {value}")
     return value
+
+
+def seed_or_draw(seed: int | None) -> int:
+    """``seed``, or (``None``) a seed drawn from torch's global generator, so that seeding
+    torch reproduces fixed points drawn with it as it does any other random initialisation."""
+    return int(torch.randint(2**31, ())) if seed is None else seed
 
 
 def _check_seed(seed: object) -> int:

@@ -37,7 +37,7 @@ from anchorlearn._checks import (
     loss_compute_dtype,
 )
 from anchorlearn._dist import is_distributed
-from anchorlearn._geometry import riesz_uniform_points, simplex_etf
+from anchorlearn._geometry import riesz_uniform_points, seed_or_draw, simplex_etf
 
 __all__ = ["CenterCollapseLoss", "TargetedContrastiveLoss"]
 
@@ -65,12 +65,6 @@ def _rows(
     )
     _check_same_device(features, buffer, type(loss).__name__)
     return feats, classes, loss_compute_dtype(feats.dtype, buffer.dtype)
-
-
-def _seed_or_draw(seed: int | None) -> int:
-    """``seed``, or (``None``) a seed drawn from torch's global generator, so that seeding
-    torch reproduces the fixed points as it does any other random initialisation."""
-    return int(torch.randint(2**31, ())) if seed is None else seed
 
 
 class TargetedContrastiveLoss(nn.Module):
@@ -173,7 +167,7 @@ class TargetedContrastiveLoss(nn.Module):
         self.assign_every = check_positive_int(assign_every, "assign_every")
         self.momentum = check_probability(momentum, "momentum")
         self.ignore_index = check_ignore_index(ignore_index)
-        seed = _seed_or_draw(check_seed(seed))
+        seed = seed_or_draw(check_seed(seed))
         targets = riesz_uniform_points(self.num_classes, self.feat_dim, seed=seed)
         dtype = torch.get_default_dtype()
         self.register_buffer("targets", targets.to(dtype).contiguous())
@@ -346,7 +340,7 @@ class CenterCollapseLoss(nn.Module):
         self.weight = check_non_negative(weight, "weight")
         self.scale = check_positive(scale, "scale")
         self.ignore_index = check_ignore_index(ignore_index)
-        seed = _seed_or_draw(check_seed(seed))
+        seed = seed_or_draw(check_seed(seed))
         etf = _etf_rows(self.num_classes, self.feat_dim, seed=seed)
         self.register_buffer("etf", etf.to(torch.get_default_dtype()).contiguous())
 

@@ -28,7 +28,7 @@ from anchorlearn._checks import (
     valid_label_mask,
     validate_features_and_labels,
 )
-from anchorlearn._geometry import riesz_uniform_points, simplex_etf
+from anchorlearn._geometry import riesz_uniform_points, seed_or_draw, simplex_etf
 
 __all__ = ["SemanticAnchorRegularizer", "class_balanced_weights", "default_projector"]
 
@@ -553,8 +553,7 @@ def _initial_anchors(
         )
     if anchor_init == "uniform" and feat_dim < 2:
         raise ValueError(f"anchor_init='uniform' needs feat_dim >= 2, got feat_dim={feat_dim}")
-    if seed is None:
-        seed = int(torch.randint(2**31, ()))
+    seed = seed_or_draw(seed)
     if anchor_init == "etf":
         unit = simplex_etf(feat_dim, num_classes, seed=seed).T
     else:
