@@ -97,3 +97,25 @@ def test_seg_net_rejects_indivisible_input() -> None:
 def test_bad_smp_name() -> None:
     with pytest.raises(ValueError, match="smp:<arch>:<encoder>"):
         create_model("smp:unet")
+
+
+def test_small_cnn_pool_grid_keeps_the_layout() -> None:
+    torch.manual_seed(0)
+    model = SmallCNN(pool_grid=2).eval()
+    assert model.feat_dim == 64 * 4
+    x = torch.randn(2, 1, 28, 28)
+    logits, features = model(x)
+    assert logits.shape == (2, 10) and features.shape == (2, 256)
+    cells = features.view(2, 64, 2, 2)
+    # the cells are the averages of the 7x7 map's four (overlapping) 4x4 corners
+    feature_map = model.body[:-2](x)
+    assert feature_map.shape[-2:] == (7, 7)
+    corners = [
+        feature_map[:, :, r : r + 4, c : c + 4].mean(dim=(2, 3)) for r in (0, 3) for c in (0, 3)
+    ]
+    torch.testing.assert_close(cells, torch.stack(corners, dim=-1).view(2, 64, 2, 2))
+    # flipping the image left-right swaps the cells' columns, which global pooling cannot see
+    flipped = model.forward_features(torch.flip(x, dims=[3])).view(2, 64, 2, 2)
+    assert not torch.allclose(flipped, cells)
+    with pytest.raises(ValueError, match="pool_grid"):
+        SmallCNN(pool_grid=0)
