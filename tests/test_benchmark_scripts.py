@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -145,3 +147,16 @@ def test_the_cifar10_lt_gpu_script_runs_two_epochs_on_a_cpu(tmp_path: Path) -> N
     assert all(f"| {name} |" in table for name in names), table
     config = (out / "ce" / "seed0" / "config.yaml").read_text()
     assert "milestones:\n  - 1\n" in config and "max_epochs: 2" in config
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "benchmarks").glob("*.py")))
+def test_every_benchmark_script_prints_its_help(script: str) -> None:
+    # argparse expands "%" in help texts: a stray one crashes --help only
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "usage:" in done.stdout
