@@ -425,3 +425,21 @@ def test_sar_class_weights_by_name_count_the_training_pixels(camvid: str) -> Non
     weights = module.objective.terms[1].class_weights
     assert weights is not None and weights.shape == (11,)
     assert torch.isfinite(weights).all() and weights.max() > weights.min()
+
+
+def test_ceco_trains_on_dense_features_and_its_centre_ce_falls(camvid: str, tmp_path: Path) -> None:
+    """CeCo (the centre-classification baseline of configs/scenes/ce_ceco.yaml) on a
+    segmentation run: it reads the decoder's feature map, its centre CE is logged at every
+    step and decreases over the run (the class centres move towards their ETF rows)."""
+    raw = seg_config(camvid)
+    raw["losses"] = ["ce", {"name": "ceco", "weight": 1.0}]
+    raw["model"]["kwargs"]["feat_dim"] = 16  # an 11-class ETF needs >= 10 dimensions
+    raw["trainer"].update({"max_steps": 12, "val_every_n_steps": 12, "log_every_n_steps": 1})
+    metrics = fit(parse_config(raw), tmp_path / "run", quiet=True, plots=False)
+    assert metrics["steps"] == 12 and 0.0 <= metrics["miou"] <= 1.0
+    rows = (tmp_path / "run" / "logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    column = header.index("train/ceco/center_ce")
+    logged = [float(r.split(",")[column]) for r in rows[1:] if r.split(",")[column]]
+    assert len(logged) == 12 and all(np.isfinite(logged))
+    assert np.mean(logged[-4:]) < np.mean(logged[:4])
