@@ -39,6 +39,7 @@ __all__ = [
     "LossConfig",
     "ModelConfig",
     "OptimConfig",
+    "SemiConfig",
     "TrainerConfig",
     "apply_overrides",
     "config_to_dict",
@@ -77,6 +78,12 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
+    # semi-supervised classification: the fraction of every class of the training images
+    # whose labels are used (the rest train unlabelled, see SemiConfig); None: all labelled
+    labelled_fraction: float | None = None
+    # unlabelled images per labelled image in a training step (FixMatch's mu); None: 7 when
+    # labelled_fraction is set (a parsed config holds the value)
+    unlabelled_ratio: int | None = None
 
 
 @dataclass
@@ -183,6 +190,22 @@ class EvalConfig:
 
 
 @dataclass
+class SemiConfig:
+    """Semi-supervised training with ``data.labelled_fraction`` (Sohn et al. 2020, FixMatch,
+    NeurIPS): the consistency loss on the unlabelled images is ``unlabelled_weight`` times
+    the mean over every unlabelled image of ``1[max p_weak >= threshold] * CE(strong logits,
+    argmax p_weak)``; ``unlabelled_weight: 0`` draws no unlabelled batches at all (the
+    labelled part alone, on the same schedule of steps). ``sar_unlabelled`` also pulls the
+    strong-view features of the confident unlabelled images towards the semantic anchors of
+    their pseudo-labels (``None``: whenever the losses include ``sar`` and
+    ``unlabelled_weight`` is above 0; a parsed config holds the value)."""
+
+    threshold: float = 0.95
+    unlabelled_weight: float = 1.0
+    sar_unlabelled: bool | None = None
+
+
+@dataclass
 class ExperimentConfig:
     """A whole run. ``task`` is ``classification`` or ``segmentation``."""
 
@@ -197,6 +220,8 @@ class ExperimentConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # given only with data.labelled_fraction (which fills in the defaults when it is absent)
+    semi: SemiConfig | None = None
 
 
 # Full precision or mixed precision (Lightning's "16" and "bf16" mean the mixed ones). The
@@ -230,6 +255,8 @@ _RANGES: dict[str, Range] = {
     "data.num_val_scenes": at_least(1),
     "data.scene_imbalance_ratio": at_least(1),
     "data.cat_max_ratio": ((lambda v: 0 < v <= 1), "in (0, 1]"),
+    "data.labelled_fraction": ((lambda v: 0 < v <= 1), "in (0, 1]"),
+    "data.unlabelled_ratio": at_least(1),
     "inference.batch_size": at_least(1),
     # anchorlearn.viz.plots.TSNE_MIN_POINTS (not imported here: it pulls in matplotlib)
     "eval.tsne_points": at_least(3),
@@ -256,6 +283,7 @@ def parse_config(raw: dict[str, Any]) -> ExperimentConfig:
             "classifier: it needs model.etf_classifier: true"
         )
     _check_segmentation_settings(cfg)
+    _check_semi_supervised_settings(cfg)
     if cfg.task != "classification" and cfg.data.max_test_samples is not None:
         raise ConfigError(
             f"data.max_test_samples={cfg.data.max_test_samples} is for classification; "
@@ -371,3 +399,58 @@ def _check_segmentation_settings(cfg: ExperimentConfig) -> None:
             "inference.crop_size and inference.stride are the sliding windows of mode slide; "
             "remove them for mode whole"
         )
+
+
+# FixMatch's unlabelled images per labelled image in a step
+DEFAULT_UNLABELLED_RATIO = 7
+
+
+def _check_semi_supervised_settings(cfg: ExperimentConfig) -> None:
+    """``data.labelled_fraction``, ``data.unlabelled_ratio`` and the ``semi`` section go
+    together (classification only); fills in ``unlabelled_ratio``, the ``semi`` section and
+    ``semi.sar_unlabelled`` when they are left out, so that a parsed config states them."""
+    d = cfg.data
+    if d.labelled_fraction is None:
+        for given, key in (
+            (d.unlabelled_ratio is not None, "data.unlabelled_ratio"),
+            (cfg.semi is not None, "semi"),
+        ):
+            if given:
+                raise ConfigError(
+                    f"{key} is for semi-supervised training: it needs data.labelled_fraction "
+                    "(the fraction of every class whose labels are used, in (0, 1]); set it "
+                    f"or remove {key}"
+                )
+        return
+    if cfg.task != "classification":
+        raise ConfigError(
+            f"data.labelled_fraction={d.labelled_fraction} is for classification; "
+            f"semi-supervised {cfg.task} is not supported: remove the key"
+        )
+    if d.unlabelled_ratio is None:
+        d.unlabelled_ratio = DEFAULT_UNLABELLED_RATIO
+    if cfg.semi is None:
+        cfg.semi = SemiConfig()
+    semi = cfg.semi
+    check_ranges(
+        cfg,
+        {
+            "semi.threshold": ((lambda v: 0 <= v <= 1), "in [0, 1]"),
+            "semi.unlabelled_weight": at_least(0),
+        },
+    )
+    has_sar = any(spec.name == "sar" for spec in cfg.losses)
+    if semi.sar_unlabelled is None:
+        semi.sar_unlabelled = has_sar and semi.unlabelled_weight > 0
+    elif semi.sar_unlabelled:
+        if not has_sar:
+            raise ConfigError(
+                "semi.sar_unlabelled: true pulls pseudo-labelled features with the sar loss: "
+                "add sar to losses or set semi.sar_unlabelled: false"
+            )
+        if semi.unlabelled_weight == 0:
+            raise ConfigError(
+                "semi.sar_unlabelled: true needs unlabelled batches, which "
+                "semi.unlabelled_weight: 0 turns off (labelled images only): set "
+                "semi.sar_unlabelled: false or a positive semi.unlabelled_weight"
+            )

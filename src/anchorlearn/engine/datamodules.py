@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import CombinedLoader
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
@@ -29,6 +31,7 @@ from anchorlearn.data.augment import (
     classification_train_augment,
     segmentation_train_augment,
     ssl_augment,
+    strong_augment,
 )
 from anchorlearn.data.long_tail import PROFILES, long_tailed_indices
 from anchorlearn.data.scenes import make_scenes
@@ -38,9 +41,18 @@ from anchorlearn.data.sources import (
     load_classification_source,
     load_segmentation_folder,
 )
-from anchorlearn.data.splits import stratified_split
+from anchorlearn.data.splits import labelled_split, stratified_split
 
-__all__ = ["ClassificationDataModule", "SegmentationDataModule", "TwoViewDataModule"]
+from .schema import ConfigError
+
+__all__ = [
+    "ClassificationDataModule",
+    "CyclingSampler",
+    "EpochShuffleSampler",
+    "SegmentationDataModule",
+    "SemiSupervisedBatch",
+    "TwoViewDataModule",
+]
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -72,6 +84,56 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class CyclingSampler(Sampler[int]):
+    """``length`` indices of ``range(num_samples)``: random permutations one after the
+    other (the last cut short), all drawn from a generator seeded with ``(seed, epoch)``.
+
+    The labelled images of semi-supervised training: their set is smaller than an epoch
+    needs, so it is cycled, reshuffled at each pass. Like :class:`EpochShuffleSampler`
+    the order depends only on ``(seed, epoch)`` (Lightning calls :meth:`set_epoch`), so a
+    resumed run sees the same batches.
+    """
+
+    def __init__(self, num_samples: int, length: int, seed: int) -> None:
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        self.num_samples = num_samples
+        self.length = length
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        # a stream apart from EpochShuffleSampler's (seed * 100_003 + epoch)
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 2**40)
+        passes = -(-self.length // self.num_samples)
+        order = [torch.randperm(self.num_samples, generator=generator) for _ in range(passes)]
+        return iter(torch.cat(order)[: self.length].tolist())
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class SemiSupervisedBatch(typing.NamedTuple):
+    """A semi-supervised training batch, as
+    :meth:`ClassificationDataModule.on_after_batch_transfer` makes it.
+
+    ``images`` ``(B, C, H, W)`` and ``labels`` ``(B,)``: the labelled images (weak view).
+    ``weak`` and ``strong`` ``(M, C, H, W)``: two views of the same ``M`` unlabelled
+    images, weakly and strongly augmented. ``hidden_labels`` ``(M,)``: their true labels,
+    for logging the accuracy of the pseudo-labels only; never a training target. All
+    images normalised.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    weak: torch.Tensor
+    strong: torch.Tensor
+    hidden_labels: torch.Tensor
 
 
 def _writable_tensor(array: np.ndarray) -> torch.Tensor:
@@ -223,13 +285,25 @@ class _InMemoryDataModule(L.LightningDataModule):
             self._load()
             self._ready = True
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+    def _loader(
+        self,
+        dataset: Dataset,
+        shuffle: bool,
+        *,
+        sampler: Sampler[int] | None = None,
+        batch_size: int | None = None,
+    ) -> DataLoader:
+        """A loader of ``dataset`` in batches of ``batch_size`` (default: the module's):
+        in the order of ``sampler`` when given, else shuffled by an
+        :class:`EpochShuffleSampler` when ``shuffle``, else in order."""
         self.setup()
+        if sampler is None and shuffle:
+            sampler = EpochShuffleSampler(len(dataset), self.seed)
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
-            sampler=EpochShuffleSampler(len(dataset), self.seed) if shuffle else None,
+            batch_size=self.batch_size if batch_size is None else batch_size,
+            sampler=sampler,
             num_workers=self.num_workers,
             generator=generator,
             worker_init_fn=_seed_worker,
@@ -344,9 +418,27 @@ class ClassificationDataModule(_InMemoryDataModule):
             seed share their test images, other seeds are scored on other subsets.
         augment: apply :func:`classification_train_augment` to training batches.
         data_root: Fashion-MNIST directory (see :func:`load_fashion_mnist`).
+        labelled_fraction: semi-supervised training (Sohn et al. 2020, FixMatch, NeurIPS):
+            the training images (after ``max_train_samples``, the long tail and the
+            validation split) are split by :func:`~anchorlearn.data.splits.labelled_split`
+            with ``seed`` into ``round(labelled_fraction * n_c)`` labelled images of every
+            class ``c`` (split ``"train"``; a class left with none is a
+            :class:`ConfigError`) and the rest, split ``"unlabelled"``, whose labels are
+            never training targets. ``None``: every training image is labelled.
+        unlabelled_ratio: unlabelled images per labelled image in a step (FixMatch's mu).
+        unlabelled_batches: with ``labelled_fraction``, whether the training loader draws
+            unlabelled batches (``False``: the labelled images alone, on the same number of
+            steps per epoch).
 
     Batches after :meth:`on_after_batch_transfer`: float ``(B, C, H, W)`` normalised
-    images and int64 ``(B,)`` labels.
+    images and int64 ``(B,)`` labels. With ``labelled_fraction`` (and
+    ``unlabelled_batches``) a training step gets a :class:`SemiSupervisedBatch`: ``B`` =
+    ``batch_size`` labelled images and ``unlabelled_ratio * batch_size`` unlabelled ones
+    seen in a weak view (:func:`classification_train_augment`, when ``augment``) and a
+    strong one (:func:`~anchorlearn.data.augment.strong_augment` of the weak view). An
+    epoch is one pass over the unlabelled images, in ``ceil(U / (mu * B))`` steps; the
+    labelled images are cycled (:class:`CyclingSampler`). Without unlabelled images
+    (``labelled_fraction`` 1) an epoch is one pass over the labelled ones.
     """
 
     def __init__(
@@ -363,8 +455,26 @@ class ClassificationDataModule(_InMemoryDataModule):
         max_test_samples: int | None = None,
         augment: bool = True,
         data_root: str | os.PathLike[str] | None = None,
+        labelled_fraction: float | None = None,
+        unlabelled_ratio: int = 7,
+        unlabelled_batches: bool = True,
     ) -> None:
         super().__init__(batch_size, num_workers, seed, augment)
+        if labelled_fraction is not None and (
+            isinstance(labelled_fraction, bool) or not 0.0 < float(labelled_fraction) <= 1.0
+        ):
+            raise ValueError(
+                f"labelled_fraction must be None or in (0, 1], got {labelled_fraction!r}"
+            )
+        if (
+            isinstance(unlabelled_ratio, bool)
+            or not isinstance(unlabelled_ratio, int)
+            or unlabelled_ratio < 1
+        ):
+            raise ValueError(f"unlabelled_ratio must be an int >= 1, got {unlabelled_ratio!r}")
+        self.labelled_fraction = None if labelled_fraction is None else float(labelled_fraction)
+        self.unlabelled_ratio = unlabelled_ratio
+        self.unlabelled_batches = bool(unlabelled_batches)
         if not float(imbalance_ratio) >= 1.0:
             raise ValueError(f"imbalance_ratio must be >= 1, got {imbalance_ratio!r}")
         if profile not in PROFILES:
@@ -414,16 +524,90 @@ class ClassificationDataModule(_InMemoryDataModule):
                 "images per class or a larger fraction"
             )
         self._class_names = list(train.class_names)
-        self._split_positions = {
-            name: (split.pool, split.positions)
-            for name, split in (("train", train), ("val", val), ("test", test))
-        }
+        named = [("train", train), ("val", val), ("test", test)]
+        if self.labelled_fraction is not None:
+            train, unlabelled = self._split_labelled(train)
+            named = [("train", train), ("unlabelled", unlabelled), ("val", val), ("test", test)]
+        self._split_positions = {name: (split.pool, split.positions) for name, split in named}
         self._splits = {}
-        for name, split in (("train", train), ("val", val), ("test", test)):
+        for name, split in named:
             self._splits[name] = _image_label_dataset(split)
         train_images = self._train_images = self._splits["train"].tensors[0]
-        self.mean, self.std = _channel_stats(train_images)
+        if self.labelled_fraction is None:
+            self.mean, self.std = _channel_stats(train_images)
+        else:  # pixel statistics need no labels: all the training images
+            unlabelled_images = self._splits["unlabelled"].tensors[0]
+            self.mean, self.std = _channel_stats(torch.cat([train_images, unlabelled_images]))
+            self._strong_augment = strong_augment(tuple(train_images.shape[2:]))
         self._train_augment = classification_train_augment(tuple(train_images.shape[2:]))
+
+    def _split_labelled(self, train: ClassificationData) -> tuple[_Tracked, _Tracked]:
+        """The labelled and unlabelled parts of the training images."""
+        try:
+            labelled, unlabelled = labelled_split(
+                train.labels,
+                float(self.labelled_fraction),
+                self.seed,
+                name="data.labelled_fraction",
+                class_names=train.class_names,
+            )
+        except ValueError as err:
+            raise ConfigError(f"{self.source}: {err}") from None
+        if len(unlabelled) == 0 and self.unlabelled_batches:
+            raise ConfigError(
+                f"data.labelled_fraction={self.labelled_fraction} labels every one of the "
+                f"{len(train.labels)} training images: no unlabelled image is left for the "
+                "unlabelled batches; use a smaller fraction, or semi.unlabelled_weight: 0 "
+                "to train on the labelled images alone"
+            )
+        return _subset(train, labelled), _subset(train, unlabelled)
+
+    @property
+    def semi_supervised(self) -> bool:
+        """Whether training batches are :class:`SemiSupervisedBatch` es."""
+        return self.labelled_fraction is not None and self.unlabelled_batches
+
+    @property
+    def train_steps_per_epoch(self) -> int:
+        """With ``labelled_fraction``: steps of a training epoch, ``ceil(U / (mu * B))``
+        (one pass over the ``U`` unlabelled images; ``ceil(L / B)`` over the ``L`` labelled
+        ones when there is no unlabelled image); else ``ceil(N / B)``."""
+        self.setup()
+        unlabelled = len(self._splits.get("unlabelled", ()))
+        if unlabelled:
+            return -(-unlabelled // (self.unlabelled_ratio * self.batch_size))
+        return -(-len(self._splits["train"]) // self.batch_size)
+
+    def image_counts(self) -> dict[str, int] | None:
+        """With ``labelled_fraction``: ``{"labelled_images", "unlabelled_images"}``, the
+        sizes of the two parts of the training images; ``None`` without."""
+        if self.labelled_fraction is None:
+            return None
+        self.setup()
+        return {
+            "labelled_images": len(self._splits["train"]),
+            "unlabelled_images": len(self._splits["unlabelled"]),
+        }
+
+    def train_dataloader(self) -> DataLoader | CombinedLoader:
+        """The training batches: see the class docstring."""
+        if self.labelled_fraction is None:
+            return super().train_dataloader()
+        labelled = self.dataset("train")
+        length = len(labelled)  # no unlabelled image: one pass over the labelled ones
+        if len(self.dataset("unlabelled")):
+            length = self.train_steps_per_epoch * self.batch_size
+        labelled_loader = self._loader(
+            labelled, True, sampler=CyclingSampler(len(labelled), length, self.seed)
+        )
+        if not self.unlabelled_batches:
+            return labelled_loader
+        unlabelled_loader = self._loader(
+            self.dataset("unlabelled"), True, batch_size=self.unlabelled_ratio * self.batch_size
+        )
+        return CombinedLoader(
+            {"labelled": labelled_loader, "unlabelled": unlabelled_loader}, mode="max_size_cycle"
+        )
 
     def _check_max_test_samples(self, test_labels: np.ndarray) -> None:
         """``max_test_samples`` keeps an image of every class of the test split: the
@@ -439,7 +623,8 @@ class ClassificationDataModule(_InMemoryDataModule):
 
     @property
     def train_class_counts(self) -> list[int]:
-        """Training images per class (after long tail and validation split)."""
+        """Training images per class (after long tail and validation split); with
+        ``labelled_fraction``, the labelled images only."""
         self.setup()
         labels = self._splits["train"].tensors[1]
         return torch.bincount(labels, minlength=self.num_classes).tolist()
@@ -453,8 +638,28 @@ class ClassificationDataModule(_InMemoryDataModule):
         return self.normalize(x)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, dict):  # the semi-supervised training loader
+            return self.semi_supervised_views(batch)
         images, labels = batch
         return self.preprocess(images, augment=self.augment and self._training()), labels
+
+    def semi_supervised_views(self, batch: dict[str, Any]) -> SemiSupervisedBatch:
+        """``{"labelled": (images, labels), "unlabelled": (images, hidden_labels)}`` of
+        uint8 images -> a :class:`SemiSupervisedBatch`: the labelled images and the
+        unlabelled ones weakly augmented (when ``augment``), a strong view of the
+        unlabelled ones (:func:`~anchorlearn.data.augment.strong_augment` of a weak view of
+        its own), all normalised. Random draws come from torch's global generator, in that
+        order."""
+        self.setup()
+        images, labels = batch["labelled"]
+        unlabelled, hidden_labels = batch["unlabelled"]
+        labelled = self.preprocess(images, augment=self.augment)
+        weak = self.preprocess(unlabelled, augment=self.augment)
+        x = unlabelled.float() / 255.0
+        if self.augment:
+            x = self._train_augment(x)
+        strong = self.normalize(self._strong_augment(x))
+        return SemiSupervisedBatch(labelled, labels, weak, strong, hidden_labels)
 
 
 def _holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -19,7 +19,7 @@ import torch
 from anchorlearn.models.encoders import IMAGENET_MEAN, IMAGENET_STD
 from anchorlearn.models.etf import FixedETFModel
 
-from .config import ExperimentConfig, parse_config
+from .config import DEFAULT_UNLABELLED_RATIO, ExperimentConfig, SemiConfig, parse_config
 from .datamodules import ClassificationDataModule, SegmentationDataModule
 from .evaluate import evaluate_module, write_run_plots
 from .module import SupervisedModule, training_counts
@@ -53,6 +53,7 @@ from .segmentation import (
     evaluate_segmentation,
     is_segmentation_dataset,
 )
+from .semi import SemiSupervisedModule
 
 __all__ = [
     "RunError",
@@ -115,6 +116,7 @@ def build_datamodule(cfg: ExperimentConfig):
             max_test_samples=d.max_test_samples,
             augment=d.augment,
             seed=cfg.seed,
+            **_semi_supervised_data(cfg),
         )
     else:
         dm = SegmentationDataModule(
@@ -142,6 +144,21 @@ def build_datamodule(cfg: ExperimentConfig):
             f"{d.test_split!r})"
         ) from err
     return dm
+
+
+def _semi_supervised_data(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The data module's semi-supervised arguments (none without
+    ``data.labelled_fraction``, so that the default data module is built as before)."""
+    d = cfg.data
+    if d.labelled_fraction is None:
+        return {}
+    semi = cfg.semi or SemiConfig()
+    return {
+        "labelled_fraction": d.labelled_fraction,
+        "unlabelled_ratio": d.unlabelled_ratio or DEFAULT_UNLABELLED_RATIO,
+        # unlabelled_weight 0: the labelled images alone (sar_unlabelled is then false)
+        "unlabelled_batches": semi.unlabelled_weight > 0 or bool(semi.sar_unlabelled),
+    }
 
 
 def build_run(cfg: ExperimentConfig) -> tuple[Any, SupervisedModule]:
@@ -187,6 +204,18 @@ def build_run(cfg: ExperimentConfig) -> tuple[Any, SupervisedModule]:
             seed=cfg.seed,
             channels_last=cfg.trainer.channels_last,
         )
+    elif getattr(dm, "semi_supervised", False):
+        semi = cfg.semi or SemiConfig()
+        module = SemiSupervisedModule(
+            model,
+            objective,
+            cfg.optim,
+            num_classes=dm.num_classes,
+            seed=cfg.seed,
+            threshold=semi.threshold,
+            unlabelled_weight=semi.unlabelled_weight,
+            sar_unlabelled=bool(semi.sar_unlabelled),
+        )
     else:
         module = SupervisedModule(
             model,
@@ -197,8 +226,8 @@ def build_run(cfg: ExperimentConfig) -> tuple[Any, SupervisedModule]:
             ignore_index=ignore_index,
             seed=cfg.seed,
         )
-        if cfg.trainer.channels_last:
-            module.model.to(memory_format=torch.channels_last)
+    if not isinstance(dm, SegmentationFilesDataModule) and cfg.trainer.channels_last:
+        module.model.to(memory_format=torch.channels_last)
     return dm, module
 
 
@@ -292,6 +321,7 @@ def _fit_locked(
     else:
         metrics = evaluate_module(module, dm, task=cfg.task)
         metrics["epochs"] = int(trainer.current_epoch)
+        metrics.update(_image_counts(dm))
     metrics["train_seconds"] = round(clock.seconds, 1)
     if t.devices > 1:
         metrics["ddp_world_size"] = int(trainer.world_size)
@@ -418,8 +448,16 @@ def write_class_counts(dm: Any, run_dir: Path) -> None:
             "train_class_counts": {n: int(c) for n, c in zip(names, counts, strict=True)},
             "total": int(np.sum(counts)),
         }
+        # semi-supervised: the counts above are the labelled images'
+        payload.update(_image_counts(dm))
         write_json(run_dir / CLASS_COUNTS_FILE, payload)
         print(f"class counts (train): {payload['train_class_counts']}", file=sys.stderr)
+
+
+def _image_counts(dm: Any) -> dict[str, int]:
+    """``{"labelled_images", "unlabelled_images"}`` of a semi-supervised run, else empty."""
+    image_counts = getattr(dm, "image_counts", None)
+    return (image_counts() if callable(image_counts) else None) or {}
 
 
 def reuse_class_counts(dm: Any, run_dir: Path) -> None:

@@ -99,6 +99,10 @@ class SemanticAnchorRegularizer(nn.Module):
     eval mode and the pull is measured against ``S`` if the gate has ever opened (with
     ``gate="per_class"``: on the positions of the ready classes only).
 
+    :meth:`pull_loss` computes the pull alone for a second batch of the same step (no
+    auxiliary CE, no gate or EMA update), e.g. pseudo-labelled features in semi-supervised
+    training.
+
     Under DDP the gate decision is the same on every rank: it reads only the projected
     anchors and the classifier, which DDP keeps identical across ranks (never the batch);
     so ``S``, ``step``, ``gate_open_step`` and ``class_open_step`` agree without any
@@ -256,6 +260,9 @@ class SemanticAnchorRegularizer(nn.Module):
             )
         self.register_buffer("class_weights", weights, persistent=False)
         self._warned_gate = False
+        # gate="all": whether the latest training-mode forward passed the gate (its pull was
+        # active); read by pull_loss, never saved
+        self._gate_passed = False
 
     @property
     def gate_ever_opened(self) -> bool:
@@ -313,7 +320,7 @@ class SemanticAnchorRegularizer(nn.Module):
             )
         return logits
 
-    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> dict:
+    def _validated_labels(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         labels = validate_features_and_labels(
             features,
             labels,
@@ -326,6 +333,54 @@ class SemanticAnchorRegularizer(nn.Module):
                 f"features are on {features.device} but SemanticAnchorRegularizer is on "
                 f"{self.anchors.device}: move it with .to(device)"
             )
+        return labels
+
+    def _pull(
+        self, features: torch.Tensor, labels: torch.Tensor, ready: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The unweighted pull of ``features`` towards ``S[labels]`` (step 4), over the
+        ``ready`` classes when given."""
+        return _masked_pull(
+            features,
+            labels,
+            self.semantic_anchors,
+            self.ignore_index,
+            kind=self.pull,
+            class_weights=self.class_weights,
+            classes=ready,
+            margin=self.margin,
+        )
+
+    def pull_loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The unweighted pull term alone (step 4) of more features, against the semantic
+        anchors ``S`` as they stand, for a second batch within the same training step (e.g.
+        confidently pseudo-labelled images in semi-supervised training).
+
+        Nothing else runs: no projector, no auxiliary CE, no gate, no EMA step; no buffer
+        changes. The pull is active as it was for the latest :meth:`forward`: in training
+        mode, ``gate="all"``, only if that step passed the gate; ``gate="per_class"``, over
+        the classes ready after it; in ``eval()`` mode, as :meth:`forward` in eval mode.
+        Called right after :meth:`forward` on the same ``features`` and ``labels`` it equals
+        that forward's ``"pull"``. Weight it with ``pull_weight`` to add it to a loss. An
+        inactive pull, or an empty batch, is a zero connected to ``features``.
+
+        Shapes as :meth:`forward`; ``N = 0`` is allowed.
+        """
+        labels = self._validated_labels(features, labels)
+        ready: torch.Tensor | None = None
+        if self.gate == "per_class":
+            ready = self.classes_ready
+            active = bool(ready.any())
+        elif self.training:
+            active = self._gate_passed
+        else:
+            active = self.gate_ever_opened
+        if not active:
+            return connected_zero(features)
+        return self._pull(features, labels, ready)
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> dict:
+        labels = self._validated_labels(features, labels)
         projected = self.projected_anchors()
         logits = self.anchor_logits(projected)
         logits = logits.to(loss_compute_dtype(logits.dtype))
@@ -346,21 +401,13 @@ class SemanticAnchorRegularizer(nn.Module):
         else:
             if self.training:
                 gate_open = self._update_semantic_anchors(logits.detach(), ce.detach(), projected)
+                self._gate_passed = gate_open
             use_pull = gate_open or (not self.training and self.gate_ever_opened)
             fraction = torch.full(
                 (), float(self.gate_ever_opened), dtype=torch.float32, device=self.anchors.device
             )
         if use_pull:
-            pull = _masked_pull(
-                features,
-                labels,
-                self.semantic_anchors,
-                self.ignore_index,
-                kind=self.pull,
-                class_weights=self.class_weights,
-                classes=ready,
-                margin=self.margin,
-            )
+            pull = self._pull(features, labels, ready)
         else:
             pull = connected_zero(features)
         loss = self.aux_weight * aux_ce + self.pull_weight * pull
