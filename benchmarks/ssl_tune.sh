@@ -13,19 +13,26 @@ grid() {
 }
 pauc_terms() { for t in align uniform corr; do echo "--set loss.${t}_weight=$1"; done; }
 
-grid crop0.5 --configs moco,pcl --floors                      # the shipped settings
-grid crop0.2 --configs moco --set data.crop_min_scale=0.2     # MoCo v2's crop
-grid crop0.8 --configs moco --set data.crop_min_scale=0.8
-grid crop0.2_lr0.06 --configs moco --set data.crop_min_scale=0.2 --set optim.lr=0.06
-grid crop0.2_split_bn4 --configs moco --set data.crop_min_scale=0.2 --set model.split_bn=4
-grid epochs32 --configs moco --set trainer.max_epochs=32
-grid wide --configs moco --set model.kwargs.width=32 --set model.kwargs.feat_dim=128
-grid t0.1 --configs moco --set model.temperature=0.1
-grid queue1024 --configs moco --set model.queue_size=1024
-grid n24k_epochs4 --configs moco --floors --set data.max_train_samples=24000 \
+# The rows up to pauc1 were run with global pooling (model.kwargs.pool_grid=1), the setting
+# of the time; the pooling grid rows at the end chose the shipped 3x3 grid.
+g1() { local out=$1; shift; grid "$out" --set model.kwargs.pool_grid=1 "$@"; }
+g1 crop0.5 --configs moco,pcl --floors
+g1 crop0.2 --configs moco --set data.crop_min_scale=0.2     # MoCo v2's crop
+g1 crop0.8 --configs moco --set data.crop_min_scale=0.8
+g1 crop0.2_lr0.06 --configs moco --set data.crop_min_scale=0.2 --set optim.lr=0.06
+g1 crop0.2_split_bn4 --configs moco --set data.crop_min_scale=0.2 --set model.split_bn=4
+g1 epochs32 --configs moco --set trainer.max_epochs=32
+g1 wide --configs moco --set model.kwargs.width=32 --set model.kwargs.feat_dim=128
+g1 t0.1 --configs moco --set model.temperature=0.1
+g1 queue1024 --configs moco --set model.queue_size=1024
+g1 n24k_epochs4 --configs moco --floors --set data.max_train_samples=24000 \
     --set trainer.max_epochs=4
-grid resnet20 --configs moco --floors --set model.name=resnet20
+grid resnet20 --configs moco --floors --set model.name=resnet20 --set 'model.kwargs={}'
 # PAUC's three term weights together (the shipped 0.1, and 1)
-grid pauc0.1 --configs pauc
+g1 pauc0.1 --configs pauc
 # shellcheck disable=SC2046
-grid pauc1 --configs pauc $(pauc_terms 1.0)
+g1 pauc1 --configs pauc $(pauc_terms 1.0)
+# the pooling grid of small_cnn's last map (features 64 x g x g): 2x2, 3x3 (shipped)
+grid grid2 --configs moco --floors --set model.kwargs.pool_grid=2
+grid grid3 --configs moco,pcl --floors --set model.kwargs.pool_grid=3
+grid grid3_crop0.8 --configs moco --set model.kwargs.pool_grid=3 --set data.crop_min_scale=0.8
