@@ -233,7 +233,8 @@ def main() -> int:
     parser.add_argument(
         "--val",
         action="store_true",
-        help=f"evaluate on a held-out {VAL_FRACTION * 100:.0f} %% of the training images, not the test set",
+        help=f"evaluate on a held-out {VAL_FRACTION * 100:.0f} %% of the training images, "
+        "not the test set",
     )
     parser.add_argument(
         "--set",
