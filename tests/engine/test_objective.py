@@ -158,3 +158,24 @@ def test_reference_points_are_those_of_the_first_term_that_has_some() -> None:
     name, points = reference_points(module)
     assert name == "semantic anchors" and torch.equal(points, sar.semantic_anchors)
     assert reference_points(SimpleNamespace(objective=build([LossConfig("ce")]))) is None
+
+
+def test_sar_plus_is_sar_with_the_effective_number_pull_unless_the_config_says_otherwise() -> None:
+    from anchorlearn.losses import class_balanced_weights
+
+    torch.manual_seed(0)
+    plus = build([LossConfig("ce"), LossConfig("sar_plus")]).terms[1]
+    assert isinstance(plus, SemanticAnchorRegularizer)
+    expected = class_balanced_weights([5, 4, 3, 2], "effective", 0.999)
+    torch.testing.assert_close(plus.class_weights, expected)
+    # the rest is the release's SAR: same defaults as "sar"
+    release = build([LossConfig("ce"), LossConfig("sar")]).terms[1]
+    assert release.class_weights is None
+    for name in ("pull_weight", "aux_weight", "update_conf", "filter_conf", "pull", "gate"):
+        assert getattr(plus, name) == getattr(release, name)
+    # a config's own class_weights wins over the preset's
+    inverse = build([LossConfig("ce"), LossConfig("sar_plus", {"class_weights": "inverse"})])
+    torch.testing.assert_close(
+        inverse.terms[1].class_weights, class_balanced_weights([5, 4, 3, 2], "inverse")
+    )
+    assert loss_parameters("sar_plus") == loss_parameters("sar")

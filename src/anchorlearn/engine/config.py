@@ -439,7 +439,7 @@ def _check_semi_supervised_settings(cfg: ExperimentConfig) -> None:
             "semi.unlabelled_weight": at_least(0),
         },
     )
-    has_sar = any(spec.name == "sar" for spec in cfg.losses)
+    has_sar = any(spec.name in ("sar", "sar_plus") for spec in cfg.losses)
     if semi.sar_unlabelled is None:
         semi.sar_unlabelled = has_sar and semi.unlabelled_weight > 0
     elif semi.sar_unlabelled:

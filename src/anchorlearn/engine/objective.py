@@ -41,6 +41,8 @@ class _LossSpec:
     # a task loss: it trains what the model predicts with (dot regression: the features onto
     # the fixed ETF classifier); an objective needs at least one
     trains_classifier: bool = False
+    # a preset: parameters the entry sets unless the config sets them
+    defaults: tuple[tuple[str, Any], ...] = ()
 
 
 LOSSES: dict[str, _LossSpec] = {
@@ -78,6 +80,15 @@ LOSSES: dict[str, _LossSpec] = {
         "features",
         ("num_classes", "feat_dim", "classifier"),
         "Semantic Anchor Regularization",
+    ),
+    # opt-in: the release's SAR with the class-balanced pull (effective-number weights,
+    # beta 0.999), the one variant that beat the release on every seed (BENCHMARKS.md 11)
+    "sar_plus": _LossSpec(
+        SemanticAnchorRegularizer,
+        "features",
+        ("num_classes", "feat_dim", "classifier"),
+        "SAR with the class-balanced pull (class_weights: effective)",
+        defaults=(("class_weights", "effective"),),
     ),
     "ema_prototype": _LossSpec(
         EMAPrototypeLoss, "features", ("num_classes", "feat_dim"), "EMA class prototypes"
@@ -250,8 +261,8 @@ def build_objective(
         kwargs = {k: available[k] for k in entry.injected}
         if _takes(entry.cls, "ignore_index"):
             kwargs["ignore_index"] = ignore_index
-        params = dict(spec.params)
-        if "class_weights" in params:
+        params = {**dict(entry.defaults), **spec.params}
+        if params.get("class_weights") is not None:
             kind, beta = _class_weight_kind(params["class_weights"], "class_weights")
             if class_counts is None:
                 raise ConfigError(f"loss {spec.name}: class_weights needs training class counts")
