@@ -47,6 +47,30 @@ def test_knn_perfect_on_separable_data_and_chunking() -> None:
     )
 
 
+def test_knn_standardize_is_the_knn_of_features_standardised_with_the_training_stats() -> None:
+    gen = torch.Generator().manual_seed(1)
+    # non-negative features on very different scales, like pooled ReLU maps
+    scale = torch.tensor([100.0, 1.0, 0.01, 5.0])
+    train = torch.rand(60, 4, generator=gen) * scale + 3.0
+    labels = torch.randint(0, 3, (60,), generator=gen)
+    test = torch.rand(20, 4, generator=gen) * scale + 3.0
+    mean, std = train.double().mean(0), train.double().std(0)
+    by_hand = knn_predict(
+        ((train - mean) / std).float(), labels, ((test - mean) / std).float(), 3, k=7
+    )
+    torch.testing.assert_close(knn_predict(train, labels, test, 3, k=7, standardize=True), by_hand)
+    # and it is not a no-op here: the raw cosine is dominated by the first dimension
+    raw = knn_predict(train, labels, test, 3, k=7)
+    assert not torch.equal(raw, by_hand)
+    # already standardised features (the pixel floor) are left as they are
+    z_train, z_test = ((train - mean) / std).float(), ((test - mean) / std).float()
+    torch.testing.assert_close(
+        knn_predict(z_train, labels, z_test, 3, k=7, standardize=True), by_hand
+    )
+    with pytest.raises(ValueError, match="at least 2"):
+        knn_predict(train[:1], labels[:1], test, 3, standardize=True)
+
+
 def test_knn_weights_votes_by_similarity() -> None:
     # One very close neighbour of class 1 outweighs two distant ones of class 0.
     train = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])

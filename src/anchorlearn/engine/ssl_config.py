@@ -151,7 +151,8 @@ class EvalConfig:
 
     ``probe_steps`` LBFGS iterations of a full-batch logistic regression on standardised
     backbone features (L2 penalty ``probe_weight_decay``); weighted kNN with ``knn_k`` and
-    ``knn_temperature``; uniformity on at most ``uniformity_points`` test embeddings; a
+    ``knn_temperature``, on features standardised like the probe's when
+    ``knn_standardize``; uniformity on at most ``uniformity_points`` test embeddings; a
     t-SNE picture of at most ``tsne_points`` test embeddings when ``tsne``; low-shot linear
     probes with ``low_shot`` labels per class, ``low_shot_draws`` draws each.
     """
@@ -160,6 +161,9 @@ class EvalConfig:
     probe_weight_decay: float = 1e-4
     knn_k: int = 200
     knn_temperature: float = 0.1
+    # standardise every feature dimension with the training features' mean and std before
+    # the cosine kNN, as the probes do (raw pixels, the floor, are standardised already)
+    knn_standardize: bool = False
     uniformity_points: int = 2000
     tsne: bool = True
     tsne_points: int = 2000

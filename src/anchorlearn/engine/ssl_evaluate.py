@@ -149,7 +149,8 @@ def evaluate_pretrained(
     - ``linear_probe``: :func:`~anchorlearn.metrics.ssl.linear_probe_accuracy` on backbone
       features (train -> test);
     - ``knn``: weighted kNN (``eval.knn_k``, ``eval.knn_temperature``, cosine) on backbone
-      features of the labelled training split;
+      features of the labelled training split (standardised first with
+      ``eval.knn_standardize``);
     - ``alignment``: of the normalised embeddings of two augmented views;
     - ``uniformity``: of one augmented view's embeddings (at most ``eval.uniformity_points``,
       drawn with the seed);
@@ -192,7 +193,11 @@ def evaluate_pretrained(
             statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
         )
     metrics["knn"] = knn_accuracy(
-        *split_pair, num_classes, k=ev.knn_k, temperature=ev.knn_temperature
+        *split_pair,
+        num_classes,
+        k=ev.knn_k,
+        temperature=ev.knn_temperature,
+        standardize=ev.knn_standardize,
     )
     metrics["alignment"] = alignment(test["view1"], test["view2"])
     generator = torch.Generator().manual_seed(cfg.seed)

@@ -79,10 +79,13 @@ def knn_predict(
     k: int = 200,
     temperature: float = 0.1,
     chunk_size: int = 256,
+    standardize: bool = False,
 ) -> torch.Tensor:
     """Weighted kNN labels ``(M,)`` of ``test_features`` ``(M, D)`` (Wu et al. 2018).
 
-    Similarities are cosines to ``train_features`` ``(N, D)``; each of the ``k`` nearest
+    With ``standardize``, both feature sets are first standardised per dimension with the
+    mean and std of ``train_features`` (the probes' transform). Similarities are cosines
+    to ``train_features`` ``(N, D)``; each of the ``k`` nearest
     training samples (all of them if ``N < k``) votes for its label with weight
     ``exp(cos / temperature)``; the class with the largest total wins. Test rows are
     processed ``chunk_size`` at a time, so memory is ``O(chunk_size * N)`` (256 x 60,000
@@ -108,6 +111,15 @@ def knn_predict(
         )
     if bool(((train_labels < 0) | (train_labels >= num_classes)).any()):
         raise ValueError(f"train_labels must lie in [0, {num_classes})")
+    if standardize:
+        if train_features.shape[0] < 2:
+            raise ValueError("standardize needs at least 2 training features")
+        reference = train_features.double()
+        mean, std = reference.mean(dim=0), reference.std(dim=0).clamp_min(1e-6)
+        train_features = ((reference - mean) / std).float()
+        test_features = (
+            (test_features.double() - mean.to(test_features.device)) / std.to(test_features.device)
+        ).float()
     train = F.normalize(train_features.float(), dim=1)
     labels = train_labels.long().to(train.device)
     k = min(k, train.shape[0])
@@ -133,6 +145,7 @@ def knn_accuracy(
     k: int = 200,
     temperature: float = 0.1,
     chunk_size: int = 256,
+    standardize: bool = False,
 ) -> float:
     """Top-1 accuracy of :func:`knn_predict` against ``test_labels`` ``(M,)``."""
     test_labels = check_labels_tensor(test_labels, "test_labels")
@@ -142,7 +155,14 @@ def knn_accuracy(
             f"got {tuple(test_labels.shape)}"
         )
     preds = knn_predict(
-        train_features, train_labels, test_features, num_classes, k, temperature, chunk_size
+        train_features,
+        train_labels,
+        test_features,
+        num_classes,
+        k,
+        temperature,
+        chunk_size,
+        standardize=standardize,
     )
     return float((preds.cpu() == test_labels.cpu()).double().mean())
 
