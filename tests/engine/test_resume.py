@@ -113,3 +113,31 @@ def test_resume_may_extend_a_constant_schedule(tmp_path: Path) -> None:
         digits_config(optim=constant, trainer={"max_epochs": 2, "progress": False})
     )
     assert fit(longer, tmp_path, resume=True, quiet=True, plots=False)["epochs"] == 2
+
+
+class _FirstBatches(L.Callback):
+    """Records the labels of the first training batch of every epoch."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, list[int]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            self.seen[trainer.current_epoch] = batch[1].tolist()
+
+
+def test_a_resumed_run_with_loader_workers_sees_the_uninterrupted_runs_batches(
+    tmp_path: Path,
+) -> None:
+    # with worker processes the first iterator of a resumed run reads the sampler before
+    # Lightning sets its epoch: the data module sets it when the loader is made
+    cfg = parse_config(
+        digits_config(data__num_workers=1, trainer={"max_epochs": 3, "progress": False})
+    )
+    full = _FirstBatches()
+    fit(cfg, tmp_path / "full", quiet=True, plots=False, callbacks=[full])
+    assert len({tuple(labels) for labels in full.seen.values()}) == 3  # epochs differ
+    fit(cfg, tmp_path / "resumed", quiet=True, plots=False, callbacks=[_StopAfter(2)])
+    resumed = _FirstBatches()
+    fit(cfg, tmp_path / "resumed", resume=True, quiet=True, plots=False, callbacks=[resumed])
+    assert resumed.seen == {2: full.seen[2]}

@@ -414,16 +414,20 @@ def test_mixed_precision_and_channels_last_train(
     assert len(losses) == 3 and all(np.isfinite(losses))
 
 
-@pytest.mark.parametrize(
-    "sar", [{"name": "sar", "class_weights": "inverse"}, {"name": "sar_plus"}], ids=["sar", "plus"]
-)
-def test_sar_class_weights_by_name_count_the_training_pixels(camvid: str, sar: dict) -> None:
+def test_sar_plus_is_refused_for_segmentation(camvid: str) -> None:
+    raw = seg_config(camvid)
+    raw["losses"] = ["ce", "sar_plus"]
+    with pytest.raises(ConfigError, match="sar_plus is for classification"):
+        parse_config(raw)
+
+
+def test_sar_class_weights_by_name_count_the_training_pixels(camvid: str) -> None:
     """A file-based segmentation set counts its masks only when a loss needs the counts:
-    SAR's class-balanced pull, named in the config or set by the sar_plus preset, is one."""
+    SAR's class-balanced pull, named in the config, is one."""
     from anchorlearn.engine.runner import build_run
 
     raw = seg_config(camvid)
-    raw["losses"] = ["ce", sar]
+    raw["losses"] = ["ce", {"name": "sar", "class_weights": "inverse"}]
     _, module = build_run(parse_config(raw))
     weights = module.objective.terms[1].class_weights
     assert weights is not None and weights.shape == (11,)

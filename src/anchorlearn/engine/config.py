@@ -284,6 +284,13 @@ def parse_config(raw: dict[str, Any]) -> ExperimentConfig:
         )
     _check_segmentation_settings(cfg)
     _check_semi_supervised_settings(cfg)
+    if cfg.task == "segmentation" and any(spec.name == "sar_plus" for spec in cfg.losses):
+        raise ConfigError(
+            "loss sar_plus is for classification: its effective-number weights (beta 0.999) "
+            "are equal for every class once a class has thousands of pixels, so on "
+            "segmentation it would be the release's SAR; use sar, with class_weights: "
+            "inverse for a class-balanced pull"
+        )
     if cfg.task != "classification" and cfg.data.max_test_samples is not None:
         raise ConfigError(
             f"data.max_test_samples={cfg.data.max_test_samples} is for classification; "
@@ -454,3 +461,10 @@ def _check_semi_supervised_settings(cfg: ExperimentConfig) -> None:
                 "semi.unlabelled_weight: 0 turns off (labelled images only): set "
                 "semi.sar_unlabelled: false or a positive semi.unlabelled_weight"
             )
+    if d.labelled_fraction == 1 and semi.unlabelled_weight > 0:
+        raise ConfigError(
+            f"data.labelled_fraction={d.labelled_fraction} labels every training image: no "
+            "unlabelled image is "
+            "left for the unlabelled batches; use a smaller fraction, or "
+            "semi.unlabelled_weight: 0 to train on the labelled images alone"
+        )

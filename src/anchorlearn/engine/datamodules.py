@@ -267,6 +267,9 @@ class _InMemoryDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = int(seed)
         self.augment = bool(augment)
+        # the epoch training starts at: a resumed run's, set by the runner from its
+        # checkpoint (see _loader)
+        self.start_epoch = 0
         self._ready = False
         # split -> (the source array its samples come from, their positions there)
         self._split_positions: dict[str, tuple[str, np.ndarray]] = {}
@@ -299,6 +302,12 @@ class _InMemoryDataModule(L.LightningDataModule):
         self.setup()
         if sampler is None and shuffle:
             sampler = EpochShuffleSampler(len(dataset), self.seed)
+        if sampler is not None:
+            # Lightning makes the first training iterator before it restores a checkpoint's
+            # epoch (the schedule's step count asks for the loader), and with worker
+            # processes that iterator reads its sampler at once: a resumed run's first
+            # epoch would replay epoch 0's order unless the sampler starts at that epoch
+            sampler.set_epoch(self.start_epoch)
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
             dataset,

@@ -208,6 +208,13 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
+def resumed_epoch(ckpt: dict[str, Any]) -> int:
+    """The epoch a run resumed from ``ckpt`` trains first: the one after the last epoch it
+    finished processing (Lightning's ``epoch_progress``), 0 when the checkpoint has none."""
+    progress = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
+    return int(progress.get("current", {}).get("processed", 0))
+
+
 def start_run(
     run_dir: Path, t: TrainerConfig, seed: int, resume: bool, check: Callable[[Path], None]
 ) -> str | None:
@@ -470,9 +477,12 @@ def open_run(
         ckpt = load(last)
         check_resumable(ckpt, last)
         stored["fingerprint"] = ckpt.get(DATA_FINGERPRINT_KEY)
+        stored["start_epoch"] = resumed_epoch(ckpt)
 
     ckpt_path = start_run(run_dir, t, seed, resume, check)
     dm, module = build()
+    if ckpt_path is not None and hasattr(dm, "start_epoch"):
+        dm.start_epoch = stored["start_epoch"]
     fingerprint = dm.data_fingerprint()
     if ckpt_path is not None:
         check_data_fingerprint(
