@@ -8,9 +8,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 
-__all__ = ["COUNTS", "digits_config", "npz_config", "write_npz"]
+__all__ = ["COUNTS", "StopAfter", "digits_config", "npz_config", "write_npz"]
+
+
+class StopAfter(L.Callback):
+    """Ends training cleanly after ``epochs`` epochs, as an interruption would."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True
+
 
 # images per class: class 2 has two images, too few to reach the 20 % test split, so the
 # test split holds no image of the one "few" class and its accuracy is undefined (NaN)

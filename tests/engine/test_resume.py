@@ -9,22 +9,11 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-from tests.engine.runfixtures import digits_config
+from tests.engine.runfixtures import StopAfter, digits_config
 
 from anchorlearn.engine.config import parse_config
 from anchorlearn.engine.rundir import RunError
 from anchorlearn.engine.runner import fit
-
-
-class _StopAfter(L.Callback):
-    """Ends training cleanly after ``epochs`` epochs, as an interruption would."""
-
-    def __init__(self, epochs: int) -> None:
-        self.epochs = epochs
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.current_epoch + 1 >= self.epochs:
-            trainer.should_stop = True
 
 
 class _Slow(L.Callback):
@@ -43,7 +32,7 @@ def test_resume_reaches_the_same_result_as_an_uninterrupted_run(tmp_path: Path) 
     cfg = parse_config(digits_config(trainer={"max_epochs": 3, "progress": False}))
     full = fit(cfg, tmp_path / "full", quiet=True, plots=False)
     slow = _Slow(0.5)
-    fit(cfg, tmp_path / "resumed", quiet=True, plots=False, callbacks=[_StopAfter(2), slow])
+    fit(cfg, tmp_path / "resumed", quiet=True, plots=False, callbacks=[StopAfter(2), slow])
     first = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
     resumed = fit(cfg, tmp_path / "resumed", resume=True, quiet=True, plots=False, callbacks=[slow])
     assert resumed["epochs"] == full["epochs"] == 3
@@ -137,7 +126,7 @@ def test_a_resumed_run_with_loader_workers_sees_the_uninterrupted_runs_batches(
     full = _FirstBatches()
     fit(cfg, tmp_path / "full", quiet=True, plots=False, callbacks=[full])
     assert len({tuple(labels) for labels in full.seen.values()}) == 3  # epochs differ
-    fit(cfg, tmp_path / "resumed", quiet=True, plots=False, callbacks=[_StopAfter(2)])
+    fit(cfg, tmp_path / "resumed", quiet=True, plots=False, callbacks=[StopAfter(2)])
     resumed = _FirstBatches()
     fit(cfg, tmp_path / "resumed", resume=True, quiet=True, plots=False, callbacks=[resumed])
     assert resumed.seen == {2: full.seen[2]}

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tests.data.test_fashion_mnist import write_fake_fashion
-from tests.engine.runfixtures import digits_config
+from tests.engine.runfixtures import StopAfter, digits_config
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -426,13 +426,7 @@ def test_config_errors_name_the_key(changes: dict, message: str) -> None:
     ],
 )
 def test_semi_settings_without_labelled_fraction_are_refused(changes: dict, key: str) -> None:
-    raw = digits_config()
-    for name, value in changes.items():
-        section, _, field = name.partition("__")
-        if field:
-            raw[section][field] = value
-        else:
-            raw[section] = value
+    raw = digits_config(**changes)
     with pytest.raises(
         ConfigError,
         match=rf"^{key} is for semi-supervised training: it needs data\.labelled_fraction",
@@ -519,15 +513,6 @@ def test_the_shipped_configs_differ_only_in_losses_and_semi_settings() -> None:
     assert [s.name for s in configs["fixmatch_sar"].losses] == ["ce", "sar"]
 
 
-class _StopAfter(L.Callback):
-    def __init__(self, epochs: int) -> None:
-        self.epochs = epochs
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.current_epoch + 1 >= self.epochs:
-            trainer.should_stop = True
-
-
 def test_resume_reaches_the_same_result_as_an_uninterrupted_run(tmp_path: Path) -> None:
     cfg = parse_config(
         semi_digits(
@@ -536,7 +521,7 @@ def test_resume_reaches_the_same_result_as_an_uninterrupted_run(tmp_path: Path) 
         )
     )
     full = fit(cfg, tmp_path / "full", quiet=True, plots=False)
-    fit(cfg, tmp_path / "resumed", quiet=True, plots=False, callbacks=[_StopAfter(1)])
+    fit(cfg, tmp_path / "resumed", quiet=True, plots=False, callbacks=[StopAfter(1)])
     resumed = fit(cfg, tmp_path / "resumed", resume=True, quiet=True, plots=False)
     assert resumed["epochs"] == full["epochs"] == 2
     assert resumed["top1"] == pytest.approx(full["top1"], abs=1e-6)
