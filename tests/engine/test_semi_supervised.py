@@ -357,7 +357,7 @@ def test_a_plain_batch_trains_as_the_supervised_module() -> None:
 def test_module_argument_checks() -> None:
     with pytest.raises(ValueError, match=r"threshold must lie in \[0, 1\], got 1.5"):
         tiny_module([LossConfig("ce")], threshold=1.5)
-    with pytest.raises(ValueError, match="unlabelled_weight must be a number >= 0"):
+    with pytest.raises(ValueError, match=r"unlabelled_weight must be finite and >= 0, got -1.0"):
         tiny_module([LossConfig("ce")], unlabelled_weight=-1.0)
     with pytest.raises(ValueError, match="the objective has none"):
         tiny_module([LossConfig("ce")], sar_unlabelled=True)

@@ -31,11 +31,12 @@ def stratified_split(
         n_held = min(round(fraction * len(members)), len(members) - 1)
         held.append(members[:n_held])
         kept.append(members[n_held:])
-    empty = np.empty(0, dtype=np.int64)
-    return (
-        np.sort(np.concatenate([empty, *kept])).astype(np.int64),
-        np.sort(np.concatenate([empty, *held])).astype(np.int64),
-    )
+    return _sorted_indices(kept), _sorted_indices(held)
+
+
+def _sorted_indices(parts: list[np.ndarray]) -> np.ndarray:
+    """The per-class index arrays ``parts`` as one sorted int64 array (empty when none)."""
+    return np.sort(np.concatenate([np.empty(0, dtype=np.int64), *parts])).astype(np.int64)
 
 
 def labelled_split(
@@ -94,8 +95,4 @@ def labelled_split(
         members = rng.permutation(np.flatnonzero(labels == cls))
         labelled.append(members[:n])
         unlabelled.append(members[n:])
-    empty_idx = np.empty(0, dtype=np.int64)
-    return (
-        np.sort(np.concatenate([empty_idx, *labelled])).astype(np.int64),
-        np.sort(np.concatenate([empty_idx, *unlabelled])).astype(np.int64),
-    )
+    return _sorted_indices(labelled), _sorted_indices(unlabelled)

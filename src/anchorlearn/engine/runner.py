@@ -177,7 +177,6 @@ def build_run(cfg: ExperimentConfig) -> tuple[Any, SupervisedModule]:
     needs_counts = any(
         (spec.name in LOSSES and "class_counts" in LOSSES[spec.name].injected)
         or "class_weights" in spec.params  # SAR's class-balanced pull, by name
-        or (spec.name in LOSSES and "class_weights" in dict(LOSSES[spec.name].defaults))
         for spec in cfg.losses
     )
     lazy = isinstance(dm, SegmentationFilesDataModule) and not needs_counts

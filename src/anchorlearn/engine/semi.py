@@ -9,13 +9,13 @@ The batches are :class:`~anchorlearn.engine.datamodules.SemiSupervisedBatch` es 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anchorlearn._checks import check_non_negative, check_probability
 from anchorlearn.losses.sar import SemanticAnchorRegularizer
 
 from .config import OptimConfig
@@ -81,16 +81,8 @@ class SemiSupervisedModule(SupervisedModule):
         super().__init__(
             model, objective, optim, task="classification", num_classes=num_classes, seed=seed
         )
-        if not (isinstance(threshold, int | float) and 0.0 <= threshold <= 1.0):
-            raise ValueError(f"threshold must lie in [0, 1], got {threshold!r}")
-        if not (
-            isinstance(unlabelled_weight, int | float)
-            and math.isfinite(unlabelled_weight)
-            and unlabelled_weight >= 0
-        ):
-            raise ValueError(f"unlabelled_weight must be a number >= 0, got {unlabelled_weight!r}")
-        self.threshold = float(threshold)
-        self.unlabelled_weight = float(unlabelled_weight)
+        self.threshold = check_probability(threshold, "threshold")
+        self.unlabelled_weight = check_non_negative(unlabelled_weight, "unlabelled_weight")
         self.sar_terms: list[tuple[str, SemanticAnchorRegularizer]] = [
             (name, term)
             for name, term in zip(objective.names, objective.terms, strict=True)
