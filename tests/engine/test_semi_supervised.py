@@ -406,7 +406,11 @@ def test_defaults_are_filled_in_and_stated() -> None:
             {"semi": {"sar_unlabelled": True, "unlabelled_weight": 0}},
             r"semi\.sar_unlabelled: true needs unlabelled batches.*semi\.unlabelled_weight: 0",
         ),
-        ({"task": "segmentation"}, r"^data\.labelled_fraction=0\.1 is for classification"),
+        (
+            {"task": "segmentation"},
+            r"^data\.labelled_fraction=0\.1: semi-supervised segmentation needs a data set "
+            r"in a standard layout .*not 'digits'",
+        ),
         (
             {"data__labelled_fraction": 1},
             r"^data\.labelled_fraction=1(\.0)? labels every training image.*unlabelled_weight: 0",

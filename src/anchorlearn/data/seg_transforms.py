@@ -26,6 +26,8 @@ __all__ = [
     "PhotometricDistortion",
     "RandomRescaleCrop",
     "ResizeToScale",
+    "StrongPhotometric",
+    "cutout_boxes",
     "keep_ratio_size",
 ]
 
@@ -337,3 +339,103 @@ class PhotometricDistortion(nn.Module):
         if not contrast_first:
             out = self.contrast(out)
         return out.clamp(0.0, 1.0).to(images.dtype)
+
+
+class StrongPhotometric(nn.Module):
+    """The strong view of semi-supervised segmentation: changes of colour only, so that the
+    view stays pixel-aligned with the weak view it is made from and the weak view's
+    pseudo-labels are its targets pixel for pixel. The strong views of FixMatch-style
+    segmentation methods (e.g. UniMatch, Yang et al. 2023, CVPR) use these three:
+
+    * colour jitter (brightness, contrast and saturation factors in ``[1 - j, 1 + j]``,
+      hue shift of up to ``hue`` turns) with probability ``jitter_p``;
+    * grey scale with probability ``grayscale_p``;
+    * Gaussian blur (sigma drawn from ``blur_sigma``, a kernel of ``2 ceil(3 sigma_max) + 1``
+      pixels) with probability ``blur_p``.
+
+    Each is drawn per image from torch's global generator. Cut-out boxes, the fourth change
+    of those methods, are :func:`cutout_boxes` (applied after normalisation).
+
+    ``forward(images)``: float ``(B, 3, H, W)`` in ``[0, 1]`` -> the same shape and dtype.
+    """
+
+    def __init__(
+        self,
+        jitter: float = 0.5,
+        hue: float = 0.25,
+        jitter_p: float = 0.8,
+        grayscale_p: float = 0.2,
+        blur_sigma: tuple[float, float] = (0.1, 2.0),
+        blur_p: float = 0.5,
+    ) -> None:
+        super().__init__()
+        import kornia.augmentation as K
+
+        check_probability(jitter, "jitter")
+        if not 0.0 <= check_non_negative(hue, "hue") <= 0.5:
+            raise ValueError(f"hue must lie in [0, 0.5] turns, got {hue}")
+        check_probability(jitter_p, "jitter_p")
+        check_probability(grayscale_p, "grayscale_p")
+        check_probability(blur_p, "blur_p")
+        if not isinstance(blur_sigma, tuple | list) or len(blur_sigma) != 2:
+            raise TypeError(f"blur_sigma must be a pair (low, high), got {blur_sigma!r}")
+        low, high = float(blur_sigma[0]), float(blur_sigma[1])
+        if not 0.0 < low <= high:
+            raise ValueError(f"blur_sigma must satisfy 0 < low <= high, got {(low, high)}")
+        kernel = 2 * int(np.ceil(3 * high)) + 1
+        self.jitter = K.ColorJitter(jitter, jitter, jitter, hue, p=jitter_p)
+        self.grayscale = K.RandomGrayscale(p=grayscale_p)
+        self.blur = K.RandomGaussianBlur((kernel, kernel), (low, high), p=blur_p)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+        if not images.is_floating_point() or images.ndim != 4 or images.shape[1] != 3:
+            raise TypeError(
+                f"images must be a float tensor (B, 3, H, W), got {images.dtype} "
+                f"{tuple(images.shape)}"
+            )
+        out = self.blur(self.grayscale(self.jitter(images)))
+        return out.clamp(0.0, 1.0).to(images.dtype)
+
+
+def cutout_boxes(
+    images: torch.Tensor,
+    *,
+    p: float = 0.5,
+    area: tuple[float, float] = (0.02, 0.4),
+    aspect: tuple[float, float] = (0.3, 1 / 0.3),
+    value: float = 0.0,
+) -> torch.Tensor:
+    """Fill one random box of each image, with probability ``p``, with ``value`` (0 after
+    normalisation is the mean colour). The box covers a fraction of the image drawn from
+    ``area`` with a height / width ratio drawn log-uniformly from ``aspect``, clipped to the
+    image. Draws come from torch's global generator. Returns a new tensor; the labels of
+    the pixels are unchanged (a model must predict a covered pixel from its context).
+    """
+    check_probability(p, "p")
+    if images.ndim != 4:
+        raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
+    if not 0.0 < area[0] <= area[1] <= 1.0:
+        raise ValueError(f"area must satisfy 0 < low <= high <= 1, got {tuple(area)}")
+    if not 0.0 < aspect[0] <= aspect[1]:
+        raise ValueError(f"aspect must satisfy 0 < low <= high, got {tuple(aspect)}")
+    batch, _, height, width = images.shape
+    apply = torch.rand(batch) < p
+    fraction = torch.empty(batch).uniform_(area[0], area[1])
+    log_ratio = torch.empty(batch).uniform_(float(np.log(aspect[0])), float(np.log(aspect[1])))
+    ratio = log_ratio.exp()
+    box_h = (fraction * height * width * ratio).sqrt().round().clamp(1, height).long()
+    box_w = (fraction * height * width / ratio).sqrt().round().clamp(1, width).long()
+    top = (torch.rand(batch) * (height - box_h + 1)).long()
+    left = (torch.rand(batch) * (width - box_w + 1)).long()
+    rows = torch.arange(height)[None, :, None]
+    cols = torch.arange(width)[None, None, :]
+    boxes = (
+        apply[:, None, None]
+        & (rows >= top[:, None, None])
+        & (rows < (top + box_h)[:, None, None])
+        & (cols >= left[:, None, None])
+        & (cols < (left + box_w)[:, None, None])
+    ).to(images.device)
+    return torch.where(boxes[:, None], torch.full_like(images, value), images)

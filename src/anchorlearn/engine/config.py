@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from anchorlearn.data.segmentation_sets import SEGMENTATION_KINDS
+
 from .schema import (
     COMMON_RANGES,
     OPEN_UNIT_INTERVAL,
@@ -78,11 +80,14 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
-    # semi-supervised classification: the fraction of every class of the training images
-    # whose labels are used (the rest train unlabelled, see SemiConfig); None: all labelled
+    # semi-supervised training: classification, the fraction of every class of the training
+    # images whose labels are used; segmentation (the kind:ROOT data sets), the fraction of
+    # the training images whose masks are used. The rest train unlabelled (see SemiConfig);
+    # None: all labelled
     labelled_fraction: float | None = None
-    # unlabelled images per labelled image in a training step (FixMatch's mu); None: 7 when
-    # labelled_fraction is set (a parsed config holds the value)
+    # unlabelled images per labelled image in a training step (FixMatch's mu); None: 7 for
+    # classification, 1 for segmentation when labelled_fraction is set (a parsed config
+    # holds the value)
     unlabelled_ratio: int | None = None
 
 
@@ -410,12 +415,15 @@ def _check_segmentation_settings(cfg: ExperimentConfig) -> None:
 
 # FixMatch's unlabelled images per labelled image in a step
 DEFAULT_UNLABELLED_RATIO = 7
+# semi-supervised segmentation: as many unlabelled crops as labelled ones (each seen twice)
+DEFAULT_SEGMENTATION_UNLABELLED_RATIO = 1
 
 
 def _check_semi_supervised_settings(cfg: ExperimentConfig) -> None:
     """``data.labelled_fraction``, ``data.unlabelled_ratio`` and the ``semi`` section go
-    together (classification only); fills in ``unlabelled_ratio``, the ``semi`` section and
-    ``semi.sar_unlabelled`` when they are left out, so that a parsed config states them."""
+    together (classification, or segmentation of a ``kind:ROOT`` data set); fills in
+    ``unlabelled_ratio``, the ``semi`` section and ``semi.sar_unlabelled`` when they are left
+    out, so that a parsed config states them."""
     d = cfg.data
     if d.labelled_fraction is None:
         for given, key in (
@@ -429,13 +437,19 @@ def _check_semi_supervised_settings(cfg: ExperimentConfig) -> None:
                     f"or remove {key}"
                 )
         return
-    if cfg.task != "classification":
+    kind, sep, root = d.source.partition(":")
+    if cfg.task == "segmentation" and not (sep and root and kind in SEGMENTATION_KINDS):
         raise ConfigError(
-            f"data.labelled_fraction={d.labelled_fraction} is for classification; "
-            f"semi-supervised {cfg.task} is not supported: remove the key"
+            f"data.labelled_fraction={d.labelled_fraction}: semi-supervised segmentation "
+            f"needs a data set in a standard layout ({', '.join(SEGMENTATION_KINDS)}:ROOT), "
+            f"not {d.source!r}: remove the key"
         )
     if d.unlabelled_ratio is None:
-        d.unlabelled_ratio = DEFAULT_UNLABELLED_RATIO
+        d.unlabelled_ratio = (
+            DEFAULT_SEGMENTATION_UNLABELLED_RATIO
+            if cfg.task == "segmentation"
+            else DEFAULT_UNLABELLED_RATIO
+        )
     if cfg.semi is None:
         cfg.semi = SemiConfig()
     semi = cfg.semi

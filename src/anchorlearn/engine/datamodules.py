@@ -120,13 +120,18 @@ class CyclingSampler(Sampler[int]):
 
 class SemiSupervisedBatch(typing.NamedTuple):
     """A semi-supervised training batch, as
-    :meth:`ClassificationDataModule.on_after_batch_transfer` makes it.
+    :meth:`ClassificationDataModule.on_after_batch_transfer` (or, for segmentation,
+    :meth:`~anchorlearn.engine.segmentation.SegmentationFilesDataModule.on_after_batch_transfer`)
+    makes it.
 
-    ``images`` ``(B, C, H, W)`` and ``labels`` ``(B,)``: the labelled images (weak view).
-    ``weak`` and ``strong`` ``(M, C, H, W)``: two views of the same ``M`` unlabelled
-    images, weakly and strongly augmented. ``hidden_labels`` ``(M,)``: their true labels,
-    for logging the accuracy of the pseudo-labels only; never a training target. All
-    images normalised.
+    ``images`` ``(B, C, H, W)`` and ``labels`` ``(B,)`` (segmentation: ``(B, H, W)``
+    masks): the labelled images (weak view). ``weak`` and ``strong`` ``(M, C, H, W)``: two
+    views of the same ``M`` unlabelled images, weakly and strongly augmented (for
+    segmentation pixel-aligned: the strong view changes colours only). ``hidden_labels``
+    ``(M,)`` (``(M, H, W)``): their true labels, for logging the accuracy of the
+    pseudo-labels only; never a training target. ``valid`` (segmentation; ``None`` for
+    classification) ``(M, H, W)`` bool: the pixels of the unlabelled crops that show the
+    image (not the padding around a small one). All images normalised.
     """
 
     images: torch.Tensor
@@ -134,6 +139,7 @@ class SemiSupervisedBatch(typing.NamedTuple):
     weak: torch.Tensor
     strong: torch.Tensor
     hidden_labels: torch.Tensor
+    valid: torch.Tensor | None = None
 
 
 def _writable_tensor(array: np.ndarray) -> torch.Tensor:

@@ -19,7 +19,13 @@ import torch
 from anchorlearn.models.encoders import IMAGENET_MEAN, IMAGENET_STD
 from anchorlearn.models.etf import FixedETFModel
 
-from .config import DEFAULT_UNLABELLED_RATIO, ExperimentConfig, SemiConfig, parse_config
+from .config import (
+    DEFAULT_SEGMENTATION_UNLABELLED_RATIO,
+    DEFAULT_UNLABELLED_RATIO,
+    ExperimentConfig,
+    SemiConfig,
+    parse_config,
+)
 from .datamodules import ClassificationDataModule, SegmentationDataModule
 from .evaluate import evaluate_module, write_run_plots
 from .module import SupervisedModule, training_counts
@@ -53,7 +59,7 @@ from .segmentation import (
     evaluate_segmentation,
     is_segmentation_dataset,
 )
-from .semi import SemiSupervisedModule
+from .semi import SemiSupervisedModule, SemiSupervisedSegmentationModule
 
 __all__ = [
     "RunError",
@@ -103,6 +109,7 @@ def build_datamodule(cfg: ExperimentConfig):
             max_steps=cfg.trainer.max_steps,
             accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
             splits=(d.train_split, d.val_split, d.test_split),
+            **_semi_supervised_data(cfg),
         )
     elif cfg.task == "classification":
         dm = ClassificationDataModule(
@@ -155,7 +162,12 @@ def _semi_supervised_data(cfg: ExperimentConfig) -> dict[str, Any]:
     semi = cfg.semi or SemiConfig()
     return {
         "labelled_fraction": d.labelled_fraction,
-        "unlabelled_ratio": d.unlabelled_ratio or DEFAULT_UNLABELLED_RATIO,
+        "unlabelled_ratio": d.unlabelled_ratio
+        or (
+            DEFAULT_SEGMENTATION_UNLABELLED_RATIO
+            if cfg.task == "segmentation"
+            else DEFAULT_UNLABELLED_RATIO
+        ),
         # unlabelled_weight 0: the labelled images alone (sar_unlabelled is then false)
         "unlabelled_batches": semi.unlabelled_weight > 0 or bool(semi.sar_unlabelled),
     }
@@ -195,26 +207,26 @@ def build_run(cfg: ExperimentConfig) -> tuple[Any, SupervisedModule]:
         dm.set_normalization(
             getattr(model, "input_mean", IMAGENET_MEAN), getattr(model, "input_std", IMAGENET_STD)
         )
-        module: SupervisedModule = SegmentationModule(
-            model,
-            objective,
-            cfg.optim,
-            num_classes=dm.num_classes,
-            inference=cfg.inference,
-            seed=cfg.seed,
-            channels_last=cfg.trainer.channels_last,
-        )
+        seg_args: dict[str, Any] = {
+            "num_classes": dm.num_classes,
+            "inference": cfg.inference,
+            "seed": cfg.seed,
+            "channels_last": cfg.trainer.channels_last,
+        }
+        if dm.semi_supervised:
+            module: SupervisedModule = SemiSupervisedSegmentationModule(
+                model, objective, cfg.optim, **seg_args, **_semi_module_args(cfg)
+            )
+        else:
+            module = SegmentationModule(model, objective, cfg.optim, **seg_args)
     elif getattr(dm, "semi_supervised", False):
-        semi = cfg.semi or SemiConfig()
         module = SemiSupervisedModule(
             model,
             objective,
             cfg.optim,
             num_classes=dm.num_classes,
             seed=cfg.seed,
-            threshold=semi.threshold,
-            unlabelled_weight=semi.unlabelled_weight,
-            sar_unlabelled=bool(semi.sar_unlabelled),
+            **_semi_module_args(cfg),
         )
     else:
         module = SupervisedModule(
@@ -229,6 +241,15 @@ def build_run(cfg: ExperimentConfig) -> tuple[Any, SupervisedModule]:
     if not isinstance(dm, SegmentationFilesDataModule) and cfg.trainer.channels_last:
         module.model.to(memory_format=torch.channels_last)
     return dm, module
+
+
+def _semi_module_args(cfg: ExperimentConfig) -> dict[str, Any]:
+    semi = cfg.semi or SemiConfig()
+    return {
+        "threshold": semi.threshold,
+        "unlabelled_weight": semi.unlabelled_weight,
+        "sar_unlabelled": bool(semi.sar_unlabelled),
+    }
 
 
 def check_compatible(ckpt: dict, cfg: ExperimentConfig, path: Path) -> None:
@@ -321,7 +342,7 @@ def _fit_locked(
     else:
         metrics = evaluate_module(module, dm, task=cfg.task)
         metrics["epochs"] = int(trainer.current_epoch)
-        metrics.update(_image_counts(dm))
+    metrics.update(_image_counts(dm))
     metrics["train_seconds"] = round(clock.seconds, 1)
     if t.devices > 1:
         metrics["ddp_world_size"] = int(trainer.world_size)

@@ -35,6 +35,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from anchorlearn.data.seg_transforms import (
     PhotometricDistortion,
     RandomRescaleCrop,
+    StrongPhotometric,
+    cutout_boxes,
     keep_ratio_size,
 )
 from anchorlearn.data.segmentation_sets import SEGMENTATION_KINDS, open_segmentation
@@ -44,8 +46,10 @@ from anchorlearn.metrics.segmentation import SegmentationIoU, format_iou_table
 from anchorlearn.models.encoders import IMAGENET_MEAN, IMAGENET_STD
 
 from .config import InferenceConfig, OptimConfig
+from .datamodules import SemiSupervisedBatch
 from .evaluate import regularizer_state
 from .module import SupervisedModule
+from .schema import ConfigError
 
 __all__ = [
     "SegmentationFilesDataModule",
@@ -186,6 +190,74 @@ def _image_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 
+class _Images(Dataset):
+    """The samples ``indices`` of a data set (the labelled or the unlabelled part of a
+    semi-supervised run's training split)."""
+
+    def __init__(self, dataset: Any, indices: np.ndarray) -> None:
+        self.dataset = dataset
+        self.indices = [int(i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.dataset[self.indices[i]]
+
+    def read_mask(self, i: int) -> np.ndarray:
+        return self.dataset.read_mask(self.indices[i])
+
+
+class _SemiTrainCrops(Dataset):
+    """``dataset[(position, index)]``: the labelled crop of :class:`_TrainCrops` at stream
+    position ``position``, then ``ratio`` unlabelled crops: those of the unlabelled stream
+    positions ``position * ratio + k`` (``k < ratio``), whose images ``unlabelled_stream``
+    lays out as :class:`StepSampler` does and whose random choices come from
+    ``(seed, unlabelled position, 1)``. ``transform`` crops them without looking at the
+    masks (no class cap); the masks are cropped alongside for logging only.
+
+    Returns the labelled ``(image, mask, position, size)`` and the unlabelled uint8 images
+    ``(ratio, 3, h, w)``, masks ``(ratio, h, w)`` and content sizes ``(ratio, 2)``.
+    """
+
+    def __init__(
+        self,
+        labelled: _TrainCrops,
+        unlabelled: _Images,
+        transform: RandomRescaleCrop,
+        unlabelled_stream: StepSampler,
+        ratio: int,
+        seed: int,
+    ) -> None:
+        self.labelled = labelled
+        self.unlabelled = unlabelled
+        self.transform = transform
+        self.unlabelled_stream = unlabelled_stream
+        self.ratio = ratio
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.labelled)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple:
+        position, _ = key
+        images, masks, sizes = [], [], []
+        for k in range(self.ratio):
+            stream = position * self.ratio + k
+            image, mask = self.unlabelled[self.unlabelled_stream.position_index(stream)]
+            rng = np.random.default_rng([self.seed, stream, 1])
+            image, mask, size = self.transform.crop(image, mask, rng)
+            images.append(_image_tensor(image))
+            masks.append(torch.from_numpy(mask.astype(np.uint8)))
+            sizes.append(torch.tensor(size))
+        return (
+            *self.labelled[key],
+            torch.stack(images),
+            torch.stack(masks),
+            torch.stack(sizes),
+        )
+
+
 class _EvalImages(Dataset):
     """Whole images of a split (optionally a subset): uint8 ``(3, H, W)``, uint8 mask
     ``(H, W)`` and the image's index in the split."""
@@ -249,11 +321,22 @@ class SegmentationFilesDataModule(L.LightningDataModule):
         max_steps: optimiser steps of the run; with ``accumulate_grad_batches`` they define
             the number of training batches.
         splits: names of the ``(train, val, test)`` splits of the data set.
+        labelled_fraction: semi-supervised training: the share of the training images whose
+            masks are used, ``round(fraction * N)`` images drawn with ``seed`` (the rest are
+            unlabelled); ``None``: every image labelled.
+        unlabelled_ratio: unlabelled crops per labelled crop in a training batch.
+        unlabelled_batches: with ``labelled_fraction``, whether training batches carry
+            unlabelled crops (``False``: the labelled images alone, on the same schedule).
 
     Training batches after :meth:`on_after_batch_transfer`: float ``(B, 3, h, w)`` normalised
-    crops and int64 ``(B, h, w)`` masks (255 = ignore). Validation and test batches stay lists
-    of ``(uint8 image (3, H, W), uint8 mask (H, W), index)``; :meth:`normalize_images` turns
-    images into network input.
+    crops and int64 ``(B, h, w)`` masks (255 = ignore); semi-supervised, a
+    :class:`~anchorlearn.engine.datamodules.SemiSupervisedBatch` whose ``weak`` view of the
+    ``B * unlabelled_ratio`` unlabelled crops is the crop alone (rescale, crop, flip: no
+    photometric distortion) and whose ``strong`` view is the weak one through
+    :class:`~anchorlearn.data.seg_transforms.StrongPhotometric` and
+    :func:`~anchorlearn.data.seg_transforms.cutout_boxes`, pixel-aligned with it. Validation
+    and test batches stay lists of ``(uint8 image (3, H, W), uint8 mask (H, W), index)``;
+    :meth:`normalize_images` turns images into network input.
     """
 
     ignore_index = IGNORE_INDEX
@@ -274,6 +357,9 @@ class SegmentationFilesDataModule(L.LightningDataModule):
         max_steps: int = 1000,
         accumulate_grad_batches: int = 1,
         splits: tuple[str, str, str] = ("train", "val", "test"),
+        labelled_fraction: float | None = None,
+        unlabelled_ratio: int = 1,
+        unlabelled_batches: bool = True,
     ) -> None:
         super().__init__()
         if not is_segmentation_dataset(source):
@@ -294,6 +380,14 @@ class SegmentationFilesDataModule(L.LightningDataModule):
         self.max_steps = int(max_steps)
         self.accumulate_grad_batches = int(accumulate_grad_batches)
         self.splits = dict(zip(("train", "val", "test"), splits, strict=True))
+        if labelled_fraction is not None and not 0.0 < float(labelled_fraction) <= 1.0:
+            raise ValueError(f"labelled_fraction must lie in (0, 1], got {labelled_fraction!r}")
+        if int(unlabelled_ratio) < 1:
+            raise ValueError(f"unlabelled_ratio must be >= 1, got {unlabelled_ratio!r}")
+        self.labelled_fraction = None if labelled_fraction is None else float(labelled_fraction)
+        self.unlabelled_ratio = int(unlabelled_ratio)
+        self.unlabelled_batches = bool(unlabelled_batches)
+        self._parts: tuple[np.ndarray, np.ndarray] | None = None
         self.mean = torch.tensor(IMAGENET_MEAN)
         self.std = torch.tensor(IMAGENET_STD)
         self._datasets: dict[str, Any] = {}
@@ -307,6 +401,16 @@ class SegmentationFilesDataModule(L.LightningDataModule):
             flip=True,
             ignore_index=IGNORE_INDEX,
         )
+        # unlabelled crops: no class cap (it would read the masks)
+        self._unlabelled_transform = RandomRescaleCrop(
+            self.crop_size,
+            base_size=self.base_size,
+            ratio_range=self.ratio_range,
+            cat_max_ratio=1.0,
+            flip=True,
+            ignore_index=IGNORE_INDEX,
+        )
+        self._strong = StrongPhotometric()
 
     # -- data sets --------------------------------------------------------------------------
     def dataset(self, split: str) -> Any:
@@ -318,9 +422,58 @@ class SegmentationFilesDataModule(L.LightningDataModule):
         return self._datasets[split]
 
     def setup(self, stage: str | None = None) -> None:
-        """Open every split (file lists only), so that a missing one fails before training."""
+        """Open every split (file lists only), so that a missing one fails before training;
+        draw the labelled images of a semi-supervised run (a fraction that labels none, or
+        all with unlabelled batches, fails here)."""
         for split in self.splits:
             self.dataset(split)
+        self.train_parts()
+
+    @property
+    def semi_supervised(self) -> bool:
+        """Whether training batches are
+        :class:`~anchorlearn.engine.datamodules.SemiSupervisedBatch` es."""
+        return self.labelled_fraction is not None and self.unlabelled_batches
+
+    def train_parts(self) -> tuple[np.ndarray, np.ndarray]:
+        """Indices of the labelled and the unlabelled training images (sorted): every image
+        labelled without ``labelled_fraction``; else ``round(fraction * N)`` drawn with
+        ``np.random.default_rng((seed, 1))``."""
+        if self._parts is None:
+            n = len(self.dataset("train"))
+            if self.labelled_fraction is None:
+                self._parts = (np.arange(n), np.empty(0, dtype=np.int64))
+                return self._parts
+            take = round(self.labelled_fraction * n)
+            if take == 0:
+                raise ConfigError(
+                    f"{self.source}: data.labelled_fraction={self.labelled_fraction} labels "
+                    f"round({self.labelled_fraction} * {n}) = 0 of the {n} training images; "
+                    f"raise it above {0.5 / n:.3g}"
+                )
+            if take == n and self.unlabelled_batches:
+                raise ConfigError(
+                    f"{self.source}: data.labelled_fraction={self.labelled_fraction} labels "
+                    f"all {n} training images: no unlabelled image is left for the unlabelled "
+                    "batches; use a smaller fraction, or semi.unlabelled_weight: 0 to train "
+                    "on the labelled images alone"
+                )
+            order = np.random.default_rng((self.seed, 1)).permutation(n)
+            self._parts = (np.sort(order[:take]), np.sort(order[take:]))
+        return self._parts
+
+    def _labelled_train(self) -> Any:
+        if self.labelled_fraction is None:
+            return self.dataset("train")
+        return _Images(self.dataset("train"), self.train_parts()[0])
+
+    def image_counts(self) -> dict[str, int] | None:
+        """With ``labelled_fraction``: ``{"labelled_images", "unlabelled_images"}``; else
+        ``None``."""
+        if self.labelled_fraction is None:
+            return None
+        labelled, unlabelled = self.train_parts()
+        return {"labelled_images": len(labelled), "unlabelled_images": len(unlabelled)}
 
     def data_fingerprint(self) -> dict[str, Any]:
         """What a run reads, to check later that the data did not change, without reading
@@ -377,10 +530,11 @@ class SegmentationFilesDataModule(L.LightningDataModule):
 
     @property
     def train_class_pixel_counts(self) -> list[int]:
-        """Labelled training pixels per class (full-size masks, ignore excluded); counted once
-        with the loader workers, progress on stderr."""
+        """Labelled training pixels per class (full-size masks, ignore excluded; with
+        ``labelled_fraction``, of the labelled images only); counted once with the loader
+        workers, progress on stderr."""
         if self._pixel_counts is None:
-            self._pixel_counts = self._count_pixels(self.dataset("train"))
+            self._pixel_counts = self._count_pixels(self._labelled_train())
         return self._pixel_counts
 
     def set_pixel_counts(self, counts: list[int]) -> None:
@@ -436,7 +590,7 @@ class SegmentationFilesDataModule(L.LightningDataModule):
     def train_sampler(self, start_batch: int = 0) -> StepSampler:
         rank, world = self._world()
         return StepSampler(
-            len(self.dataset("train")),
+            len(self._labelled_train()),
             seed=self.seed,
             batch_size=self.batch_size,
             total_batches=self.max_steps * self.accumulate_grad_batches,
@@ -450,7 +604,25 @@ class SegmentationFilesDataModule(L.LightningDataModule):
         # starts after the batches its checkpoint had consumed
         trainer = self.trainer
         start = 0 if trainer is None else int(trainer.global_step) * self.accumulate_grad_batches
-        crops = _TrainCrops(self.dataset("train"), self._transform, self.seed)
+        crops: Dataset = _TrainCrops(self._labelled_train(), self._transform, self.seed)
+        if self.semi_supervised:
+            unlabelled = _Images(self.dataset("train"), self.train_parts()[1])
+            # the unlabelled positions follow from the labelled ones (unique across
+            # processes): this sampler only lays out their images
+            stream = StepSampler(
+                len(unlabelled),
+                seed=self.seed + 1,
+                batch_size=self.batch_size * self.unlabelled_ratio,
+                total_batches=self.max_steps * self.accumulate_grad_batches,
+            )
+            crops = _SemiTrainCrops(
+                crops,
+                unlabelled,
+                self._unlabelled_transform,
+                stream,
+                self.unlabelled_ratio,
+                self.seed,
+            )
         return _StreamLoader(
             crops,
             batch_size=self.batch_size,
@@ -493,18 +665,47 @@ class SegmentationFilesDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if not isinstance(batch[0], torch.Tensor):  # validation / test: (image, mask, index)s
             return batch
-        images, masks, _, sizes = batch
+        images, masks, _, sizes = batch[:4]
         trainer = self.trainer
         if trainer is not None and trainer.training and self.photometric:
             images = self._distortion(images.float() / 255.0)
-        images = self.normalize_images(images)
         # padding is 0 after normalisation (the mean colour), as at inference time
-        rows = torch.arange(images.shape[-2], device=images.device)
-        cols = torch.arange(images.shape[-1], device=images.device)
-        content = (rows[None, :, None] < sizes[:, 0, None, None]) & (
-            cols[None, None, :] < sizes[:, 1, None, None]
+        images = self.normalize_images(images) * _content(sizes, images)[:, None]
+        if len(batch) == 4:
+            return images, masks.long()
+        return self.semi_supervised_views(images, masks, *batch[4:])
+
+    def semi_supervised_views(
+        self,
+        images: torch.Tensor,
+        masks: torch.Tensor,
+        unlabelled: torch.Tensor,
+        hidden_masks: torch.Tensor,
+        sizes: torch.Tensor,
+    ) -> SemiSupervisedBatch:
+        """The labelled crops (ready) and the uint8 unlabelled crops ``(B, r, 3, h, w)``
+        with their masks and content sizes -> a
+        :class:`~anchorlearn.engine.datamodules.SemiSupervisedBatch` (see the class
+        docstring); draws from torch's global generator."""
+        crops = unlabelled.flatten(0, 1).float() / 255.0
+        sizes = sizes.flatten(0, 1)
+        valid = _content(sizes, crops)
+        weak = self.normalize_images(crops) * valid[:, None]
+        strong = self.normalize_images(self._strong(crops)) * valid[:, None]
+        strong = cutout_boxes(strong)
+        return SemiSupervisedBatch(
+            images, masks.long(), weak, strong, hidden_masks.flatten(0, 1).long(), valid
         )
-        return images * content[:, None], masks.long()
+
+
+def _content(sizes: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """``(B, H, W)`` bool: the pixels of each crop inside its content ``sizes`` ``(B, 2)``
+    (the rest is padding)."""
+    rows = torch.arange(images.shape[-2], device=images.device)
+    cols = torch.arange(images.shape[-1], device=images.device)
+    return (rows[None, :, None] < sizes[:, 0, None, None].to(images.device)) & (
+        cols[None, None, :] < sizes[:, 1, None, None].to(images.device)
+    )
 
 
 def _group_same_size(batch: list) -> list[tuple[torch.Tensor, torch.Tensor, list[int]]]:

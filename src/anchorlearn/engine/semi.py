@@ -1,9 +1,10 @@
 """Semi-supervised training step: a labelled batch through the run's objective plus a
 FixMatch consistency loss on unlabelled images (Sohn et al. 2020, FixMatch, NeurIPS), and
-optionally SAR's pull on the confidently pseudo-labelled ones.
+optionally SAR's pull on the confidently pseudo-labelled ones (images, or pixels).
 
 The batches are :class:`~anchorlearn.engine.datamodules.SemiSupervisedBatch` es of
-:class:`~anchorlearn.engine.datamodules.ClassificationDataModule` with a
+:class:`~anchorlearn.engine.datamodules.ClassificationDataModule` or
+:class:`~anchorlearn.engine.segmentation.SegmentationFilesDataModule` with a
 ``labelled_fraction``.
 """
 
@@ -18,15 +19,144 @@ from torch import nn
 from anchorlearn._checks import check_non_negative, check_probability
 from anchorlearn.losses.sar import SemanticAnchorRegularizer
 
-from .config import OptimConfig
+from .config import InferenceConfig, OptimConfig
 from .datamodules import SemiSupervisedBatch
 from .module import SupervisedModule, upsample_logits
 from .objective import Objective
+from .segmentation import IGNORE_INDEX, SegmentationModule
 
-__all__ = ["SemiSupervisedModule"]
+__all__ = ["SemiSupervisedModule", "SemiSupervisedSegmentationModule"]
 
 
-class SemiSupervisedModule(SupervisedModule):
+def _nearest(values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``(M, H, W)`` labels or flags resized to ``size`` by nearest neighbour."""
+    if tuple(values.shape[-2:]) == tuple(size):
+        return values
+    resized = F.interpolate(values[:, None].float(), size=tuple(size), mode="nearest")
+    return resized[:, 0].to(values.dtype)
+
+
+class _SemiSupervisedSteps:
+    """The training step of :class:`SemiSupervisedModule` and
+    :class:`SemiSupervisedSegmentationModule` (mixed in before their supervised base)."""
+
+    model: nn.Module
+    objective: Objective
+    task: str
+
+    def _init_semi(
+        self,
+        objective: Objective,
+        threshold: float,
+        unlabelled_weight: float,
+        sar_unlabelled: bool,
+    ) -> None:
+        self.threshold = check_probability(threshold, "threshold")
+        self.unlabelled_weight = check_non_negative(unlabelled_weight, "unlabelled_weight")
+        self.sar_terms: list[tuple[str, SemanticAnchorRegularizer]] = [
+            (name, term)
+            for name, term in zip(objective.names, objective.terms, strict=True)
+            if isinstance(term, SemanticAnchorRegularizer)
+        ]
+        if sar_unlabelled and not self.sar_terms:
+            raise ValueError(
+                "sar_unlabelled=True pulls pseudo-labelled features with the objective's SAR "
+                f"term, but the objective has none (terms: {', '.join(objective.names)})"
+            )
+        self.sar_unlabelled = bool(sar_unlabelled)
+
+    def _network_input(self, images: torch.Tensor) -> torch.Tensor:
+        return images
+
+    def semi_supervised_loss(self, batch: SemiSupervisedBatch) -> dict[str, Any]:
+        """Steps 1-5 of the class docstring for one batch.
+
+        Returns ``{"loss"}`` (the total, with gradient), ``"terms"`` (the objective's
+        detached terms on the labelled images, plus ``"<sar term>/pull_unlabelled"``),
+        ``"labelled_logits"``, ``"unlabelled_loss"``, ``"mask"`` (``(M,)``, or ``(M, h, w)``
+        at the logits' size: confident and valid), ``"valid"`` (the same shape: the
+        unlabelled images, or pixels, that count), ``"pseudo_labels"`` (the same shape).
+        """
+        n_labelled, n_unlabelled = batch.images.shape[0], batch.weak.shape[0]
+        if batch.strong.shape != batch.weak.shape:
+            raise ValueError(
+                "the weak and strong views must hold the same images at the same size, got "
+                f"{tuple(batch.weak.shape)} and {tuple(batch.strong.shape)}"
+            )
+        if n_unlabelled == 0:
+            raise ValueError("a semi-supervised batch needs at least one unlabelled image")
+        x = self._network_input(torch.cat([batch.images, batch.weak, batch.strong]))
+        logits, features = self.model(x)
+        sizes = [n_labelled, n_unlabelled, n_unlabelled]
+        labelled_logits, weak_logits, strong_logits = logits.split(sizes)
+        labelled_features, _, strong_features = features.split(sizes)
+        out = self.objective(
+            labelled_logits, labelled_features, batch.labels, upsample=upsample_logits
+        )
+        dense = weak_logits.ndim == 4
+        with torch.no_grad():
+            confidence, pseudo = torch.softmax(weak_logits.detach().float(), dim=1).max(dim=1)
+            if batch.valid is None:
+                valid = torch.ones_like(confidence, dtype=torch.bool)
+            else:
+                valid = _nearest(batch.valid, tuple(confidence.shape[-2:]))
+            mask = (confidence >= self.threshold) & valid
+        per_sample = F.cross_entropy(strong_logits.float(), pseudo, reduction="none")
+        # FixMatch's normalisation: the mean over every unlabelled image (or valid pixel)
+        unlabelled_loss = (per_sample * mask.to(per_sample.dtype)).sum() / valid.sum().clamp_min(1)
+        total = out.pop("loss") + self.unlabelled_weight * unlabelled_loss
+        if self.sar_unlabelled:
+            for name, term in self.sar_terms:
+                if dense:  # a pseudo-label map, the other pixels ignored
+                    ignore = IGNORE_INDEX if term.ignore_index is None else term.ignore_index
+                    pull = term.pull_loss(strong_features, torch.where(mask, pseudo, ignore))
+                else:
+                    pull = term.pull_loss(strong_features[mask], pseudo[mask])
+                total = total + term.pull_weight * pull.float()
+                out[f"{name}/pull_unlabelled"] = pull.detach().float()
+        return {
+            "loss": total,
+            "terms": out,
+            "labelled_logits": labelled_logits,
+            "unlabelled_loss": unlabelled_loss,
+            "mask": mask,
+            "valid": valid,
+            "pseudo_labels": pseudo,
+        }
+
+    def training_step(self, batch: Any, batch_idx: int):
+        if not isinstance(batch, SemiSupervisedBatch):
+            return super().training_step(batch, batch_idx)  # type: ignore[misc]
+        result = self.semi_supervised_loss(batch)
+        labels, mask, valid = batch.labels, result["mask"], result["valid"]
+        batch_size = labels.shape[0]
+        unlabelled_size = batch.weak.shape[0]
+        epoch = {"prog_bar": True, "on_epoch": True, "batch_size": batch_size, "sync_dist": True}
+        log = self.log  # type: ignore[attr-defined]
+        log("train/loss", result["loss"].detach(), **epoch)
+        for key, value in result["terms"].items():
+            log(f"train/{key}", value, batch_size=batch_size)
+        if self.task == "classification":
+            logits = result["labelled_logits"]
+            log("train/acc", (logits.argmax(1) == labels).float().mean(), **epoch)
+        unlabelled = {**epoch, "prog_bar": False, "batch_size": unlabelled_size}
+        log("train/unlabelled_loss", result["unlabelled_loss"].detach(), **unlabelled)
+        log("train/mask_rate", mask.sum() / valid.sum().clamp_min(1), **unlabelled)
+        # logging only: the hidden labels never reach the loss
+        hidden = batch.hidden_labels
+        if hidden.ndim == 3:
+            hidden = _nearest(hidden, tuple(mask.shape[-2:]))
+            scored = mask & (hidden != IGNORE_INDEX)
+        else:
+            scored = mask
+        confident = int(scored.sum())
+        if confident:
+            right = result["pseudo_labels"][scored] == hidden[scored]
+            log("train/pseudo_acc", right.float().mean(), batch_size=confident)
+        return result["loss"]
+
+
+class SemiSupervisedModule(_SemiSupervisedSteps, SupervisedModule):
     r"""Classification from a few labelled and many unlabelled images, FixMatch-style
     (Sohn et al. 2020, FixMatch, NeurIPS).
 
@@ -81,82 +211,58 @@ class SemiSupervisedModule(SupervisedModule):
         super().__init__(
             model, objective, optim, task="classification", num_classes=num_classes, seed=seed
         )
-        self.threshold = check_probability(threshold, "threshold")
-        self.unlabelled_weight = check_non_negative(unlabelled_weight, "unlabelled_weight")
-        self.sar_terms: list[tuple[str, SemanticAnchorRegularizer]] = [
-            (name, term)
-            for name, term in zip(objective.names, objective.terms, strict=True)
-            if isinstance(term, SemanticAnchorRegularizer)
-        ]
-        if sar_unlabelled and not self.sar_terms:
-            raise ValueError(
-                "sar_unlabelled=True pulls pseudo-labelled features with the objective's SAR "
-                f"term, but the objective has none (terms: {', '.join(objective.names)})"
-            )
-        self.sar_unlabelled = bool(sar_unlabelled)
+        self._init_semi(objective, threshold, unlabelled_weight, sar_unlabelled)
 
-    def semi_supervised_loss(self, batch: SemiSupervisedBatch) -> dict[str, Any]:
-        """Steps 1-5 of the class docstring for one batch.
 
-        Returns ``{"loss"}`` (the total, with gradient), ``"terms"`` (the objective's
-        detached terms on the labelled images, plus ``"<sar term>/pull_unlabelled"``),
-        ``"labelled_logits"``, ``"unlabelled_loss"``, ``"mask"`` ``(M,)`` bool,
-        ``"pseudo_labels"`` ``(M,)``.
-        """
-        n_labelled, n_unlabelled = batch.images.shape[0], batch.weak.shape[0]
-        if batch.strong.shape[0] != n_unlabelled:
-            raise ValueError(
-                f"the weak and strong views must hold the same images, got {n_unlabelled} "
-                f"and {batch.strong.shape[0]}"
-            )
-        if n_unlabelled == 0:
-            raise ValueError("a semi-supervised batch needs at least one unlabelled image")
-        logits, features = self.model(torch.cat([batch.images, batch.weak, batch.strong]))
-        sizes = [n_labelled, n_unlabelled, n_unlabelled]
-        labelled_logits, weak_logits, strong_logits = logits.split(sizes)
-        labelled_features, _, strong_features = features.split(sizes)
-        out = self.objective(
-            labelled_logits, labelled_features, batch.labels, upsample=upsample_logits
+class SemiSupervisedSegmentationModule(_SemiSupervisedSteps, SegmentationModule):
+    r"""Semantic segmentation from a few labelled and many unlabelled images, the
+    FixMatch recipe of :class:`SemiSupervisedModule` applied per pixel.
+
+    The steps of :class:`SemiSupervisedModule`, with these changes: the weak and the strong
+    view of an unlabelled crop are pixel-aligned (the strong one changes colours and cuts
+    out a box, see
+    :class:`~anchorlearn.engine.segmentation.SegmentationFilesDataModule`); pseudo-labels
+    and confidences are read per pixel at the resolution of the network's logits; the
+    consistency loss is the mean over every *valid* pixel (not the padding around a small
+    crop) of ``1[confident] CE``; SAR's pull (step 5) acts on the strong view's feature
+    map with the confident pseudo-labels and every other pixel ignored (resized to the
+    features' size by nearest neighbour, as SAR resizes masks). ``train/mask_rate`` is the
+    share of valid pixels that are confident; ``train/pseudo_acc`` scores the confident
+    pixels against the hidden masks (logging only). Validation and test as
+    :class:`~anchorlearn.engine.segmentation.SegmentationModule`.
+
+    Args:
+        model, objective, optim, num_classes, inference, seed, channels_last: as
+            :class:`~anchorlearn.engine.segmentation.SegmentationModule`.
+        threshold, unlabelled_weight, sar_unlabelled: as :class:`SemiSupervisedModule`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: Objective,
+        optim: OptimConfig,
+        *,
+        num_classes: int,
+        inference: InferenceConfig,
+        seed: int = 0,
+        channels_last: bool = False,
+        threshold: float = 0.95,
+        unlabelled_weight: float = 1.0,
+        sar_unlabelled: bool = False,
+    ) -> None:
+        super().__init__(
+            model,
+            objective,
+            optim,
+            num_classes=num_classes,
+            inference=inference,
+            seed=seed,
+            channels_last=channels_last,
         )
-        with torch.no_grad():
-            confidence, pseudo = torch.softmax(weak_logits.detach().float(), dim=1).max(dim=1)
-            mask = confidence >= self.threshold
-        per_image = F.cross_entropy(strong_logits.float(), pseudo, reduction="none")
-        unlabelled_loss = (per_image * mask.to(per_image.dtype)).mean()
-        total = out.pop("loss") + self.unlabelled_weight * unlabelled_loss
-        if self.sar_unlabelled:
-            for name, term in self.sar_terms:
-                pull = term.pull_loss(strong_features[mask], pseudo[mask])
-                total = total + term.pull_weight * pull.float()
-                out[f"{name}/pull_unlabelled"] = pull.detach().float()
-        return {
-            "loss": total,
-            "terms": out,
-            "labelled_logits": labelled_logits,
-            "unlabelled_loss": unlabelled_loss,
-            "mask": mask,
-            "pseudo_labels": pseudo,
-        }
+        self._init_semi(objective, threshold, unlabelled_weight, sar_unlabelled)
 
-    def training_step(self, batch: Any, batch_idx: int):
-        if not isinstance(batch, SemiSupervisedBatch):
-            return super().training_step(batch, batch_idx)
-        result = self.semi_supervised_loss(batch)
-        labels, mask = batch.labels, result["mask"]
-        batch_size = labels.shape[0]
-        unlabelled_size = batch.weak.shape[0]
-        epoch = {"prog_bar": True, "on_epoch": True, "batch_size": batch_size, "sync_dist": True}
-        self.log("train/loss", result["loss"].detach(), **epoch)
-        for key, value in result["terms"].items():
-            self.log(f"train/{key}", value, batch_size=batch_size)
-        logits = result["labelled_logits"]
-        self.log("train/acc", (logits.argmax(1) == labels).float().mean(), **epoch)
-        unlabelled = {**epoch, "prog_bar": False, "batch_size": unlabelled_size}
-        self.log("train/unlabelled_loss", result["unlabelled_loss"].detach(), **unlabelled)
-        self.log("train/mask_rate", mask.float().mean(), **unlabelled)
-        confident = int(mask.sum())
-        if confident:
-            # logging only: the hidden labels never reach the loss
-            right = result["pseudo_labels"][mask] == batch.hidden_labels[mask]
-            self.log("train/pseudo_acc", right.float().mean(), batch_size=confident)
-        return result["loss"]
+    def _network_input(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            return images.contiguous(memory_format=torch.channels_last)
+        return images
