@@ -114,11 +114,8 @@ def test_a_semi_batch_holds_labelled_crops_and_ratio_unlabelled_views(camvid: st
     assert batch.images.shape == (2, 3, 32, 48) and batch.labels.shape == (2, 32, 48)
     assert batch.weak.shape == batch.strong.shape == (4, 3, 32, 48)
     assert batch.hidden_labels.shape == batch.valid.shape == (4, 32, 48)
-    assert batch.valid.dtype == torch.bool
-    # the padding of a small crop is invalid and 0 (the mean colour) in both views
+    assert batch.valid.dtype == torch.bool and batch.valid.all()  # no crop needs padding
     assert not torch.equal(batch.weak, batch.strong)
-    outside = ~batch.valid[:, None].expand_as(batch.weak)
-    assert (batch.weak[outside] == 0).all() and (batch.strong[outside] == 0).all()
     # the labelled stream reads the labelled images only; the unlabelled crops come from
     # the unlabelled stream (a new permutation per pass, seeded apart from the labelled one)
     loader = dm.train_dataloader()
@@ -133,6 +130,48 @@ def test_a_semi_batch_holds_labelled_crops_and_ratio_unlabelled_views(camvid: st
         assert torch.equal(a, b)
     for a, b in zip(batch, again, strict=True):
         assert torch.equal(a, b)
+
+
+def test_padding_is_invalid_and_zero_in_both_views(camvid: str) -> None:
+    # images rescaled to 0.25-0.4 of 64x96 are smaller than the 32x48 crop: padded
+    dm = _datamodule(camvid, labelled_fraction=0.5, ratio_range=(0.25, 0.4))
+    _, batch = _first_batch(dm)
+    assert (~batch.valid).any() and batch.valid.any()
+    outside = ~batch.valid[:, None].expand_as(batch.weak)
+    assert (batch.weak[outside] == 0).all() and (batch.strong[outside] == 0).all()
+    assert (batch.hidden_labels[~batch.valid] == IGNORE_INDEX).all()
+
+
+class _Remasked:
+    """A training split whose masks are replaced (all void, or another image's)."""
+
+    def __init__(self, dataset, mode: str) -> None:
+        self.dataset, self.mode = dataset, mode
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        image, mask = self.dataset[i]
+        if self.mode == "void":
+            return image, np.full_like(mask, IGNORE_INDEX)
+        return image, self.dataset[(i + 1) % len(self.dataset)][1]
+
+
+@pytest.mark.parametrize("mode", ["void", "shifted"])
+def test_the_unlabelled_masks_never_shape_the_views(camvid: str, mode: str) -> None:
+    # the labelled crops have a class cap (0.75 by default), which reads their masks; the
+    # unlabelled crops must not: other masks give the same views
+    dm = _datamodule(camvid, labelled_fraction=0.5, unlabelled_ratio=2, cat_max_ratio=0.5)
+    _, batch = _first_batch(dm)
+    loader = dm.train_dataloader()
+    loader.dataset.unlabelled.dataset = _Remasked(dm.dataset("train"), mode)
+    raw = next(iter(loader))
+    torch.manual_seed(0)
+    other = dm.on_after_batch_transfer(dm.on_before_batch_transfer(raw, 0), 0)
+    for field in ("images", "labels", "weak", "strong", "valid"):
+        assert torch.equal(getattr(batch, field), getattr(other, field)), field
+    assert not torch.equal(batch.hidden_labels, other.hidden_labels)
 
 
 def test_the_weak_view_is_the_crop_and_the_strong_view_only_recolours_it(
@@ -275,7 +314,28 @@ def test_sar_pulls_the_confident_pixels_and_hidden_masks_never_reach_the_loss() 
     strict = _module(threshold=1.0)
     _open_sar_gate(strict)
     strict.train()
-    assert float(strict.semi_supervised_loss(batch)["terms"]["sar/pull_unlabelled"]) == 0.0
+    terms = strict.semi_supervised_loss(batch)["terms"]
+    assert bool(terms["sar/gate_open"]) and float(terms["sar/pull_unlabelled"]) == 0.0
+
+
+def test_sar_without_an_ignore_index_is_refused_for_the_pixel_pull() -> None:
+    model = SmallUNet(num_classes=4, in_channels=3, width=4, feat_dim=8)
+    objective = build_objective(
+        [LossConfig("ce"), LossConfig("sar")],
+        model=model,
+        num_classes=4,
+        class_counts=None,
+        ignore_index=None,
+    )
+    with pytest.raises(ValueError, match=r"sar has none: build it with ignore_index=255"):
+        SemiSupervisedSegmentationModule(
+            model,
+            objective,
+            OptimConfig(),
+            num_classes=4,
+            inference=InferenceConfig(),
+            sar_unlabelled=True,
+        )
 
 
 # -- configs and runs ------------------------------------------------------------------------

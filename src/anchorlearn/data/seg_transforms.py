@@ -342,10 +342,11 @@ class PhotometricDistortion(nn.Module):
 
 
 class StrongPhotometric(nn.Module):
-    """The strong view of semi-supervised segmentation: changes of colour only, so that the
-    view stays pixel-aligned with the weak view it is made from and the weak view's
-    pseudo-labels are its targets pixel for pixel. The strong views of FixMatch-style
-    segmentation methods (e.g. UniMatch, Yang et al. 2023, CVPR) use these three:
+    """The strong view of semi-supervised segmentation: colour changes and blur, nothing
+    geometric, so that the view stays pixel-aligned with the weak view it is made from and
+    the weak view's pseudo-labels are its targets at the same places. The strong views of
+    FixMatch-style segmentation methods (e.g. UniMatch, Yang et al. 2023, CVPR) use these
+    three:
 
     * colour jitter (brightness, contrast and saturation factors in ``[1 - j, 1 + j]``,
       hue shift of up to ``hue`` turns) with probability ``jitter_p``;

@@ -198,12 +198,13 @@ class EvalConfig:
 class SemiConfig:
     """Semi-supervised training with ``data.labelled_fraction`` (Sohn et al. 2020, FixMatch,
     NeurIPS): the consistency loss on the unlabelled images is ``unlabelled_weight`` times
-    the mean over every unlabelled image of ``1[max p_weak >= threshold] * CE(strong logits,
-    argmax p_weak)``; ``unlabelled_weight: 0`` draws no unlabelled batches at all (the
-    labelled part alone, on the same schedule of steps). ``sar_unlabelled`` also pulls the
-    strong-view features of the confident unlabelled images towards the semantic anchors of
-    their pseudo-labels (``None``: whenever the losses include ``sar`` and
-    ``unlabelled_weight`` is above 0; a parsed config holds the value)."""
+    the mean over every unlabelled image (segmentation: every valid cell of the logits) of
+    ``1[max p_weak >= threshold] * CE(strong logits, argmax p_weak)``;
+    ``unlabelled_weight: 0`` draws no unlabelled batches at all (the labelled part alone, on
+    the same schedule of steps). ``sar_unlabelled`` also pulls the strong-view features of
+    the confident unlabelled images (pixels) towards the semantic anchors of their
+    pseudo-labels (``None``: whenever the losses include ``sar`` and ``unlabelled_weight`` is
+    above 0; a parsed config holds the value)."""
 
     threshold: float = 0.95
     unlabelled_weight: float = 1.0
@@ -433,8 +434,8 @@ def _check_semi_supervised_settings(cfg: ExperimentConfig) -> None:
             if given:
                 raise ConfigError(
                     f"{key} is for semi-supervised training: it needs data.labelled_fraction "
-                    "(the fraction of every class whose labels are used, in (0, 1]); set it "
-                    f"or remove {key}"
+                    "(the fraction of the training images whose labels are used, in (0, 1]); "
+                    f"set it or remove {key}"
                 )
         return
     kind, sep, root = d.source.partition(":")

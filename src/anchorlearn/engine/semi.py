@@ -69,7 +69,8 @@ class _SemiSupervisedSteps:
         return images
 
     def semi_supervised_loss(self, batch: SemiSupervisedBatch) -> dict[str, Any]:
-        """Steps 1-5 of the class docstring for one batch.
+        """Steps 1-5 of :class:`SemiSupervisedModule` (per pixel for
+        :class:`SemiSupervisedSegmentationModule`) for one batch.
 
         Returns ``{"loss"}`` (the total, with gradient), ``"terms"`` (the objective's
         detached terms on the labelled images, plus ``"<sar term>/pull_unlabelled"``),
@@ -108,8 +109,8 @@ class _SemiSupervisedSteps:
         if self.sar_unlabelled:
             for name, term in self.sar_terms:
                 if dense:  # a pseudo-label map, the other pixels ignored
-                    ignore = IGNORE_INDEX if term.ignore_index is None else term.ignore_index
-                    pull = term.pull_loss(strong_features, torch.where(mask, pseudo, ignore))
+                    targets = torch.where(mask, pseudo, term.ignore_index)
+                    pull = term.pull_loss(strong_features, targets)
                 else:
                     pull = term.pull_loss(strong_features[mask], pseudo[mask])
                 total = total + term.pull_weight * pull.float()
@@ -219,16 +220,18 @@ class SemiSupervisedSegmentationModule(_SemiSupervisedSteps, SegmentationModule)
     FixMatch recipe of :class:`SemiSupervisedModule` applied per pixel.
 
     The steps of :class:`SemiSupervisedModule`, with these changes: the weak and the strong
-    view of an unlabelled crop are pixel-aligned (the strong one changes colours and cuts
-    out a box, see
+    view of an unlabelled crop are pixel-aligned (the strong one recolours, blurs and cuts
+    out a box, nothing geometric, see
     :class:`~anchorlearn.engine.segmentation.SegmentationFilesDataModule`); pseudo-labels
-    and confidences are read per pixel at the resolution of the network's logits; the
-    consistency loss is the mean over every *valid* pixel (not the padding around a small
-    crop) of ``1[confident] CE``; SAR's pull (step 5) acts on the strong view's feature
-    map with the confident pseudo-labels and every other pixel ignored (resized to the
-    features' size by nearest neighbour, as SAR resizes masks). ``train/mask_rate`` is the
-    share of valid pixels that are confident; ``train/pseudo_acc`` scores the confident
-    pixels against the hidden masks (logging only). Validation and test as
+    and confidences are read per cell of the network's logits (at its output stride, e.g.
+    1/4 of the crop), the crop's valid pixels (not the padding around a small crop)
+    resized to those cells by nearest neighbour (a cell is valid when its top-left pixel
+    is); the consistency loss is the mean over every valid cell of ``1[confident] CE``;
+    SAR's pull (step 5) acts on the strong view's feature map with the confident
+    pseudo-labels and every other cell ignored (resized to the features' size by nearest
+    neighbour, as SAR resizes masks). ``train/mask_rate`` is the share of valid cells that
+    are confident; ``train/pseudo_acc`` scores the confident cells against the hidden
+    masks (logging only). Validation and test as
     :class:`~anchorlearn.engine.segmentation.SegmentationModule`.
 
     Args:
@@ -261,6 +264,12 @@ class SemiSupervisedSegmentationModule(_SemiSupervisedSteps, SegmentationModule)
             channels_last=channels_last,
         )
         self._init_semi(objective, threshold, unlabelled_weight, sar_unlabelled)
+        for name, term in self.sar_terms:
+            if self.sar_unlabelled and term.ignore_index is None:
+                raise ValueError(
+                    f"sar_unlabelled=True marks the unconfident pixels with the SAR term's "
+                    f"ignore_index, but {name} has none: build it with ignore_index=255"
+                )
 
     def _network_input(self, images: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
