@@ -272,6 +272,16 @@ class RandomRescaleCrop:
         return out_image, out_mask, (image.shape[0], image.shape[1])
 
 
+def _check_rgb_batch(images: object) -> None:
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+    if not images.is_floating_point() or images.ndim != 4 or images.shape[1] != 3:
+        raise TypeError(
+            f"images must be a float tensor (B, 3, H, W), got {images.dtype} "
+            f"{tuple(images.shape)}"
+        )
+
+
 class PhotometricDistortion(nn.Module):
     """Random brightness, contrast, saturation and hue changes of a batch, each applied to
     each image with probability ``p`` (parameters drawn per image), from torch's global
@@ -324,13 +334,7 @@ class PhotometricDistortion(nn.Module):
         self.hue = K.RandomHue((-hue_delta / 360.0, hue_delta / 360.0), p=p)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if not isinstance(images, torch.Tensor):
-            raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
-        if not images.is_floating_point() or images.ndim != 4 or images.shape[1] != 3:
-            raise TypeError(
-                f"images must be a float tensor (B, 3, H, W), got {images.dtype} "
-                f"{tuple(images.shape)}"
-            )
+        _check_rgb_batch(images)
         contrast_first = bool(torch.rand(()) < 0.5)
         out = self.brightness(images)
         if contrast_first:
@@ -389,13 +393,7 @@ class StrongPhotometric(nn.Module):
         self.blur = K.RandomGaussianBlur((kernel, kernel), (low, high), p=blur_p)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if not isinstance(images, torch.Tensor):
-            raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
-        if not images.is_floating_point() or images.ndim != 4 or images.shape[1] != 3:
-            raise TypeError(
-                f"images must be a float tensor (B, 3, H, W), got {images.dtype} "
-                f"{tuple(images.shape)}"
-            )
+        _check_rgb_batch(images)
         out = self.blur(self.grayscale(self.jitter(images)))
         return out.clamp(0.0, 1.0).to(images.dtype)
 
