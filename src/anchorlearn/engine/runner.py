@@ -390,7 +390,6 @@ def load_run(
     for key, unused in (("encoder_weights", None), ("pretrained", False)):
         if key in cfg.model.kwargs:
             cfg.model.kwargs[key] = unused
-    dm, module = build_run(cfg)
     dm, module = restore_run(
         ckpt,
         path,
