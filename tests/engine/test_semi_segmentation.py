@@ -6,13 +6,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from tests.data.segfixtures import make_camvid
-from tests.engine.test_seg_training import seg_config
+from tests.engine.test_seg_training import _CrashAt, seg_config
 
 from anchorlearn.data.seg_transforms import StrongPhotometric, cutout_boxes
 from anchorlearn.engine import segmentation
@@ -362,15 +361,6 @@ def test_modules_and_the_supervised_baseline(camvid: str) -> None:
     assert dm.image_counts() == {"labelled_images": 2, "unlabelled_images": 2}
     batch = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
     assert isinstance(batch, tuple) and len(batch) == 2
-
-
-class _CrashAt(L.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            raise RuntimeError("simulated crash")
 
 
 def test_fit_logs_the_pseudo_labels_and_resumes_exactly(camvid: str, tmp_path: Path) -> None:

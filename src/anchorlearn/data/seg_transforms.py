@@ -277,8 +277,7 @@ def _check_rgb_batch(images: object) -> None:
         raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
     if not images.is_floating_point() or images.ndim != 4 or images.shape[1] != 3:
         raise TypeError(
-            f"images must be a float tensor (B, 3, H, W), got {images.dtype} "
-            f"{tuple(images.shape)}"
+            f"images must be a float tensor (B, 3, H, W), got {images.dtype} {tuple(images.shape)}"
         )
 
 
