@@ -31,9 +31,9 @@ class _Linear(nn.Module):
         return self.classifier(x), x
 
 
-def build(specs: list[LossConfig], model: nn.Module | None = None):
+def build(specs: list[LossConfig], model: nn.Module | None = None, counts: list[int] | None = None):
     return build_objective(
-        specs, model=model or _Linear(), num_classes=C, class_counts=[5, 4, 3, 2]
+        specs, model=model or _Linear(), num_classes=C, class_counts=counts or [5, 4, 3, 2]
     )
 
 
@@ -160,22 +160,25 @@ def test_reference_points_are_those_of_the_first_term_that_has_some() -> None:
     assert reference_points(SimpleNamespace(objective=build([LossConfig("ce")]))) is None
 
 
-def test_sar_plus_is_sar_with_the_effective_number_pull_unless_the_config_says_otherwise() -> None:
+def test_sar_plus_is_sar_with_the_chosen_pull_unless_the_config_says_otherwise() -> None:
     from anchorlearn.losses import class_balanced_weights
 
+    counts = [5000, 400, 30, 2]  # beta 0.9999 and 0.999 differ only for large counts
     torch.manual_seed(0)
-    plus = build([LossConfig("ce"), LossConfig("sar_plus")]).terms[1]
+    plus = build([LossConfig("ce"), LossConfig("sar_plus")], counts=counts).terms[1]
     assert isinstance(plus, SemanticAnchorRegularizer)
-    expected = class_balanced_weights([5, 4, 3, 2], "effective", 0.999)
+    expected = class_balanced_weights(counts, "effective", 0.9999)
     torch.testing.assert_close(plus.class_weights, expected)
+    assert not torch.allclose(expected, class_balanced_weights(counts, "effective", 0.999))
+    assert plus.pull_weight == 0.3
     # the rest is the release's SAR: same defaults as "sar"
-    release = build([LossConfig("ce"), LossConfig("sar")]).terms[1]
-    assert release.class_weights is None
-    for name in ("pull_weight", "aux_weight", "update_conf", "filter_conf", "pull", "gate"):
+    release = build([LossConfig("ce"), LossConfig("sar")], counts=counts).terms[1]
+    assert release.class_weights is None and release.pull_weight == 0.1
+    for name in ("aux_weight", "update_conf", "filter_conf", "pull", "gate"):
         assert getattr(plus, name) == getattr(release, name)
-    # a config's own class_weights wins over the preset's
-    inverse = build([LossConfig("ce"), LossConfig("sar_plus", {"class_weights": "inverse"})])
-    torch.testing.assert_close(
-        inverse.terms[1].class_weights, class_balanced_weights([5, 4, 3, 2], "inverse")
-    )
+    # a config's own settings win over the preset's
+    own = {"class_weights": "inverse", "pull_weight": 0.1}
+    inverse = build([LossConfig("ce"), LossConfig("sar_plus", own)], counts=counts).terms[1]
+    torch.testing.assert_close(inverse.class_weights, class_balanced_weights(counts, "inverse"))
+    assert inverse.pull_weight == 0.1
     assert loss_parameters("sar_plus") == loss_parameters("sar")

@@ -292,7 +292,7 @@ def parse_config(raw: dict[str, Any]) -> ExperimentConfig:
     _check_semi_supervised_settings(cfg)
     if cfg.task == "segmentation" and any(spec.name == "sar_plus" for spec in cfg.losses):
         raise ConfigError(
-            "loss sar_plus is for classification: its effective-number weights (beta 0.999) "
+            "loss sar_plus is for classification: its effective-number weights (beta 0.9999) "
             "are equal for every class once a class has thousands of pixels, so on "
             "segmentation it would be the release's SAR; use sar, with class_weights: "
             "inverse for a class-balanced pull"
