@@ -70,12 +70,8 @@ def _script(name: str):
     return module
 
 
-def _ssl_grid():
-    return _script("ssl_grid")
-
-
 def test_ssl_grid_tabulates_floors_and_per_seed_differences() -> None:
-    grid = _ssl_grid()
+    grid = _script("ssl_grid")
 
     def row(seed: int, probe: float, **extra) -> dict:
         return {"seed": seed, "linear_probe": probe, "knn": probe - 0.1, "nmi": 0.5, **extra}
@@ -100,7 +96,7 @@ def test_ssl_grid_tabulates_floors_and_per_seed_differences() -> None:
 def test_ssl_grid_reuses_a_floor_only_from_the_same_command(tmp_path: Path) -> None:
     import pytest
 
-    grid = _ssl_grid()
+    grid = _script("ssl_grid")
     target = tmp_path / "floor_pixels" / "seed0.json"
     grid._check_floor_settings(target, ["probe", "--pixels", "--set", "seed=0"])
     target.write_text("{}")
