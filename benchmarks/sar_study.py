@@ -19,6 +19,13 @@ few-shot group of a long-tailed validation split holds a few dozen images).
     OMP_NUM_THREADS=1 python benchmarks/sar_study.py --study variants --seeds 0,1,2 \\
         --baselines runs/fmnist_lt_sar100
     python benchmarks/sar_study.py --seeds 0,1 --no-train   # tabulate what exists
+
+``--grid DIR`` applies the same rule to a finished ``anchorlearn compare`` grid instead of a
+study (every method folder under DIR; BENCHMARKS.md 11.3 at IR 10 and with ResNet-20), and
+adds each run's per-seed test differences against ``--reference`` (same seed: same split,
+initialisation and anchors):
+
+    python benchmarks/sar_study.py --grid runs/fmnist_lt_sar10 --seeds 0,1,2
 """
 
 from __future__ import annotations
@@ -151,6 +158,46 @@ def table(rows: dict[str, list[Path]]) -> tuple[str, str]:
     return "\n".join(lines), max(scores, key=scores.__getitem__)
 
 
+def differences(rows: dict[str, list[Path]], reference: str) -> str:
+    """Per-seed test top-1 and few-shot differences of every row against ``reference``, on
+    the seeds both have (in points, signed)."""
+    if reference not in rows:
+        sys.exit(f"--reference {reference!r}: no finished runs (have: {', '.join(rows)})")
+
+    def by_seed(runs: list[Path]) -> dict[str, dict]:
+        return {r.name: json.loads((r / "metrics.json").read_text()) for r in runs}
+
+    ref = by_seed(rows[reference])
+    lines = [
+        f"| run minus {reference} | seeds | top-1 | few |",
+        "|---|---|---|---|",
+    ]
+    for name, runs in rows.items():
+        if name == reference:
+            continue
+        mine = by_seed(runs)
+        seeds = [s for s in ref if s in mine]
+        if not seeds:
+            continue
+
+        top1, few = (
+            " / ".join(f"{100 * (mine[s][key] - ref[s][key]):+.2f}" for s in seeds)
+            for key in ("top1", "few")
+        )
+        shown = ",".join(s.removeprefix("seed") for s in seeds)
+        lines.append(f"| {name} | {shown} | {top1} | {few} |")
+    return "\n".join(lines)
+
+
+def grid_methods(grid: Path) -> tuple[str, ...]:
+    """The method folders of a compare grid: those holding a ``seed<k>/metrics.json``."""
+    if not grid.is_dir():
+        sys.exit(f"--grid {grid}: not a directory")
+    return tuple(
+        sorted(d.name for d in grid.iterdir() if d.is_dir() and any(d.glob("seed*/metrics.json")))
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study", choices=sorted(STUDIES), default="ir10")
@@ -158,24 +205,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="default: runs/<the study's folder>")
     parser.add_argument("--baselines", type=Path, help="the main grid's runs (default: per study)")
     parser.add_argument("--no-train", action="store_true", help="only tabulate finished runs")
+    parser.add_argument(
+        "--grid", type=Path, help="choose among a finished compare grid's methods instead"
+    )
+    parser.add_argument(
+        "--reference", default="sar_release", help="the row --grid differences are against"
+    )
     args = parser.parse_args(argv)
-    study = STUDIES[args.study]
-    out = args.out or ROOT / "runs" / study.out
-    baselines = args.baselines or ROOT / "runs" / study.baseline_runs
-    if not args.no_train:
-        train(study, out, args.seeds)
+    if args.grid is not None:
+        if args.study != parser.get_default("study") or args.out or args.baselines:
+            parser.error("--grid tabulates a finished grid: drop --study, --out, --baselines")
+        sources = ((args.grid, grid_methods(args.grid)),)
+    else:
+        study = STUDIES[args.study]
+        out = args.out or ROOT / "runs" / study.out
+        baselines = args.baselines or ROOT / "runs" / study.baseline_runs
+        if not args.no_train:
+            train(study, out, args.seeds)
+        sources = ((baselines, study.baselines), (out, tuple(study.variants)))
     seeds = [f"seed{s}" for s in args.seeds.split(",")]
     rows: dict[str, list[Path]] = {}
-    for base, names in ((baselines, study.baselines), (out, tuple(study.variants))):
+    for base, names in sources:
         for name in names:
             runs = [base / name / s for s in seeds if (base / name / s / "metrics.json").exists()]
             if runs:
                 rows[name] = runs
     if not rows:
-        sys.exit(f"no finished runs under {out} or {baselines}")
+        sys.exit("no finished runs under " + " or ".join(str(base) for base, _ in sources))
     text, chosen = table(rows)
     print(text)
     print(f"\nchosen on validation (highest mean balanced accuracy): {chosen}")
+    if args.grid is not None:
+        print("\nPer seed, test split:\n")
+        print(differences(rows, args.reference))
     return 0
 
 

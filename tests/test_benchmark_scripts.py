@@ -137,6 +137,35 @@ def test_sar_study_chooses_on_validation_among_rows_with_every_seed(tmp_path: Pa
             assert (ROOT / "configs" / spec.configs / f"{config}.yaml").is_file()
 
 
+def test_sar_study_grid_chooses_among_a_compare_grid_with_per_seed_differences(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    study = _script("sar_study")
+    # method -> per seed (val balanced acc, test top-1, test few)
+    scores = {
+        "sar_release": [(0.70, 0.74, 0.40), (0.72, 0.75, 0.50)],
+        "sar_plus": [(0.74, 0.76, 0.45), (0.73, 0.74, 0.52)],
+    }
+    for name, seeds in scores.items():
+        for seed, (val, top1, few) in enumerate(seeds):
+            run = tmp_path / name / f"seed{seed}"
+            run.mkdir(parents=True)
+            (run / "val_metrics.json").write_text(json.dumps({"balanced_acc": val, "few": val}))
+            (run / "metrics.json").write_text(json.dumps({"top1": top1, "few": few}))
+    (tmp_path / "unfinished" / "seed0").mkdir(parents=True)  # no metrics.json: not a method
+    assert study.grid_methods(tmp_path) == ("sar_plus", "sar_release")
+    assert study.main(["--grid", str(tmp_path), "--seeds", "0,1"]) == 0
+    out = capsys.readouterr().out
+    assert "chosen on validation (highest mean balanced accuracy): sar_plus" in out
+    assert "| sar_plus | 0,1 | +2.00 / -1.00 | +5.00 / +2.00 |" in out
+    with pytest.raises(SystemExit, match="--reference 'ce'"):
+        study.main(["--grid", str(tmp_path), "--seeds", "0,1", "--reference", "ce"])
+    with pytest.raises(SystemExit):  # a grid is tabulated, not trained: no study options
+        study.main(["--grid", str(tmp_path), "--study", "variants"])
+
+
 def test_sar_gate_open_prints_a_row_per_gate_milestone() -> None:
     script = ROOT / "benchmarks" / "sar_gate_open.py"
     args = ["--steps", "20", "--classes", "10", "--seeds", "0", "--per-class", "20"]
