@@ -270,6 +270,25 @@ def _add_trainer_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="override the config's seed")
 
 
+def _add_config_arguments(parser: argparse.ArgumentParser, help: str) -> None:
+    """The config of ``fit`` / ``pretrain``, given as ``CONFIG`` (as to ``compare``) or as
+    ``--config CONFIG``; :func:`_resolve_config` makes it ``args.config``."""
+    parser.add_argument("config_file", nargs="?", metavar="CONFIG", help=f"{help} (or --config)")
+    parser.add_argument("--config", default=None, help=help)
+
+
+def _resolve_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not hasattr(args, "config_file"):
+        return
+    given = [path for path in (args.config_file, args.config) if path is not None]
+    usage = f"anchorlearn {args.command} CONFIG (or --config CONFIG)"
+    if not given:
+        parser.error(f"{args.command}: no config given; {usage}")
+    if len(given) == 2 and given[0] != given[1]:
+        parser.error(f"{args.command}: two configs given, {given[0]} and {given[1]}; {usage}")
+    args.config = given[0]
+
+
 def _add_fit_parser(subparsers: argparse._SubParsersAction) -> None:
     fit = subparsers.add_parser(
         "fit",
@@ -278,7 +297,7 @@ def _add_fit_parser(subparsers: argparse._SubParsersAction) -> None:
         "counts, the data fingerprint, CSV logs, checkpoints, metrics.json and plots. It is "
         "locked while the run writes it: a second run into it is refused.",
     )
-    fit.add_argument("--config", required=True, help="YAML experiment config")
+    _add_config_arguments(fit, "YAML experiment config")
     fit.add_argument("--out", default=None, help="run directory (default out_dir/name/seedN)")
     fit.add_argument(
         "--resume", action="store_true", help="continue from the run directory's last.ckpt"
@@ -396,7 +415,7 @@ def _add_pretrain_parser(subparsers: argparse._SubParsersAction) -> None:
         "resolved config, CSV logs, checkpoints, metrics.json (linear probe, kNN, alignment, "
         "uniformity, coagulation, NMI/AMI, E-step time) and a t-SNE plot.",
     )
-    pre.add_argument("--config", required=True, help="YAML pretraining config")
+    _add_config_arguments(pre, "YAML pretraining config")
     pre.add_argument("--out", default=None, help="run directory (default out_dir/name/seedN)")
     pre.add_argument(
         "--resume", action="store_true", help="continue from the run directory's last.ckpt"
@@ -468,7 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _resolve_config(parser, args)
     try:
         return args.handler(args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:

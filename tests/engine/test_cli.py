@@ -133,3 +133,22 @@ def test_cli_eval_split_choices_are_the_evaluable_splits() -> None:
     eval_parser = parser._subparsers._group_actions[0].choices["eval"]
     (split_action,) = [a for a in eval_parser._actions if a.dest == "split"]
     assert tuple(split_action.choices) == SPLITS
+
+
+@pytest.mark.parametrize("command", ["fit", "pretrain"])
+def test_cli_config_is_positional_or_a_flag_never_two(tmp_path: Path, capsys, command) -> None:
+    config = tmp_path / "cfg.yaml"
+    config.write_text("- 1\n")  # loaded (and refused) before any training
+    for given in ([str(config)], ["--config", str(config)], [str(config), "--config", str(config)]):
+        assert main([command, *given, "--out", str(tmp_path / "r")]) == 2
+        err = capsys.readouterr().err
+        assert str(config) in err and "the top level must be a mapping" in err
+    other = tmp_path / "other.yaml"
+    with pytest.raises(SystemExit) as raised:
+        main([command, str(config), "--config", str(other)])
+    assert raised.value.code == 2
+    assert f"two configs given, {config} and {other}" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as raised:
+        main([command, "--out", str(tmp_path / "r")])
+    assert raised.value.code == 2
+    assert f"{command}: no config given; anchorlearn {command} CONFIG" in capsys.readouterr().err
