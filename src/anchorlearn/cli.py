@@ -270,23 +270,29 @@ def _add_trainer_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="override the config's seed")
 
 
-def _add_config_arguments(parser: argparse.ArgumentParser, help: str) -> None:
-    """The config of ``fit`` / ``pretrain``, given as ``CONFIG`` (as to ``compare``) or as
-    ``--config CONFIG``; :func:`_resolve_config` makes it ``args.config``."""
-    parser.add_argument("config_file", nargs="?", metavar="CONFIG", help=f"{help} (or --config)")
-    parser.add_argument("--config", default=None, help=help)
+def _add_path_argument(parser: argparse.ArgumentParser, flag: str, help: str) -> None:
+    """A required path given as the first argument (as to ``compare``) or as ``flag PATH``
+    (``--config`` of ``fit`` / ``pretrain``, ``--checkpoint`` of ``eval``);
+    :func:`_resolve_path` makes it ``args.<flag>``."""
+    metavar = flag.removeprefix("--").upper()
+    parser.add_argument("path_arg", nargs="?", metavar=metavar, help=f"{help} (or {flag})")
+    parser.add_argument(flag, default=None, help=help)
+    parser.set_defaults(path_flag=flag)
 
 
-def _resolve_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if not hasattr(args, "config_file"):
+def _resolve_path(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not hasattr(args, "path_flag"):
         return
-    given = [path for path in (args.config_file, args.config) if path is not None]
-    usage = f"anchorlearn {args.command} CONFIG (or --config CONFIG)"
+    flag = args.path_flag
+    dest = flag.removeprefix("--")
+    given = [path for path in (args.path_arg, getattr(args, dest)) if path is not None]
+    metavar = dest.upper()
+    usage = f"anchorlearn {args.command} {metavar} (or {flag} {metavar})"
     if not given:
-        parser.error(f"{args.command}: no config given; {usage}")
+        parser.error(f"{args.command}: no {dest} given; {usage}")
     if len(given) == 2 and given[0] != given[1]:
-        parser.error(f"{args.command}: two configs given, {given[0]} and {given[1]}; {usage}")
-    args.config = given[0]
+        parser.error(f"{args.command}: two {dest}s given, {given[0]} and {given[1]}; {usage}")
+    setattr(args, dest, given[0])
 
 
 def _add_fit_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -297,7 +303,7 @@ def _add_fit_parser(subparsers: argparse._SubParsersAction) -> None:
         "counts, the data fingerprint, CSV logs, checkpoints, metrics.json and plots. It is "
         "locked while the run writes it: a second run into it is refused.",
     )
-    _add_config_arguments(fit, "YAML experiment config")
+    _add_path_argument(fit, "--config", "YAML experiment config")
     fit.add_argument("--out", default=None, help="run directory (default out_dir/name/seedN)")
     fit.add_argument(
         "--resume", action="store_true", help="continue from the run directory's last.ckpt"
@@ -316,7 +322,7 @@ def _add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
         help="evaluate a checkpoint on the test (or validation) split of the data it was "
         "trained for",
     )
-    ev.add_argument("--checkpoint", required=True, help="a .ckpt written by anchorlearn fit")
+    _add_path_argument(ev, "--checkpoint", "a .ckpt written by anchorlearn fit")
     ev.add_argument(
         "--out", default=None, help="write the metrics JSON here (undefined ones as null)"
     )
@@ -415,7 +421,7 @@ def _add_pretrain_parser(subparsers: argparse._SubParsersAction) -> None:
         "resolved config, CSV logs, checkpoints, metrics.json (linear probe, kNN, alignment, "
         "uniformity, coagulation, NMI/AMI, E-step time) and a t-SNE plot.",
     )
-    _add_config_arguments(pre, "YAML pretraining config")
+    _add_path_argument(pre, "--config", "YAML pretraining config")
     pre.add_argument("--out", default=None, help="run directory (default out_dir/name/seedN)")
     pre.add_argument(
         "--resume", action="store_true", help="continue from the run directory's last.ckpt"
@@ -489,7 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    _resolve_config(parser, args)
+    _resolve_path(parser, args)
     try:
         return args.handler(args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:

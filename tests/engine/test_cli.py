@@ -23,6 +23,8 @@ def test_cli_fit_and_eval(tmp_path: Path, capsys) -> None:
     assert yaml.safe_load((out / "config.yaml").read_text())["seed"] == 3
     assert main(["eval", "--checkpoint", str(out / "checkpoints" / "last.ckpt")]) == 0
     assert "top1" in capsys.readouterr().out
+    assert main(["eval", str(out / "checkpoints" / "last.ckpt")]) == 0  # or as the argument
+    assert "top1" in capsys.readouterr().out
     val_json = tmp_path / "val.json"
     ckpt = str(out / "checkpoints" / "last.ckpt")
     assert main(["eval", "--checkpoint", ckpt, "--split", "val", "--out", str(val_json)]) == 0
@@ -152,3 +154,11 @@ def test_cli_config_is_positional_or_a_flag_never_two(tmp_path: Path, capsys, co
         main([command, "--out", str(tmp_path / "r")])
     assert raised.value.code == 2
     assert f"{command}: no config given; anchorlearn {command} CONFIG" in capsys.readouterr().err
+
+
+def test_cli_eval_without_a_checkpoint_is_a_usage_error(capsys) -> None:
+    with pytest.raises(SystemExit) as raised:
+        main(["eval", "--split", "val"])
+    assert raised.value.code == 2
+    err = capsys.readouterr().err
+    assert "eval: no checkpoint given; anchorlearn eval CHECKPOINT (or --checkpoint" in err
