@@ -162,3 +162,19 @@ def test_cli_eval_without_a_checkpoint_is_a_usage_error(capsys) -> None:
     assert raised.value.code == 2
     err = capsys.readouterr().err
     assert "eval: no checkpoint given; anchorlearn eval CHECKPOINT (or --checkpoint" in err
+
+
+@pytest.mark.parametrize(
+    ("command", "config", "message"),
+    [
+        ("fit", "configs/ssl/pcl.yaml", "(method: pcl); run it with anchorlearn pretrain"),
+        ("pretrain", "configs/fmnist_lt/ce.yaml", "(task: classification); run it with"),
+    ],
+)
+def test_cli_a_config_given_to_the_other_command_names_the_right_one(
+    tmp_path: Path, capsys, command: str, config: str, message: str
+) -> None:
+    root = Path(__file__).parents[2]
+    assert main([command, str(root / config), "--out", str(tmp_path / "r")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

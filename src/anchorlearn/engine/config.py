@@ -275,6 +275,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
 
 
 def parse_config(raw: dict[str, Any]) -> ExperimentConfig:
+    if "method" in raw and "losses" not in raw:
+        raise ConfigError(
+            f"this is a self-supervised pretraining config (method: {raw['method']}); run it "
+            "with anchorlearn pretrain (anchorlearn fit trains configs with task and losses)"
+        )
     cfg = build_config(ExperimentConfig, raw)
     check_choices(cfg, _CHOICES)
     if not cfg.losses:

@@ -239,6 +239,12 @@ def load_pretrain_config(path: str | Path, overrides: list[str] | None = None) -
 
 def parse_pretrain_config(raw: dict[str, Any]) -> PretrainConfig:
     """Validate a raw mapping and fill in the method's default loss weights."""
+    if ("task" in raw or "losses" in raw) and "method" not in raw:
+        kind = f"task: {raw['task']}" if "task" in raw else "losses"
+        raise ConfigError(
+            f"this is a supervised training config ({kind}); run it with anchorlearn fit "
+            "(anchorlearn pretrain trains configs with a method: moco, pcl or pauc)"
+        )
     cfg = build_config(PretrainConfig, raw)
     check_choices(cfg, _CHOICES)
     check_milestones(cfg.trainer, cfg.optim)
