@@ -21,7 +21,9 @@ few-shot group of a long-tailed validation split holds a few dozen images).
     python benchmarks/sar_study.py --seeds 0,1 --no-train   # tabulate what exists
 
 ``--grid DIR`` applies the same rule to a finished ``anchorlearn compare`` grid instead of a
-study (every method folder under DIR; BENCHMARKS.md 11.3 at IR 10 and with ResNet-20), and
+study (every method folder under DIR; BENCHMARKS.md 11.3 at IR 10 and with ResNet-20; for a
+segmentation grid, such as the composited scenes', the rule is the highest mean validation
+mIoU, and the columns are mIoU and the tail classes' IoU), and
 adds each run's per-seed test differences against ``--reference`` (same seed: same split,
 initialisation and anchors):
 
@@ -130,11 +132,37 @@ def val_metrics(run: Path) -> dict:
     return json.loads(cached.read_text())
 
 
+@dataclass(frozen=True)
+class Scores:
+    """What a task's runs are chosen on (the validation split) and reported with (test)."""
+
+    choose: str  # the validation metric of the rule
+    choose_label: str
+    group: str  # the rare-class column (validation and test)
+    group_label: str
+    overall: str  # the test column reported beside it
+    overall_label: str
+
+
+CLASSIFICATION = Scores("balanced_acc", "balanced acc", "few", "few", "top1", "top-1")
+# segmentation (the composited scenes): mean IoU, and the IoU of the rarer half of the classes
+SEGMENTATION = Scores("miou", "mIoU", "tail_iou", "tail IoU", "miou", "mIoU")
+
+
+def scores_of(rows: dict[str, list[Path]]) -> Scores:
+    """Segmentation scores if the runs' test metrics have a mean IoU, else classification."""
+    first = json.loads((next(iter(rows.values()))[0] / "metrics.json").read_text())
+    return SEGMENTATION if "miou" in first else CLASSIFICATION
+
+
 def table(rows: dict[str, list[Path]]) -> tuple[str, str]:
     """The Markdown table, and the name of the row the rule chooses (the highest mean
-    validation balanced accuracy among the rows with every seed)."""
+    validation balanced accuracy, or mean IoU for segmentation, among the rows with every
+    seed)."""
+    sc = scores_of(rows)
     lines = [
-        "| run | seeds | val balanced acc | val few | test top-1 | test few |",
+        f"| run | seeds | val {sc.choose_label} | val {sc.group_label} "
+        f"| test {sc.overall_label} | test {sc.group_label} |",
         "|---|---|---|---|---|---|",
     ]
 
@@ -143,33 +171,34 @@ def table(rows: dict[str, list[Path]]) -> tuple[str, str]:
         return text + (f" ± {100 * statistics.stdev(values):.2f}" if len(values) > 1 else "")
 
     complete = max(len(runs) for runs in rows.values())
-    scores: dict[str, float] = {}
+    chosen: dict[str, float] = {}
     for name, runs in rows.items():
         val = [val_metrics(r) for r in runs]
         test = [json.loads((r / "metrics.json").read_text()) for r in runs]
         seeds = ",".join(r.name.removeprefix("seed") for r in runs)
         if len(runs) == complete:
-            scores[name] = statistics.fmean(v["balanced_acc"] for v in val)
+            chosen[name] = statistics.fmean(v[sc.choose] for v in val)
         lines.append(
-            f"| {name} | {seeds} | {cell([v['balanced_acc'] for v in val])} "
-            f"| {cell([v['few'] for v in val])} | {cell([t['top1'] for t in test])} "
-            f"| {cell([t['few'] for t in test])} |"
+            f"| {name} | {seeds} | {cell([v[sc.choose] for v in val])} "
+            f"| {cell([v[sc.group] for v in val])} | {cell([t[sc.overall] for t in test])} "
+            f"| {cell([t[sc.group] for t in test])} |"
         )
-    return "\n".join(lines), max(scores, key=scores.__getitem__)
+    return "\n".join(lines), max(chosen, key=chosen.__getitem__)
 
 
 def differences(rows: dict[str, list[Path]], reference: str) -> str:
-    """Per-seed test top-1 and few-shot differences of every row against ``reference``, on
-    the seeds both have (in points, signed)."""
+    """Per-seed test differences (top-1 and few-shot; mIoU and tail IoU for segmentation)
+    of every row against ``reference``, on the seeds both have (in points, signed)."""
     if reference not in rows:
         sys.exit(f"--reference {reference!r}: no finished runs (have: {', '.join(rows)})")
+    sc = scores_of(rows)
 
     def by_seed(runs: list[Path]) -> dict[str, dict]:
         return {r.name: json.loads((r / "metrics.json").read_text()) for r in runs}
 
     ref = by_seed(rows[reference])
     lines = [
-        f"| run minus {reference} | seeds | top-1 | few |",
+        f"| run minus {reference} | seeds | {sc.overall_label} | {sc.group_label} |",
         "|---|---|---|---|",
     ]
     for name, runs in rows.items():
@@ -179,13 +208,12 @@ def differences(rows: dict[str, list[Path]], reference: str) -> str:
         seeds = [s for s in ref if s in mine]
         if not seeds:
             continue
-
-        top1, few = (
+        overall, group = (
             " / ".join(f"{100 * (mine[s][key] - ref[s][key]):+.2f}" for s in seeds)
-            for key in ("top1", "few")
+            for key in (sc.overall, sc.group)
         )
         shown = ",".join(s.removeprefix("seed") for s in seeds)
-        lines.append(f"| {name} | {shown} | {top1} | {few} |")
+        lines.append(f"| {name} | {shown} | {overall} | {group} |")
     return "\n".join(lines)
 
 
@@ -234,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit("no finished runs under " + " or ".join(str(base) for base, _ in sources))
     text, chosen = table(rows)
     print(text)
-    print(f"\nchosen on validation (highest mean balanced accuracy): {chosen}")
+    rule = "IoU" if scores_of(rows) is SEGMENTATION else "balanced accuracy"
+    print(f"\nchosen on validation (highest mean {rule}): {chosen}")
     if args.grid is not None:
         print("\nPer seed, test split:\n")
         print(differences(rows, args.reference))

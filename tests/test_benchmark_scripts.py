@@ -166,6 +166,31 @@ def test_sar_study_grid_chooses_among_a_compare_grid_with_per_seed_differences(
         study.main(["--grid", str(tmp_path), "--study", "variants"])
 
 
+def test_sar_study_grid_of_segmentation_runs_chooses_on_validation_miou(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    study = _script("sar_study")
+    # method -> per seed (val mIoU, test mIoU, test tail IoU)
+    scores = {
+        "ce_sar": [(0.30, 0.24, 0.07), (0.31, 0.33, 0.13)],
+        "ce_sar_etf_anchors": [(0.28, 0.26, 0.12), (0.30, 0.33, 0.13)],  # better on test only
+    }
+    for name, seeds in scores.items():
+        for seed, (val, miou, tail) in enumerate(seeds):
+            run = tmp_path / name / f"seed{seed}"
+            run.mkdir(parents=True)
+            (run / "val_metrics.json").write_text(json.dumps({"miou": val, "tail_iou": val}))
+            (run / "metrics.json").write_text(json.dumps({"miou": miou, "tail_iou": tail}))
+    args = ["--grid", str(tmp_path), "--seeds", "0,1", "--reference", "ce_sar"]
+    assert study.main(args) == 0
+    out = capsys.readouterr().out
+    assert "| run | seeds | val mIoU | val tail IoU | test mIoU | test tail IoU |" in out
+    assert "chosen on validation (highest mean IoU): ce_sar\n" in out
+    assert "| ce_sar_etf_anchors | 0,1 | +2.00 / +0.00 | +5.00 / +0.00 |" in out
+
+
 def test_sar_gate_open_prints_a_row_per_gate_milestone() -> None:
     script = ROOT / "benchmarks" / "sar_gate_open.py"
     args = ["--steps", "20", "--classes", "10", "--seeds", "0", "--per-class", "20"]
