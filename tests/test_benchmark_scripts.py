@@ -137,23 +137,31 @@ def test_sar_study_chooses_on_validation_among_rows_with_every_seed(tmp_path: Pa
             assert (ROOT / "configs" / spec.configs / f"{config}.yaml").is_file()
 
 
+def _write_runs(root: Path, scores: dict, overall: str, group: str, choose: str) -> None:
+    """Finished runs ``root/<name>/seed<k>``: per seed (validation score, test ``overall``,
+    test ``group``); the validation file holds the score under ``choose`` and ``group``."""
+    import json
+
+    for name, seeds in scores.items():
+        for seed, (val, test_overall, test_group) in enumerate(seeds):
+            run = root / name / f"seed{seed}"
+            run.mkdir(parents=True)
+            (run / "val_metrics.json").write_text(json.dumps({choose: val, group: val}))
+            (run / "metrics.json").write_text(
+                json.dumps({overall: test_overall, group: test_group})
+            )
+
+
 def test_sar_study_grid_chooses_among_a_compare_grid_with_per_seed_differences(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import json
-
     study = _script("sar_study")
     # method -> per seed (val balanced acc, test top-1, test few)
     scores = {
         "sar_release": [(0.70, 0.74, 0.40), (0.72, 0.75, 0.50)],
         "sar_plus": [(0.74, 0.76, 0.45), (0.73, 0.74, 0.52)],
     }
-    for name, seeds in scores.items():
-        for seed, (val, top1, few) in enumerate(seeds):
-            run = tmp_path / name / f"seed{seed}"
-            run.mkdir(parents=True)
-            (run / "val_metrics.json").write_text(json.dumps({"balanced_acc": val, "few": val}))
-            (run / "metrics.json").write_text(json.dumps({"top1": top1, "few": few}))
+    _write_runs(tmp_path, scores, "top1", "few", choose="balanced_acc")
     (tmp_path / "unfinished" / "seed0").mkdir(parents=True)  # no metrics.json: not a method
     assert study.grid_methods(tmp_path) == ("sar_plus", "sar_release")
     assert study.main(["--grid", str(tmp_path), "--seeds", "0,1"]) == 0
@@ -169,20 +177,13 @@ def test_sar_study_grid_chooses_among_a_compare_grid_with_per_seed_differences(
 def test_sar_study_grid_of_segmentation_runs_chooses_on_validation_miou(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import json
-
     study = _script("sar_study")
     # method -> per seed (val mIoU, test mIoU, test tail IoU)
     scores = {
         "ce_sar": [(0.30, 0.24, 0.07), (0.31, 0.33, 0.13)],
         "ce_sar_etf_anchors": [(0.28, 0.26, 0.12), (0.30, 0.33, 0.13)],  # better on test only
     }
-    for name, seeds in scores.items():
-        for seed, (val, miou, tail) in enumerate(seeds):
-            run = tmp_path / name / f"seed{seed}"
-            run.mkdir(parents=True)
-            (run / "val_metrics.json").write_text(json.dumps({"miou": val, "tail_iou": val}))
-            (run / "metrics.json").write_text(json.dumps({"miou": miou, "tail_iou": tail}))
+    _write_runs(tmp_path, scores, "miou", "tail_iou", choose="miou")
     args = ["--grid", str(tmp_path), "--seeds", "0,1", "--reference", "ce_sar"]
     assert study.main(args) == 0
     out = capsys.readouterr().out
