@@ -142,11 +142,14 @@ class Scores:
     group_label: str
     overall: str  # the test column reported beside it
     overall_label: str
+    rule: str  # the rule's words: the highest mean validation ...
 
 
-CLASSIFICATION = Scores("balanced_acc", "balanced acc", "few", "few", "top1", "top-1")
+CLASSIFICATION = Scores(
+    "balanced_acc", "balanced acc", "few", "few", "top1", "top-1", "balanced accuracy"
+)
 # segmentation (the composited scenes): mean IoU, and the IoU of the rarer half of the classes
-SEGMENTATION = Scores("miou", "mIoU", "tail_iou", "tail IoU", "miou", "mIoU")
+SEGMENTATION = Scores("miou", "mIoU", "tail_iou", "tail IoU", "miou", "mIoU", "IoU")
 
 
 def scores_of(rows: dict[str, list[Path]]) -> Scores:
@@ -155,11 +158,10 @@ def scores_of(rows: dict[str, list[Path]]) -> Scores:
     return SEGMENTATION if "miou" in first else CLASSIFICATION
 
 
-def table(rows: dict[str, list[Path]]) -> tuple[str, str]:
+def table(rows: dict[str, list[Path]], sc: Scores) -> tuple[str, str]:
     """The Markdown table, and the name of the row the rule chooses (the highest mean
-    validation balanced accuracy, or mean IoU for segmentation, among the rows with every
-    seed)."""
-    sc = scores_of(rows)
+    validation ``sc.choose``: balanced accuracy, or mean IoU for segmentation, among the
+    rows with every seed)."""
     lines = [
         f"| run | seeds | val {sc.choose_label} | val {sc.group_label} "
         f"| test {sc.overall_label} | test {sc.group_label} |",
@@ -186,12 +188,11 @@ def table(rows: dict[str, list[Path]]) -> tuple[str, str]:
     return "\n".join(lines), max(chosen, key=chosen.__getitem__)
 
 
-def differences(rows: dict[str, list[Path]], reference: str) -> str:
+def differences(rows: dict[str, list[Path]], reference: str, sc: Scores) -> str:
     """Per-seed test differences (top-1 and few-shot; mIoU and tail IoU for segmentation)
     of every row against ``reference``, on the seeds both have (in points, signed)."""
     if reference not in rows:
         sys.exit(f"--reference {reference!r}: no finished runs (have: {', '.join(rows)})")
-    sc = scores_of(rows)
 
     def by_seed(runs: list[Path]) -> dict[str, dict]:
         return {r.name: json.loads((r / "metrics.json").read_text()) for r in runs}
@@ -260,13 +261,13 @@ def main(argv: list[str] | None = None) -> int:
                 rows[name] = runs
     if not rows:
         sys.exit("no finished runs under " + " or ".join(str(base) for base, _ in sources))
-    text, chosen = table(rows)
+    sc = scores_of(rows)
+    text, chosen = table(rows, sc)
     print(text)
-    rule = "IoU" if scores_of(rows) is SEGMENTATION else "balanced accuracy"
-    print(f"\nchosen on validation (highest mean {rule}): {chosen}")
+    print(f"\nchosen on validation (highest mean {sc.rule}): {chosen}")
     if args.grid is not None:
         print("\nPer seed, test split:\n")
-        print(differences(rows, args.reference))
+        print(differences(rows, args.reference, sc))
     return 0
 
 

@@ -125,7 +125,7 @@ def test_sar_study_chooses_on_validation_among_rows_with_every_seed(tmp_path: Pa
             (run / "val_metrics.json").write_text(json.dumps({"balanced_acc": val, "few": val}))
             (run / "metrics.json").write_text(json.dumps({"top1": test, "few": test}))
             rows[name].append(run)
-    text, chosen = study.table(rows)
+    text, chosen = study.table(rows, study.CLASSIFICATION)
     assert chosen == "best_on_val"
     line = next(ln for ln in text.splitlines() if ln.startswith("| best_on_val |"))
     assert (
