@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -210,6 +211,58 @@ def test_sar_gate_open_prints_a_row_per_gate_milestone() -> None:
         assert step == "never" or 1 <= int(step) <= 20
     accuracy = float(rows[0][6])
     assert 0.0 <= accuracy <= 1.0
+
+
+def test_sar_gate_open_triples_stack_one_item_of_each_class_of_the_triple(monkeypatch) -> None:
+    import numpy as np
+
+    gate = _script("sar_gate_open")
+
+    def fake_fashion_mnist(split: str):
+        # image i of class c is filled with 20 * c + (1 on the test split): its class and
+        # split can be read back from any pixel
+        labels = np.arange(200 if split == "train" else 100) % 10
+        images = (20 * labels + (split == "test")).astype(np.uint8)[:, None, None]
+        return np.broadcast_to(images, (len(labels), 28, 28)), labels
+
+    monkeypatch.setattr(gate, "load_fashion_mnist", fake_fashion_mnist)
+    x_train, y_train, x_test, y_test = gate.fmnist_triples(150, 4, seed=1)
+    assert x_train.shape == (600, 3, 28, 28) and x_test.shape == (150 * 50, 3, 28, 28)
+    assert torch.equal(y_train, torch.arange(150).repeat_interleave(4))
+    for x, y, offset in ((x_train, y_train, 0), (x_test, y_test, 1)):
+        items = (x[:, :, 0, 0].long() - offset) // 20  # (N, 3): the class of each channel
+        assert torch.equal(x[:, :, 0, 0].long() % 20, torch.full_like(items, offset))
+        # one triple per class, the same for every image of it, and 150 different triples
+        triples = torch.stack([items[y == k][0] for k in range(150)])
+        assert torch.equal(items, triples[y])
+        assert len({tuple(t.tolist()) for t in triples}) == 150
+    again = gate.fmnist_triples(150, 4, seed=1)
+    other = gate.fmnist_triples(150, 4, seed=2)
+    assert torch.equal(again[0], x_train) and not torch.equal(other[0], x_train)
+    with pytest.raises(ValueError, match="1 to 1000 classes"):
+        gate.fmnist_triples(1001, 4, seed=0)
+
+
+def test_sar_gate_open_trains_on_fashion_mnist_triples() -> None:
+    script = ROOT / "benchmarks" / "sar_gate_open.py"
+    args = ["--data", "fmnist_triples", "--steps", "3", "--batch", "8", "--classes", "12"]
+    args += ["--seeds", "0", "--per-class", "2"]
+    result = subprocess.run(
+        [sys.executable, str(script), *args], check=True, capture_output=True, text=True
+    )
+    assert "Fashion-MNIST items stacked in threes (2 train images per class)" in result.stdout
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| 12")]
+    assert [(r[1].strip(), r[2].strip()) for r in rows][:2] == [
+        ("all", "gate open"),
+        ("per_class", "50 % open"),
+    ]
+    assert 0.0 <= float(rows[0][6]) <= 1.0
+    too_many = subprocess.run(
+        [sys.executable, str(script), "--data", "fmnist_triples", "--classes", "1001"],
+        capture_output=True,
+        text=True,
+    )
+    assert too_many.returncode == 2 and "at most 1000 classes" in too_many.stderr
 
 
 def test_the_cifar10_lt_gpu_script_runs_two_epochs_on_a_cpu(tmp_path: Path) -> None:
