@@ -38,7 +38,7 @@ Fashion-MNIST test images. Model: the library's ``SmallCNN`` (4 conv layers, wid
 Single-threaded torch (``torch.set_num_threads(1)``); the defaults take a few minutes of CPU.
 
     python benchmarks/sar_gate_open.py [--steps 2000] [--classes 10 100 150] [--seeds 0 1 2]
-    python benchmarks/sar_gate_open.py --data fmnist_triples --steps 1000 --per-class 300
+    python benchmarks/sar_gate_open.py --data fmnist_triples --steps 600 --per-class 300
 """
 
 from __future__ import annotations
