@@ -474,12 +474,26 @@ def _add_probe_parser(subparsers: argparse._SubParsersAction) -> None:
     probe.set_defaults(handler=_run_probe)
 
 
+def _version() -> str:
+    """``anchorlearn X (torch Y)``, read without importing torch (``--version`` stays fast)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from anchorlearn import __version__
+
+    try:
+        torch_version = version("torch")
+    except PackageNotFoundError:
+        torch_version = "not installed"
+    return f"anchorlearn {__version__} (torch {torch_version})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one sub-parser per command."""
     parser = argparse.ArgumentParser(
         prog="anchorlearn",
         description="Anchor- and prototype-based representation learning.",
     )
+    parser.add_argument("--version", action="version", version=_version())
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_fit_parser(subparsers)
     _add_eval_parser(subparsers)

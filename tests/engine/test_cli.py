@@ -124,6 +124,22 @@ def test_every_command_has_help(command: str) -> None:
     assert "usage: anchorlearn" in result.stdout
 
 
+def test_version_names_the_package_and_torch_without_importing_torch() -> None:
+    code = (
+        "import sys; from anchorlearn.cli import main\n"
+        "try:\n    main(['--version'])\n"
+        "except SystemExit as exit:\n    assert exit.code == 0, exit.code\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    from importlib.metadata import version
+
+    from anchorlearn import __version__
+
+    assert result.stdout.strip() == f"anchorlearn {__version__} (torch {version('torch')})"
+
+
 def test_cli_eval_split_choices_are_the_evaluable_splits() -> None:
     # the CLI spells the choices itself so that `--help` does not import torch
     from anchorlearn.cli import build_parser
