@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -113,3 +115,16 @@ def test_cli_preview_of_cifar10_draws_colour_images(tmp_path, capsys):
     pixels = np.asarray(Image.open(out).convert("RGB")).astype(int)
     # the fixture's images are red-tinted by class: the grid is not grey
     assert np.abs(pixels[..., 0] - pixels[..., 2]).max() > 50
+
+
+def test_a_config_given_as_the_spec_names_the_spec_of_its_data_source(tmp_path) -> None:
+    root = Path(__file__).resolve().parents[2] / "configs"
+    with pytest.raises(ValueError, match=r"preview fashion_mnist_lt:100 --out PNG"):
+        preview(str(root / "fmnist_lt" / "ce_sar.yaml"), tmp_path / "x.png")
+    with pytest.raises(ValueError, match=r"preview camvid:\.\./shared/data/CamVid --out"):
+        preview(str(root / "camvid" / "ce_sar.yaml"), tmp_path / "x.png")
+    with pytest.raises(ValueError, match=r"preview scenes --out PNG \(the scenes with"):
+        preview(str(root / "scenes" / "ce_sar.yaml"), tmp_path / "x.png")
+    with pytest.raises(ValueError, match=r"missing.yml is a config file.*such as"):
+        preview(str(tmp_path / "missing.yml"), tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()

@@ -77,6 +77,28 @@ def sample_segmentation(spec: str, n: int, seed: int = 0) -> SampledSegmentation
     )
 
 
+def _refuse_config(spec: str) -> None:
+    """A training config given as the spec: say which spec previews its data source."""
+    if Path(spec).suffix.lower() not in (".yaml", ".yml"):
+        return
+    hint = "a data source such as 'fashion_mnist_lt:100'"
+    try:
+        import yaml
+
+        data = yaml.safe_load(Path(spec).read_text()).get("data") or {}
+        source = str(data["source"])
+    except (OSError, AttributeError, KeyError, TypeError, ValueError):
+        pass  # unreadable, or no data.source: the generic hint
+    else:
+        ratio = data.get("imbalance_ratio", 1)
+        if source == "fashion_mnist" and isinstance(ratio, (int, float)) and ratio > 1:
+            source = f"fashion_mnist_lt:{ratio:g}"
+        hint = f"its data source: anchorlearn data preview {source} --out PNG"
+        if source == "scenes":
+            hint += " (the scenes with their default parameters, not the config's)"
+    raise ValueError(f"{spec} is a config file; data preview takes a data source SPEC; {hint}")
+
+
 def load_preview_data(spec: str, seed: int = 0) -> ClassificationData | SegmentationData:
     """The data named by a preview spec (module docstring)."""
     kind, _, arg = spec.partition(":")
@@ -161,6 +183,7 @@ def preview(
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
+    _refuse_config(spec)
     out = preview_path(out_png)  # an unwritable path fails before the data are loaded
     import matplotlib
 
