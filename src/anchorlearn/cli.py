@@ -87,6 +87,20 @@ def _write_metrics(out: Path | None, metrics: dict) -> None:
         ) from err
 
 
+def _checkpoint_of(path: str, writer: str) -> str:
+    """A run folder stands for its ``checkpoints/last.ckpt``; a file is passed as it is."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return path
+    checkpoint = folder / "checkpoints" / "last.ckpt"
+    if not checkpoint.is_file():
+        raise ValueError(
+            f"{path} is a folder without checkpoints/last.ckpt; pass a run folder written by "
+            f"`anchorlearn {writer}` or a .ckpt file"
+        )
+    return str(checkpoint)
+
+
 def _run_eval(args: argparse.Namespace) -> int:
     from anchorlearn.engine.rundir import check_output_file
     from anchorlearn.engine.runner import evaluate_checkpoint
@@ -106,7 +120,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         if value is not None
     }
     metrics = evaluate_checkpoint(
-        args.checkpoint,
+        _checkpoint_of(args.checkpoint, "fit"),
         split=args.split,
         inference=inference,
         save_masks=args.save_masks,
@@ -198,7 +212,9 @@ def _run_probe(args: argparse.Namespace) -> int:
     out = None if args.out is None else check_output_file(args.out, "--out")
     if floor is None:
         metrics = probe_checkpoint(
-            args.checkpoint, plot_dir=args.plots, allow_data_change=args.allow_data_change
+            _checkpoint_of(args.checkpoint, "pretrain"),
+            plot_dir=args.plots,
+            allow_data_change=args.allow_data_change,
         )
     else:
         overrides = [*args.set, *([] if args.seed is None else [f"seed={args.seed}"])]
@@ -322,7 +338,7 @@ def _add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
         help="evaluate a checkpoint on the test (or validation) split of the data it was "
         "trained for",
     )
-    _add_path_argument(ev, "--checkpoint", "a .ckpt written by anchorlearn fit")
+    _add_path_argument(ev, "--checkpoint", "a .ckpt written by anchorlearn fit, or its run folder")
     ev.add_argument(
         "--out", default=None, help="write the metrics JSON here (undefined ones as null)"
     )
@@ -442,7 +458,9 @@ def _add_probe_parser(subparsers: argparse._SubParsersAction) -> None:
         "to beat, on the same data and settings.",
     )
     encoder = probe.add_mutually_exclusive_group(required=True)
-    encoder.add_argument("--checkpoint", help="a .ckpt written by anchorlearn pretrain")
+    encoder.add_argument(
+        "--checkpoint", help="a .ckpt written by anchorlearn pretrain, or its run folder"
+    )
     encoder.add_argument(
         "--random-init",
         action="store_true",

@@ -25,6 +25,10 @@ def test_cli_fit_and_eval(tmp_path: Path, capsys) -> None:
     assert "top1" in capsys.readouterr().out
     assert main(["eval", str(out / "checkpoints" / "last.ckpt")]) == 0  # or as the argument
     assert "top1" in capsys.readouterr().out
+    assert main(["eval", str(out)]) == 0  # or the run folder, standing for its last.ckpt
+    assert "top1" in capsys.readouterr().out
+    assert main(["eval", str(tmp_path)]) == 2  # a folder that is not a run
+    assert f"{tmp_path} is a folder without checkpoints/last.ckpt" in capsys.readouterr().err
     val_json = tmp_path / "val.json"
     ckpt = str(out / "checkpoints" / "last.ckpt")
     assert main(["eval", "--checkpoint", ckpt, "--split", "val", "--out", str(val_json)]) == 0

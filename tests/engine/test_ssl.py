@@ -176,6 +176,9 @@ def test_probe_from_the_checkpoint_reproduces_the_run(
     probed = json.loads(out.read_text())
     for key in ("knn", "linear_probe", "alignment", "nmi"):
         assert probed[key] == pytest.approx(metrics[key]), key
+    # the run folder stands for its last.ckpt
+    assert main(["probe", "--checkpoint", str(run_dir), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["knn"] == pytest.approx(metrics["knn"])
     assert (plots / "tsne.png").stat().st_size > 1000
 
 
