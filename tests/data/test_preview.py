@@ -127,4 +127,7 @@ def test_a_config_given_as_the_spec_names_the_spec_of_its_data_source(tmp_path) 
         preview(str(root / "scenes" / "ce_sar.yaml"), tmp_path / "x.png")
     with pytest.raises(ValueError, match=r"missing.yml is a config file.*such as"):
         preview(str(tmp_path / "missing.yml"), tmp_path / "x.png")
+    (tmp_path / "broken.yaml").write_text("data: [unclosed")
+    with pytest.raises(ValueError, match=r"broken.yaml is a config file.*such as"):
+        preview(str(tmp_path / "broken.yaml"), tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()

@@ -81,13 +81,13 @@ def _refuse_config(spec: str) -> None:
     """A training config given as the spec: say which spec previews its data source."""
     if Path(spec).suffix.lower() not in (".yaml", ".yml"):
         return
+    import yaml
+
     hint = "a data source such as 'fashion_mnist_lt:100'"
     try:
-        import yaml
-
         data = yaml.safe_load(Path(spec).read_text()).get("data") or {}
         source = str(data["source"])
-    except (OSError, AttributeError, KeyError, TypeError, ValueError):
+    except (OSError, yaml.YAMLError, AttributeError, KeyError, TypeError, ValueError):
         pass  # unreadable, or no data.source: the generic hint
     else:
         ratio = data.get("imbalance_ratio", 1)
