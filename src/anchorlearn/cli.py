@@ -89,10 +89,11 @@ def _write_metrics(out: Path | None, metrics: dict) -> None:
 
 def _checkpoint_of(path: str, writer: str) -> str:
     """A run folder stands for its ``checkpoints/last.ckpt``; a file is passed as it is."""
-    folder = Path(path)
-    if not folder.is_dir():
+    from anchorlearn.engine.rundir import last_checkpoint
+
+    if not Path(path).is_dir():
         return path
-    checkpoint = folder / "checkpoints" / "last.ckpt"
+    checkpoint = last_checkpoint(path)
     if not checkpoint.is_file():
         raise ValueError(
             f"{path} is a folder without checkpoints/last.ckpt; pass a run folder written by "

@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from .config import load_config, parse_config
-from .rundir import RunError, lock_run_dir
+from .rundir import RunError, last_checkpoint, lock_run_dir
 from .runner import fit
 from .runs import check_finished_run
 from .schema import apply_overrides, config_to_dict
@@ -199,7 +199,7 @@ def _run_grid_locked(
     if jobs == 1:
         for cfg, run_dir in pending:
             print(f"[compare] {cfg.name} seed {cfg.seed}: training -> {run_dir}")
-            resume = (run_dir / "checkpoints" / "last.ckpt").exists()
+            resume = last_checkpoint(run_dir).exists()
             # Pictures (t-SNE is slow on a CPU) for the first seed only.
             metrics = fit(cfg, run_dir, resume=resume, quiet=quiet, plots=cfg.seed == seeds[0])
             if metrics is None:  # a non-zero DDP rank
@@ -233,7 +233,7 @@ def _run_in_processes(pending: list, jobs: int, *, first_seed: int) -> None:
             request.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
             command = [sys.executable, "-m", "anchorlearn", "fit", "--config", str(request)]
             command += ["--out", str(run_dir)]
-            if (run_dir / "checkpoints" / "last.ckpt").exists():
+            if last_checkpoint(run_dir).exists():
                 command.append("--resume")
             if cfg.seed != first_seed:
                 command.append("--no-plots")

@@ -42,14 +42,29 @@ __all__ = [
     "check_data_fingerprint",
     "check_output_dir",
     "check_output_file",
+    "checkpoint_dir",
     "fingerprint_differences",
     "is_secondary_rank",
     "json_safe",
+    "last_checkpoint",
     "lock_run_dir",
     "write_json",
 ]
 
 LOCK_FILE = ".lock"
+CHECKPOINT_DIR = "checkpoints"  # a run folder's checkpoints; the latest is last.ckpt there
+
+
+def checkpoint_dir(run_dir: str | os.PathLike[str]) -> Path:
+    """The folder a run in ``run_dir`` writes its checkpoints to."""
+    return Path(run_dir) / CHECKPOINT_DIR
+
+
+def last_checkpoint(run_dir: str | os.PathLike[str]) -> Path:
+    """The checkpoint of the latest step of a run in ``run_dir`` (present or not)."""
+    return checkpoint_dir(run_dir) / "last.ckpt"
+
+
 DATA_FINGERPRINT_FILE = "data_fingerprint.json"
 DATA_FINGERPRINT_KEY = "anchorlearn_data_fingerprint"
 

@@ -30,7 +30,9 @@ from .rundir import (
     DATA_FINGERPRINT_KEY,
     RunError,
     check_data_fingerprint,
+    checkpoint_dir,
     is_secondary_rank,
+    last_checkpoint,
     write_json,
 )
 from .schema import ConfigError
@@ -243,7 +245,7 @@ def start_run(
 
 
 def _resume_from(run_dir: Path, resume: bool, check: Callable[[Path], None]) -> str | None:
-    last = run_dir / "checkpoints" / "last.ckpt"
+    last = last_checkpoint(run_dir)
     if not last.exists():
         if resume and not is_secondary_rank():
             print(
@@ -286,7 +288,7 @@ def make_trainer(
     # version counter, so a moved run directory keeps writing last.ckpt, never last-v1.ckpt.
     if t.max_steps is None:
         checkpoint: L.Callback = ModelCheckpoint(
-            dirpath=run_dir / "checkpoints",
+            dirpath=checkpoint_dir(run_dir),
             filename="last",
             monitor=None,
             save_top_k=1,
@@ -297,7 +299,7 @@ def make_trainer(
         schedule: dict[str, Any] = {"max_epochs": t.max_epochs}
     else:
         # one stream of batches (StepSampler): validation and checkpoints every N steps
-        checkpoint = StepCheckpoint(run_dir / "checkpoints", checkpoint_interval(t))
+        checkpoint = StepCheckpoint(checkpoint_dir(run_dir), checkpoint_interval(t))
         batches = t.accumulate_grad_batches
         schedule = {
             "max_steps": t.max_steps,
@@ -308,7 +310,7 @@ def make_trainer(
             "enable_checkpointing": False,  # StepCheckpoint writes last.ckpt
         }
 
-    callbacks = [checkpoint, *callbacks, InterruptNotice(run_dir / "checkpoints" / "last.ckpt")]
+    callbacks = [checkpoint, *callbacks, InterruptNotice(last_checkpoint(run_dir))]
     # the bar on a terminal; plain lines anywhere else
     bar = t.progress and not quiet and terminal_attached()
     if bar:
