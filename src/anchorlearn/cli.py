@@ -493,17 +493,26 @@ def _add_probe_parser(subparsers: argparse._SubParsersAction) -> None:
     probe.set_defaults(handler=_run_probe)
 
 
-def _version() -> str:
-    """``anchorlearn X (torch Y)``, read without importing torch (``--version`` stays fast)."""
-    from importlib.metadata import PackageNotFoundError, version
+class _VersionAction(argparse.Action):
+    """``--version``: prints ``anchorlearn X (torch Y)`` and exits. The versions are read
+    when the flag is given (from the installed metadata, without importing torch), not on
+    every start of the command line."""
 
-    from anchorlearn import __version__
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        kwargs.setdefault("help", "show the versions of anchorlearn and torch and exit")
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
 
-    try:
-        torch_version = version("torch")
-    except PackageNotFoundError:
-        torch_version = "not installed"
-    return f"anchorlearn {__version__} (torch {torch_version})"
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        from anchorlearn import __version__
+
+        try:
+            torch_version = version("torch")
+        except PackageNotFoundError:
+            torch_version = "not installed"
+        print(f"anchorlearn {__version__} (torch {torch_version})")
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -512,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="anchorlearn",
         description="Anchor- and prototype-based representation learning.",
     )
-    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--version", action=_VersionAction)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_fit_parser(subparsers)
     _add_eval_parser(subparsers)
