@@ -121,8 +121,11 @@ def test_a_config_given_as_the_spec_names_the_spec_of_its_data_source(tmp_path) 
     root = Path(__file__).resolve().parents[2] / "configs"
     with pytest.raises(ValueError, match=r"preview fashion_mnist_lt:100 --out PNG"):
         preview(str(root / "fmnist_lt" / "ce_sar.yaml"), tmp_path / "x.png")
-    with pytest.raises(ValueError, match=r"preview camvid:\.\./shared/data/CamVid --out"):
-        preview(str(root / "camvid" / "ce_sar.yaml"), tmp_path / "x.png")
+    # a standard segmentation set: its root is named as the config gives it (nothing is read)
+    segmentation = tmp_path / "seg.yaml"
+    segmentation.write_text("data:\n  source: camvid:/data/CamVid\n  batch_size: 8\n")
+    with pytest.raises(ValueError, match=r"preview camvid:/data/CamVid --out PNG$"):
+        preview(str(segmentation), tmp_path / "x.png")
     with pytest.raises(ValueError, match=r"preview scenes --out PNG \(the scenes with"):
         preview(str(root / "scenes" / "ce_sar.yaml"), tmp_path / "x.png")
     with pytest.raises(ValueError, match=r"missing.yml is a config file.*such as"):
