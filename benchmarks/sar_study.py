@@ -40,6 +40,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from anchorlearn.engine.rundir import last_checkpoint
 from anchorlearn.engine.runner import evaluate_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,7 +129,7 @@ def val_metrics(run: Path) -> dict:
     cached = run / "val_metrics.json"
     if not cached.exists():
         print(f"scoring {run} on its validation split", file=sys.stderr, flush=True)
-        evaluate_checkpoint(run / "checkpoints" / "last.ckpt", split="val", out=cached)
+        evaluate_checkpoint(last_checkpoint(run), split="val", out=cached)
     return json.loads(cached.read_text())
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from anchorlearn.engine.rundir import last_checkpoint
 from anchorlearn.engine.runner import RunError, load_run
 from anchorlearn.engine.segmentation import SegmentationFilesDataModule, run_inference
 from anchorlearn.viz.masks import plot_segmentation_examples
@@ -21,7 +22,7 @@ from anchorlearn.viz.masks import plot_segmentation_examples
 @torch.no_grad()
 def predict(run_dir: Path, split: str, indices: list[int]) -> tuple[np.ndarray, dict]:
     """Predicted class maps ``(N, H, W)`` of a run for the images ``indices`` of ``split``."""
-    cfg, dm, module = load_run(run_dir / "checkpoints" / "last.ckpt")
+    cfg, dm, module = load_run(last_checkpoint(run_dir))
     if not isinstance(dm, SegmentationFilesDataModule):
         raise RunError(f"{run_dir} is not a run on a segmentation data set")
     module.eval()

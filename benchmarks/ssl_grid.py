@@ -30,6 +30,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from anchorlearn.engine.rundir import last_checkpoint
 from anchorlearn.engine.runs import check_finished_run
 from anchorlearn.engine.ssl_config import (
     load_pretrain_config,
@@ -127,7 +128,7 @@ def run(
                 )
             args = ["pretrain", "--config", str(config_dir / f"{name}.yaml"), "--out"]
             args += [str(run_dir), "--no-plots", *_as_sets(sets)]
-            if (run_dir / "checkpoints" / "last.ckpt").exists():
+            if last_checkpoint(run_dir).exists():
                 args.append("--resume")
             tasks.append((name, seed, done, args))
     pending = [task for task in tasks if not task[2].exists()]

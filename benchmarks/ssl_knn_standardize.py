@@ -15,6 +15,7 @@ import argparse
 from pathlib import Path
 
 import anchorlearn.models  # noqa: F401  (the torchvision shim before Lightning)
+from anchorlearn.engine.rundir import last_checkpoint
 from anchorlearn.engine.runs import restore_run
 from anchorlearn.engine.ssl_config import parse_pretrain_config
 from anchorlearn.engine.ssl_evaluate import evaluate_pretrained
@@ -63,7 +64,7 @@ def main() -> None:
     print("| encoder (validation images, seed 0) | kNN % as is | kNN % standardised |")
     print("|---|---|---|")
     for name in RUNS:
-        path = Path(args.tune) / name / "seed0" / "checkpoints" / "last.ckpt"
+        path = last_checkpoint(Path(args.tune) / name / "seed0")
         if not path.exists():
             print(f"| {name} | (no checkpoint at {path}) | |", flush=True)
             continue

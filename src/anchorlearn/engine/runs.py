@@ -299,7 +299,7 @@ def make_trainer(
         schedule: dict[str, Any] = {"max_epochs": t.max_epochs}
     else:
         # one stream of batches (StepSampler): validation and checkpoints every N steps
-        checkpoint = StepCheckpoint(checkpoint_dir(run_dir), checkpoint_interval(t))
+        checkpoint = StepCheckpoint(last_checkpoint(run_dir), checkpoint_interval(t))
         batches = t.accumulate_grad_batches
         schedule = {
             "max_steps": t.max_steps,

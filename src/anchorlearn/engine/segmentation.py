@@ -968,13 +968,13 @@ def _num(value: Any) -> float | None:
 
 
 class StepCheckpoint(L.Callback):
-    """Writes ``dirpath/last.ckpt`` every ``every_n_steps`` optimiser steps and when training
+    """Writes the checkpoint ``path`` every ``every_n_steps`` optimiser steps and when training
     ends, so that an interrupted iteration-based run resumes mid-epoch. The final write
     happens even right after a periodic one: under DDP the BatchNorm statistics are averaged
     over the processes at the end (and before validation), after the last periodic write."""
 
-    def __init__(self, dirpath: str | Path, every_n_steps: int) -> None:
-        self.path = Path(dirpath) / "last.ckpt"
+    def __init__(self, path: str | Path, every_n_steps: int) -> None:
+        self.path = Path(path)
         self.every_n_steps = int(every_n_steps)
 
     def _save(self, trainer: L.Trainer) -> None:
